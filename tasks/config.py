@@ -1,0 +1,399 @@
+"""Typed, validated parameters: the only reader of ``params.yaml``.
+
+Every stage takes a :class:`Config` (or one of its sections) instead of reading
+files or globals. Problems surface as :class:`ConfigError` with one line that
+names the key path and what is allowed, e.g.::
+
+    params.yaml: train.backbone: 'resnet' is not allowed; use one of: mobilenet_v2, ...
+
+This module must stay cheap to import: Airflow's DAG processor imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_PARAMS = Path("params.yaml")
+BACKBONES = (
+    "mobilenet_v2",
+    "inception_v3",
+    "vgg16",
+    "xception",
+    "resnet50",
+    "efficientnet_b0",
+)
+SPLITS = ("train", "validation")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """A parameter problem, described in one line that names the key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def check_source(value: str) -> str:
+    """Accept ``http(s)://``, ``file://`` or a plain local path; refuse the rest."""
+    if not value or not value.strip():
+        raise ValueError("must not be empty")
+    parsed = urlparse(value)
+    if parsed.scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise ValueError(f"{value!r} has no host; write e.g. https://example.com/data.zip")
+    elif parsed.scheme == "file":
+        if not parsed.path:
+            raise ValueError(f"{value!r} has no path; write e.g. file:///srv/mirror/data.zip")
+    elif "://" in value:
+        raise ValueError(
+            f"{value!r} has unsupported scheme {parsed.scheme!r}; use https://, file:// or a path"
+        )
+    return value
+
+
+class Layout(_Section):
+    """Where the splits live inside the extracted archive: ``<root>/<split>/<class>/``."""
+
+    root: str
+    train: str = "train"
+    validation: str = "validation"
+
+    @field_validator("root", "train", "validation")
+    @classmethod
+    def _plain_folder(cls, value: str) -> str:
+        if not value or value.startswith("/") or ".." in Path(value).parts:
+            raise ValueError(f"{value!r} must be a relative folder name inside the archive")
+        return value
+
+
+class DatasetConfig(_Section):
+    name: str = ""
+    url: str
+    sha256: str | None = None
+    size: PositiveInt | None = None
+    mirrors: list[str] = Field(default_factory=list)
+    layout: Layout
+    classes: list[str] = Field(min_length=2)
+    counts: dict[Literal["train", "validation"], dict[str, NonNegativeInt]]
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_source(value)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_source(item)
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.match(value.lower()):
+            raise ValueError("must be 64 hex characters (or null to trust on first use)")
+        return value.lower() if value else value
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"class names repeat in {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _counts_match_classes(self) -> DatasetConfig:
+        for split in SPLITS:
+            if split not in self.counts:
+                raise ValueError(f"counts.{split} is missing; give the expected image count per class")
+            got = set(self.counts[split])
+            if got != set(self.classes):
+                raise ValueError(
+                    f"counts.{split} names {sorted(got)} but classes are {sorted(self.classes)}"
+                )
+        return self
+
+    def split_folder(self, split: str) -> str:
+        return {"train": self.layout.train, "validation": self.layout.validation}[split]
+
+
+class DownloadConfig(_Section):
+    retries: PositiveInt = 5
+    backoff_seconds: float = Field(1.0, ge=0)
+    max_backoff_seconds: float = Field(30.0, ge=0)
+    timeout_seconds: PositiveFloat = 60.0
+    chunk_bytes: PositiveInt = 1 << 20
+    offline: bool = False
+
+
+class ValidateConfig(_Section):
+    count_tolerance: float = Field(0.05, ge=0, le=1)
+    min_side: PositiveInt = 32
+    max_side: PositiveInt = 10000
+    max_pixels: PositiveInt = 89_478_485
+    quarantine_budget: float = Field(0.02, ge=0, le=1)
+    class_balance: float = Field(0.5, ge=0, le=1)
+    workers: NonNegativeInt = 0
+
+
+class HeadConfig(_Section):
+    pooling: Literal["avg", "flatten"] | None = None
+    dense_units: NonNegativeInt | None = None
+    dropout: float | None = Field(None, ge=0, lt=1)
+
+
+Optimizer = Literal["rmsprop", "adam", "sgd"]
+
+
+class TrainConfig(_Section):
+    backbone: Literal[BACKBONES] = "mobilenet_v2"  # type: ignore[valid-type]
+    image_size: PositiveInt | None = None
+    weights: str = "imagenet"
+    head: HeadConfig = HeadConfig()
+    batch_size: PositiveInt = 32
+    epochs: PositiveInt = 10
+    optimizer: Optimizer = "rmsprop"
+    learning_rate: PositiveFloat = 1e-4
+    early_stopping_patience: NonNegativeInt = 3
+    feature_cache: Literal["auto", "on", "off"] = "auto"
+    augment: bool = False
+    seed: int = 42
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value in ("imagenet", "none"):
+            return value
+        if not value.endswith(".h5"):
+            raise ValueError(
+                f"{value!r} is not allowed; use imagenet, none, or a path to a .weights.h5 "
+                "or *_notop.h5 file"
+            )
+        return value
+
+
+class AugmentationConfig(_Section):
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", "none"] = "horizontal"
+    rotation: float = Field(0.1, ge=0, le=1)
+    zoom: float = Field(0.1, ge=0, lt=1)
+    translation: float = Field(0.1, ge=0, lt=1)
+
+
+class FinetuneConfig(_Section):
+    unfreeze_from: str | None = None
+    epochs: NonNegativeInt = 10
+    optimizer: Optimizer = "rmsprop"
+    learning_rate: PositiveFloat = 1e-5
+    early_stopping_patience: NonNegativeInt = 3
+    augment: bool = True
+
+
+class EvaluateConfig(_Section):
+    gradcam_images: NonNegativeInt = 4
+    mistakes: NonNegativeInt = 16
+
+
+class RegisterConfig(_Section):
+    metric: Literal["accuracy", "f1_macro", "roc_auc"] = "accuracy"
+    floor: float = Field(0.8, ge=0, le=1)
+    tolerance: float = Field(0.01, ge=0, le=1)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    artifact_location: str = "mlflow/artifacts"
+    experiment_prefix: str = ""
+
+
+class ScheduleConfig(_Section):
+    cron: str | None = "@weekly"
+    owner: str = "mlops"
+    retries: NonNegativeInt = 2
+    gpus: PositiveInt = 1
+
+
+class Config(_Section):
+    datasets: dict[str, DatasetConfig] = Field(min_length=1)
+    download: DownloadConfig = DownloadConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    train: TrainConfig = TrainConfig()
+    augmentation: AugmentationConfig = AugmentationConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    tracking: TrackingConfig = TrackingConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    overrides: tuple[str, ...] = ()
+    """The ``--set`` overrides applied on top of the file (recorded with every run)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _name_datasets(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            named = {}
+            for key, entry in value.items():
+                if not isinstance(key, str) or not _NAME.match(key):
+                    raise ValueError(
+                        f"dataset name {key!r} must be lowercase letters, digits and _"
+                    )
+                named[key] = {**entry, "name": key} if isinstance(entry, dict) else entry
+            return named
+        return value
+
+    @property
+    def validation(self) -> ValidateConfig:
+        """The ``validate:`` section (a field may not be called ``validate``)."""
+        return self.validate_
+
+    @property
+    def gate(self) -> RegisterConfig:
+        """The ``register:`` section: the registry's promotion gate."""
+        return self.register_
+
+    def dataset(self, name: str) -> DatasetConfig:
+        """The dataset called ``name``, or a ConfigError listing the known ones."""
+        try:
+            return self.datasets[name]
+        except KeyError:
+            known = ", ".join(self.datasets)
+            raise ConfigError(
+                f"unknown dataset {name!r}; known datasets: {known} "
+                "(add one under datasets: in params.yaml)"
+            ) from None
+
+
+def _format_error(source: str, error: ValidationError, raw: dict[str, Any]) -> str:
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        parent = _lookup_model(loc[:-1])
+        allowed = ", ".join(sorted(_field_names(parent))) if parent else "see params.yaml"
+        return f"{source}: {key}: unknown key; allowed keys here: {allowed}"
+    if kind == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        got = first.get("input")
+        return f"{source}: {key}: {got!r} is not allowed; use one of: {expected}"
+    if kind == "missing":
+        return f"{source}: {key}: required key is missing"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    if kind.endswith(("_type", "_parsing")):
+        return f"{source}: {key}: {msg} (got {got!r})"
+    return f"{source}: {key}: {msg}"
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    hidden = {"overrides", "name"}
+    return [field.alias or name for name, field in model.model_fields.items() if name not in hidden]
+
+
+def _lookup_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if model is Config and part == "datasets":
+            if not parts:
+                return None
+            parts.pop(0)
+            model = DatasetConfig
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` (value parsed as YAML) to ``raw`` in place."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"--set {assignment!r}: write it as dotted.key=value, e.g. train.epochs=5"
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            path = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {assignment!r}: {path} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_config(
+    raw: dict[str, Any], overrides: tuple[str, ...] | list[str] = (), source: str = "params"
+) -> Config:
+    """Validate a parameter mapping (plus ``--set`` overrides) into a Config."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, e.g. datasets:, train:")
+    raw = _deep_copy(raw)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    raw.pop("overrides", None)
+    try:
+        return Config.model_validate({**raw, "overrides": tuple(overrides)})
+    except ValidationError as error:
+        raise ConfigError(_format_error(source, error, raw)) from None
+
+
+def load_config(
+    path: str | Path = DEFAULT_PARAMS, overrides: tuple[str, ...] | list[str] = ()
+) -> Config:
+    """Read ``params.yaml`` (or ``path``), apply overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: file not found; run from the project root or pass --params PATH"
+        ) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML; fix the syntax there") from None
+    return parse_config(raw, overrides, source=str(path))
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

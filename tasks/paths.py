@@ -1,0 +1,83 @@
+"""Where each stage reads and writes, per dataset (see ARCHITECTURE.md, data flow)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """All file locations of one dataset under a workspace ``root``."""
+
+    root: Path
+    dataset: str
+
+    @classmethod
+    def of(cls, dataset: str, root: str | Path = ".") -> DatasetPaths:
+        return cls(Path(root), dataset)
+
+    @property
+    def raw(self) -> Path:
+        """Extracted, verified archive (DVC out of ``download``)."""
+        return self.root / "data" / "raw" / self.dataset
+
+    @property
+    def archive(self) -> Path:
+        """The downloaded archive itself, kept for resume and re-verification."""
+        return self.root / "data" / "archives" / f"{self.dataset}.zip"
+
+    @property
+    def download_record(self) -> Path:
+        """What was fetched from where, with its sha256 (inside ``raw``)."""
+        return self.raw / ".download.json"
+
+    @property
+    def known_hashes(self) -> Path:
+        """Trust-on-first-use sha256 records, outside ``raw`` so they survive its removal."""
+        return self.root / "data" / "checksums" / f"{self.dataset}.sha256"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "data" / "manifests" / f"{self.dataset}.parquet"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports" / self.dataset
+
+    @property
+    def validation_reports(self) -> Path:
+        return self.reports / "validation"
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.validation_reports / "summary.json"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models" / self.dataset
+
+    @property
+    def frozen_model(self) -> Path:
+        return self.models / "frozen.keras"
+
+    @property
+    def finetuned_model(self) -> Path:
+        return self.models / "finetuned.keras"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def history(self) -> Path:
+        return self.reports / "history.csv"
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def run_file(self) -> Path:
+        """The MLflow parent/child run ids, handed between stage processes."""
+        return self.reports / "mlflow_run.json"
