@@ -78,6 +78,13 @@ class DatasetPaths:
         return self.reports / "plots"
 
     @property
-    def run_file(self) -> Path:
-        """The MLflow parent/child run ids, handed between stage processes."""
-        return self.reports / "mlflow_run.json"
+    def candidate(self) -> Path:
+        """Which model fine-tuning passes on (the better of frozen and fine-tuned), and why."""
+        return self.models / "candidate.json"
+
+    def run_record(self, phase: str) -> Path:
+        """MLflow run ids of one phase, handed to later stage processes.
+
+        One file per phase, so each DVC stage owns its own output.
+        """
+        return self.reports / "runs" / f"{phase}.json"

@@ -1,0 +1,227 @@
+"""MLflow tracking: one experiment per dataset, one parent run per pipeline
+execution, one child run per phase (train, finetune, evaluate, register).
+
+Stages run as separate processes (DVC, Airflow), so the parent's id travels in
+a small JSON record per phase (``DatasetPaths.run_record``): ``train`` opens a
+new parent; later phases attach to the parent named in ``runs/train.json``
+(or ``$TASKS_PARENT_RUN_ID``), or open one of their own if there is none.
+
+Every run is tagged with its lineage: git commit, the DVC hashes of the data it
+read, the backbone, the Airflow dag/run ids when scheduled, and the ``--set``
+overrides. Param names are the same for every backbone and dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from tasks.atomic import write_json
+from tasks.config import Config
+from tasks.paths import DatasetPaths
+
+if TYPE_CHECKING:
+    import mlflow
+
+PARENT_ENV = "TASKS_PARENT_RUN_ID"
+AIRFLOW_ENV_TAGS = {
+    "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
+    "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
+    "AIRFLOW_CTX_TASK_ID": "airflow.task_id",
+    "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number",
+}
+
+
+def tracking_uri(cfg: Config, root: Path) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the embedded SQLite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(root) / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def experiment_name(cfg: Config, dataset: str) -> str:
+    return f"{cfg.tracking.experiment_prefix}{dataset}"
+
+
+def use_experiment(cfg: Config, paths: DatasetPaths) -> str:
+    """Point MLflow at our store and make sure the dataset's experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri(cfg, paths.root)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    name = experiment_name(cfg, paths.dataset)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        artifacts = Path(cfg.tracking.artifact_location)
+        if not artifacts.is_absolute():
+            artifacts = (paths.root / artifacts).resolve()
+        location = artifacts.as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def file_md5(path: Path) -> str:
+    """The MD5 DVC records for a file output (so MLflow and dvc.lock agree)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def locked_hash(root: Path, stage: str, out: str) -> str | None:
+    """The hash ``dvc.lock`` holds for output ``out`` of ``stage`` (None outside DVC)."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.exists():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for entry in stages.get(stage, {}).get("outs", []):
+        if entry.get("path") == out:
+            return entry.get("md5") or entry.get("hash")
+    return None
+
+
+def git_commit(root: Path) -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def lineage_tags(cfg: Config, paths: DatasetPaths) -> dict[str, str]:
+    """Tags that say what produced a run: code, data, backbone, scheduler, overrides."""
+    ds = paths.dataset
+    tags = {
+        "dataset": ds,
+        "git.commit": git_commit(paths.root),
+        "backbone": cfg.train.backbone,
+        "weights.source": cfg.train.weights,
+        "overrides": json.dumps(list(cfg.overrides)),
+    }
+    if paths.manifest.exists():
+        tags["data.manifest_md5"] = file_md5(paths.manifest)
+    raw = locked_hash(paths.root, f"download@{ds}", f"data/raw/{ds}")
+    if raw:
+        tags["data.raw_dvc_hash"] = raw
+    for env, tag in AIRFLOW_ENV_TAGS.items():
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def flat_params(cfg: Config, dataset: str) -> dict[str, Any]:
+    """The parameters a run depends on, with the same names for every backbone and dataset."""
+    params: dict[str, Any] = {"dataset": dataset}
+    sections = {
+        "train": cfg.train,
+        "finetune": cfg.finetune,
+        "augmentation": cfg.augmentation,
+    }
+    for prefix, section in sections.items():
+        for key, value in section.model_dump().items():
+            if isinstance(value, dict):
+                for sub, inner in value.items():
+                    params[f"{prefix}.{key}.{sub}"] = inner
+            else:
+                params[f"{prefix}.{key}"] = value
+    return params
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    phase: str
+    run_id: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+
+def read_record(paths: DatasetPaths, phase: str) -> RunRecord | None:
+    path = paths.run_record(phase)
+    if not path.exists():
+        return None
+    return RunRecord(**json.loads(path.read_text()))
+
+
+def _start_parent(cfg: Config, paths: DatasetPaths, experiment_id: str) -> str:
+    import mlflow
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"{paths.dataset}-{cfg.train.backbone}-{stamp}",
+        tags={**lineage_tags(cfg, paths), "pipeline.parent": "true"},
+    ) as parent:
+        mlflow.log_params(flat_params(cfg, paths.dataset))
+        return parent.info.run_id
+
+
+def _existing_parent(paths: DatasetPaths, experiment_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    candidate = os.environ.get(PARENT_ENV)
+    if not candidate:
+        record = read_record(paths, "train")
+        candidate = record.parent_run_id if record else None
+    if not candidate:
+        return None
+    try:
+        run = MlflowClient().get_run(candidate)
+    except MlflowException:
+        return None
+    if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        return None
+    return candidate
+
+
+@contextmanager
+def phase_run(
+    cfg: Config, paths: DatasetPaths, phase: str, *, new_parent: bool = False
+) -> Iterator[mlflow.ActiveRun]:
+    """Open the child run of ``phase`` under the pipeline's parent run.
+
+    ``new_parent=True`` (the ``train`` stage) starts a new pipeline execution.
+    On success the ids are written to ``paths.run_record(phase)``.
+    """
+    import mlflow
+
+    experiment_id = use_experiment(cfg, paths)
+    parent = None if new_parent else _existing_parent(paths, experiment_id)
+    if parent is None:
+        parent = _start_parent(cfg, paths, experiment_id)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=phase,
+        parent_run_id=parent,
+        tags={**lineage_tags(cfg, paths), "phase": phase},
+    ) as run:
+        mlflow.log_params(flat_params(cfg, paths.dataset))
+        yield run
+    record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
+    write_json(paths.run_record(phase), record.__dict__)

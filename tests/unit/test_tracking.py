@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.config import parse_config
+from tasks.paths import DatasetPaths
+from tasks.tracking import file_md5, flat_params, phase_run, read_record, tracking_uri
+from tests.datagen import tiny_params
+
+
+@pytest.fixture
+def cfg():
+    return parse_config(
+        tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}), ["train.epochs=3"]
+    )
+
+
+def test_default_store_is_sqlite_under_the_workspace(cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(cfg, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(cfg, tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_param_names_do_not_depend_on_backbone(cfg):
+    other = parse_config(
+        tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}), ["train.backbone=vgg16"]
+    )
+    assert flat_params(cfg, "x").keys() == flat_params(other, "x").keys()
+    assert flat_params(cfg, "x")["train.epochs"] == 3
+    assert flat_params(cfg, "x")["train.head.dropout"] is None
+
+
+def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "transfer_learning__cats_vs_dogs")
+    paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
+    paths.manifest.parent.mkdir(parents=True)
+    paths.manifest.write_bytes(b"manifest")
+
+    with phase_run(cfg, paths, "train", new_parent=True):
+        mlflow.log_metric("loss", 1.0)
+    with phase_run(cfg, paths, "finetune"):
+        pass
+    train, finetune = read_record(paths, "train"), read_record(paths, "finetune")
+    assert train.parent_run_id == finetune.parent_run_id
+    assert train.run_id != finetune.run_id
+
+    client = MlflowClient()
+    child = client.get_run(finetune.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == train.parent_run_id
+    assert child.data.tags["phase"] == "finetune"
+    assert child.data.tags["data.manifest_md5"] == file_md5(paths.manifest)
+    assert child.data.tags["airflow.dag_id"] == "transfer_learning__cats_vs_dogs"
+    assert json.loads(child.data.tags["overrides"]) == ["train.epochs=3"]
+    assert child.data.params["train.epochs"] == "3"
+    experiment = client.get_experiment(train.experiment_id)
+    assert experiment.name == "cats_vs_dogs"
+    assert experiment.artifact_location == (tmp_path / "mlflow" / "artifacts").resolve().as_uri()
+
+    with phase_run(cfg, paths, "train", new_parent=True):
+        pass
+    assert read_record(paths, "train").parent_run_id != train.parent_run_id
