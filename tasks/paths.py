@@ -51,7 +51,8 @@ class DatasetPaths:
 
     @property
     def validation_summary(self) -> Path:
-        return self.validation_reports / "summary.json"
+        """DVC metrics of ``validate`` (beside, not inside, the Data Docs folder out)."""
+        return self.reports / "validation.json"
 
     @property
     def models(self) -> Path:
@@ -71,7 +72,12 @@ class DatasetPaths:
 
     @property
     def history(self) -> Path:
+        """Per-epoch metrics of both phases (written by ``finetune``; DVC plots)."""
         return self.reports / "history.csv"
+
+    def phase_history(self, phase: str) -> Path:
+        """Per-epoch metrics of one phase, owned by that phase's stage."""
+        return self.reports / "history" / f"{phase}.csv"
 
     @property
     def plots(self) -> Path:
