@@ -124,7 +124,9 @@ class DatasetConfig(_Section):
     def _counts_match_classes(self) -> DatasetConfig:
         for split in SPLITS:
             if split not in self.counts:
-                raise ValueError(f"counts.{split} is missing; give the expected image count per class")
+                raise ValueError(
+                    f"counts.{split} is missing; give the expected image count per class"
+                )
             got = set(self.counts[split])
             if got != set(self.classes):
                 raise ValueError(

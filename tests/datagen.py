@@ -38,7 +38,9 @@ def make_image(label_index: int, size: int = 48, seed: int = 0) -> Image.Image:
     phase = rng.uniform(0, 2 * np.pi)
     axis = np.arange(size, dtype=np.float32)
     wave = 0.5 + 0.5 * np.sin(2 * np.pi * axis / period + phase)
-    pattern = np.tile(wave[:, None], (1, size)) if label_index % 2 == 0 else np.tile(wave, (size, 1))
+    pattern = (
+        np.tile(wave[:, None], (1, size)) if label_index % 2 == 0 else np.tile(wave, (size, 1))
+    )
     hue = np.array([[0.9, 0.45, 0.2], [0.2, 0.45, 0.9], [0.3, 0.85, 0.3]][label_index % 3])
     img = pattern[..., None] * hue * 200 + 30 + rng.normal(0, 12, (size, size, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
@@ -118,8 +120,12 @@ def tiny_params(
         }
     params: dict[str, Any] = {
         "datasets": datasets,
-        "download": {"retries": 3, "backoff_seconds": 0.01, "max_backoff_seconds": 0.05,
-                     "timeout_seconds": 5},
+        "download": {
+            "retries": 3,
+            "backoff_seconds": 0.01,
+            "max_backoff_seconds": 0.05,
+            "timeout_seconds": 5,
+        },
         "validate": {"min_side": 16, "workers": 1},
         "train": {"image_size": 32, "weights": "none", "batch_size": 8, "epochs": 2},
         "finetune": {"epochs": 1},

@@ -34,8 +34,10 @@ def test_a_third_dataset_is_only_a_params_edit(raw):
         "url": "file:///srv/flowers.zip",
         "layout": {"root": "flowers"},
         "classes": ["daisy", "rose", "tulip"],
-        "counts": {"train": {"daisy": 5, "rose": 5, "tulip": 5},
-                   "validation": {"daisy": 2, "rose": 2, "tulip": 2}},
+        "counts": {
+            "train": {"daisy": 5, "rose": 5, "tulip": 5},
+            "validation": {"daisy": 2, "rose": 2, "tulip": 2},
+        },
     }
     cfg = parse_config(raw)
     assert cfg.dataset("flowers").name == "flowers"
@@ -67,7 +69,9 @@ def test_bad_values_give_one_line_naming_the_key(raw, override, message):
 
 
 def test_unknown_dataset_lists_known_ones(raw):
-    with pytest.raises(ConfigError, match="unknown dataset 'dogs'; known datasets: cats_vs_dogs, ants_vs_bees"):
+    with pytest.raises(
+        ConfigError, match="unknown dataset 'dogs'; known datasets: cats_vs_dogs, ants_vs_bees"
+    ):
         parse_config(raw).dataset("dogs")
 
 
