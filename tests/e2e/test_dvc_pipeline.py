@@ -1,0 +1,152 @@
+"""`dvc repro` end to end, in a temporary git copy of the project.
+
+Both datasets, generated archives served from 127.0.0.1, tiny params. Then:
+a no-op repro, a fine-tuning param change that reruns exactly finetune onward,
+and `dvc push` → fresh clone → `dvc pull` restoring the models byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.datagen import make_archive, tiny_params
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROJECT_FILES = ["tasks", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+DATASETS = ("cats_vs_dogs", "ants_vs_bees")
+STAGES = ("download", "validate", "train", "finetune", "evaluate", "register")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW_CTX"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    proc = sh(cwd, sys.executable, "-m", "dvc", *args)
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w@]+)'", output))
+
+
+def skipped(output: str) -> set[str]:
+    return set(re.findall(r"Stage '([\w@]+)' didn't change, skipping", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, archive_server) -> Path:
+    base = tmp_path_factory.mktemp("dvc-e2e")
+    sources = {}
+    for index, name in enumerate(DATASETS):
+        archive = make_archive(
+            base / "served" / f"{name}.zip", name, {"train": 8, "validation": 4}, 40, seed=index
+        )
+        sources[name] = archive_server.add(f"/{name}.zip", archive.read_bytes())
+    repo = base / "repo"
+    repo.mkdir()
+    for item in PROJECT_FILES:
+        src = REPO / item
+        dst = repo / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dst)
+    params = tiny_params(
+        sources,
+        {"train": 8, "validation": 4},
+        train={"backbone": "mobilenet_v2", "image_size": 32, "weights": "none", "epochs": 1,
+               "batch_size": 8},
+        finetune={"epochs": 1},
+        evaluate={"gradcam_images": 1, "mistakes": 4},
+        register={"floor": 0.0, "tolerance": 1.0},
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "ci@example.com")
+    sh(repo, "git", "config", "user.name", "CI")
+    remote = base / "remote"
+    dvc(repo, "remote", "add", "-d", "-f", "local", str(remote))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "project")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def first_repro(project):
+    start = time.perf_counter()
+    output = dvc(project, "repro")
+    return output, time.perf_counter() - start
+
+
+def test_repro_runs_every_stage_for_both_datasets(project, first_repro):
+    output, seconds = first_repro
+    assert ran(output) == {f"{s}@{d}" for s in STAGES for d in DATASETS}
+    for ds in DATASETS:
+        assert (project / "data" / "manifests" / f"{ds}.parquet").exists()
+        assert (project / "models" / ds / "frozen.keras").stat().st_size > 0
+        assert (project / "models" / ds / "finetuned.keras").stat().st_size > 0
+        metrics = yaml.safe_load((project / "reports" / ds / "metrics.json").read_text())
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert (project / "reports" / ds / "plots").is_dir()
+        assert (project / "reports" / ds / "gate.json").exists()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert {f"{s}@{d}" for s in STAGES for d in DATASETS} <= set(lock["stages"])
+    print(f"\nwhole tiny dvc repro: {seconds:.1f} s")
+
+
+def test_second_repro_is_a_noop(project, first_repro):
+    start = time.perf_counter()
+    output = dvc(project, "repro")
+    seconds = time.perf_counter() - start
+    assert ran(output) == set()
+    assert skipped(output) == {f"{s}@{d}" for s in STAGES for d in DATASETS}
+    print(f"\nno-op dvc repro: {seconds:.1f} s")
+
+
+def test_finetune_param_reruns_exactly_finetune_onward(project, first_repro):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["learning_rate"] = 0.00002
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = dvc(project, "repro")
+    assert ran(output) == {f"{s}@{d}" for s in ("finetune", "evaluate", "register") for d in DATASETS}
+    assert {f"{s}@{d}" for s in ("download", "validate", "train") for d in DATASETS} <= skipped(output)
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_models(project, first_repro, tmp_path):
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "results")
+    dvc(project, "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    dvc(clone, "pull")
+    for ds in DATASETS:
+        for name in ("frozen.keras", "finetuned.keras"):
+            original = (project / "models" / ds / name).read_bytes()
+            assert (clone / "models" / ds / name).read_bytes() == original
+        assert (clone / "data" / "manifests" / f"{ds}.parquet").read_bytes() == (
+            project / "data" / "manifests" / f"{ds}.parquet"
+        ).read_bytes()
