@@ -39,7 +39,10 @@ AIRFLOW_ENV_TAGS = {
     "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
     "AIRFLOW_CTX_TASK_ID": "airflow.task_id",
     "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number",
+    "DVC_EXP_NAME": "dvc.exp_name",
+    "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev",
 }
+_DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 
 
 def tracking_uri(cfg: Config, root: Path) -> str:
@@ -47,7 +50,22 @@ def tracking_uri(cfg: Config, root: Path) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
     if uri:
         return uri
-    return f"sqlite:///{(Path(root) / 'mlflow' / 'mlflow.db').resolve()}"
+    return f"sqlite:///{store_root(root) / 'mlflow' / 'mlflow.db'}"
+
+
+def store_root(root: Path) -> Path:
+    """The project folder that holds the embedded store.
+
+    ``dvc exp run --temp`` and queued experiments run in a copy under
+    ``<project>/.dvc/tmp/exps/``; their runs belong in the project's store, not
+    in the copy that DVC deletes afterwards.
+    """
+    resolved = Path(root).resolve()
+    parts = resolved.parts
+    for index in range(len(parts) - 3):
+        if parts[index + 1 : index + 4] == _DVC_TEMP_WORKSPACE:
+            return Path(*parts[: index + 1])
+    return resolved
 
 
 def experiment_name(cfg: Config, dataset: str) -> str:
@@ -70,7 +88,7 @@ def use_experiment(cfg: Config, paths: DatasetPaths) -> str:
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         artifacts = Path(cfg.tracking.artifact_location)
         if not artifacts.is_absolute():
-            artifacts = (paths.root / artifacts).resolve()
+            artifacts = store_root(paths.root) / artifacts
         location = artifacts.as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 

@@ -66,3 +66,11 @@ def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monke
     with phase_run(cfg, paths, "train", new_parent=True):
         pass
     assert read_record(paths, "train").parent_run_id != train.parent_run_id
+
+
+def test_dvc_temp_experiments_log_to_the_project_store(cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    temp_workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    temp_workspace.mkdir(parents=True)
+    expected = f"sqlite:///{(tmp_path / 'project').resolve()}/mlflow/mlflow.db"
+    assert tracking_uri(cfg, temp_workspace) == expected
