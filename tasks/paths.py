@@ -71,6 +71,16 @@ class DatasetPaths:
         return self.reports / "metrics.json"
 
     @property
+    def predictions(self) -> Path:
+        """One row per validation image from ``evaluate`` (DVC confusion plot)."""
+        return self.reports / "predictions.csv"
+
+    @property
+    def gate(self) -> Path:
+        """The registry gate's decision and both scores (DVC metrics of ``register``)."""
+        return self.reports / "gate.json"
+
+    @property
     def history(self) -> Path:
         """Per-epoch metrics of both phases (written by ``finetune``; DVC plots)."""
         return self.reports / "history.csv"
