@@ -25,3 +25,15 @@ def write_params(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def archive_server():
+    """A loopback HTTP server for the whole session: ``archive_server.add(path, bytes, **faults)``.
+
+    Returns the URL; faults and the request log are per path (see tests/httpserver.py).
+    """
+    from tests.httpserver import ArchiveServer
+
+    with ArchiveServer() as server:
+        yield server

@@ -1,0 +1,457 @@
+"""The download stage against a real loopback HTTP server with injected faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tasks.cli import main
+from tasks.config import Config, parse_config
+from tasks.download import DownloadResult, download, partial_path
+from tasks.errors import StageError
+from tasks.paths import DatasetPaths
+from tests.datagen import LAYOUTS, make_archive, tiny_params
+from tests.httpserver import LOGIN_PAGE, ArchiveServer, unused_port
+
+pytestmark = pytest.mark.network
+
+DS = "cats_vs_dogs"
+COUNTS = {"train": 2, "validation": 1}
+
+
+@pytest.fixture(scope="module")
+def zips(tmp_path_factory) -> dict[str, bytes]:
+    """Generated archives in both real layouts, as bytes."""
+    base = tmp_path_factory.mktemp("zips")
+    return {
+        name: make_archive(base / f"{name}.zip", name, COUNTS, size=16).read_bytes()
+        for name in LAYOUTS
+    }
+
+
+@pytest.fixture
+def server():
+    with ArchiveServer() as running:
+        yield running
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    return tmp_path / "ws"
+
+
+def config(url: str, dataset: str = DS, overrides: tuple[str, ...] = (), **fields) -> Config:
+    """Tiny params for one dataset at ``url``; ``fields`` go into its dataset entry."""
+    raw = tiny_params({dataset: url}, COUNTS)
+    raw["datasets"][dataset].update(fields)
+    return parse_config(raw, overrides)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tree(paths: DatasetPaths, dataset: str = DS) -> Path:
+    return paths.raw / LAYOUTS[dataset]["root"]
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("dataset", sorted(LAYOUTS))
+def test_downloads_verifies_extracts_and_records(server, zips, ws, dataset, caplog):
+    body = zips[dataset]
+    url = server.add(f"/{dataset}.zip", body)
+    cfg = config(url, dataset, overrides=("train.epochs=3",))
+    paths = DatasetPaths.of(dataset, ws)
+
+    with caplog.at_level(logging.WARNING, logger="tasks.download"):
+        result = download(cfg, paths)
+
+    layout = LAYOUTS[dataset]
+    assert isinstance(result, DownloadResult)
+    assert (result.dataset, result.source, result.path) == (dataset, url, paths.raw)
+    assert (result.sha256, result.bytes, result.skipped) == (sha(body), len(body), False)
+    for split in ("train", "validation"):
+        for label in layout["classes"]:
+            images = sorted((tree(paths, dataset) / layout[split] / label).glob("*.jpg"))
+            assert len(images) == COUNTS[split]
+    record = json.loads(paths.download_record.read_text())
+    assert record["source"] == url
+    assert record["sha256"] == sha(body)
+    assert record["bytes"] == len(body)
+    assert record["overrides"] == ["train.epochs=3"]
+    assert record["time"].endswith("+00:00")
+    # Trust on first use: printed, and recorded for the next download.
+    assert paths.known_hashes.read_text().split()[0] == sha(body)
+    assert any(
+        sha(body) in r.getMessage() and "first use" in r.getMessage() for r in caplog.records
+    )
+    assert paths.archive.read_bytes() == body
+    assert not partial_path(paths).exists()
+    summary = str(result)
+    assert "\n" not in summary and dataset in summary and sha(body) in summary
+
+
+def test_second_call_is_skipped_without_touching_the_server(server, zips, ws):
+    url = server.add("/a.zip", zips[DS])
+    cfg, paths = config(url), DatasetPaths.of(DS, ws)
+    first = download(cfg, paths)
+    before = server.count()
+    started = time.monotonic()
+    again = download(cfg, paths)
+    assert time.monotonic() - started < 0.5
+    assert server.count() == before == 1
+    assert again.skipped and not first.skipped
+    assert (again.sha256, again.source, again.bytes) == (first.sha256, url, first.bytes)
+    assert "already verified" in str(again)
+
+
+def test_archive_on_disk_with_a_known_hash_is_reextracted_without_the_network(server, zips, ws):
+    """DVC deletes data/raw/<ds> before rerunning the stage; the archive is still good."""
+    url = server.add("/a.zip", zips[DS])
+    cfg, paths = config(url), DatasetPaths.of(DS, ws)
+    download(cfg, paths)
+    shutil.rmtree(paths.raw)
+    result = download(cfg, paths)
+    assert server.count() == 1
+    assert not result.skipped and result.source == str(paths.archive)
+    assert (tree(paths) / "train" / "cats").is_dir()
+
+
+def test_503_twice_then_ok_retries_with_backoff(server, zips, ws):
+    url = server.add("/a.zip", zips[DS], statuses=[503, 503])
+    result = download(config(url), DatasetPaths.of(DS, ws))
+    assert [r.status for r in server.requests_for("/a.zip")] == [503, 503, 200]
+    assert result.sha256 == sha(zips[DS])
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_retry_after_is_honoured(server, zips, ws, status):
+    url = server.add("/a.zip", zips[DS], statuses=[status], retry_after="1")
+    cfg = config(url, overrides=("download.max_backoff_seconds=5",))
+    download(cfg, DatasetPaths.of(DS, ws))
+    first, second = server.requests_for("/a.zip")
+    assert (first.status, second.status) == (status, 200)
+    # backoff_seconds is 0.01: only Retry-After explains a one-second wait.
+    assert second.time - first.time >= 0.95
+
+
+def test_retry_after_is_capped_by_max_backoff(server, zips, ws):
+    url = server.add("/a.zip", zips[DS], statuses=[429], retry_after="30")
+    cfg = config(url, overrides=("download.max_backoff_seconds=0.2",))
+    download(cfg, DatasetPaths.of(DS, ws))
+    first, second = server.requests_for("/a.zip")
+    assert 0.15 <= second.time - first.time < 5
+
+
+def test_endless_503_gives_up_after_the_configured_attempts(server, zips, ws):
+    url = server.add("/a.zip", zips[DS], statuses=[503] * 10)
+    with pytest.raises(StageError, match="cannot reach any source") as error:
+        download(config(url), DatasetPaths.of(DS, ws))
+    assert len(server.requests_for("/a.zip")) == 3  # download.retries in tiny_params
+    assert "HTTP 503" in str(error.value) and url in str(error.value)
+
+
+def test_dropped_connection_is_resumed_with_a_range_request(server, zips, ws):
+    body = zips[DS]
+    half = len(body) // 2
+    url = server.add("/a.zip", body, drop_after=half)
+    paths = DatasetPaths.of(DS, ws)
+    result = download(config(url), paths)
+    first, second = server.requests_for("/a.zip")
+    assert first.header("Range") is None
+    assert second.header("Range") == f"bytes={half}-"
+    assert second.header("If-Range") == server.routes["/a.zip"].etag
+    assert second.status == 206
+    assert paths.archive.read_bytes() == body
+    assert result.sha256 == sha(body)
+
+
+def test_repeated_drops_that_make_progress_do_not_use_up_the_retries(server, zips, ws):
+    body = zips[DS]
+    quarter = len(body) // 4 + 1
+    url = server.add("/a.zip", body, drop_after=quarter, drops=10)
+    paths = DatasetPaths.of(DS, ws)
+    download(config(url, overrides=("download.retries=2",)), paths)
+    ranges = [r.header("Range") for r in server.requests_for("/a.zip")]
+    assert ranges == [None] + [f"bytes={quarter * n}-" for n in (1, 2, 3)]
+    assert paths.archive.read_bytes() == body
+
+
+def test_a_server_that_ignores_range_restarts_from_zero(server, zips, ws):
+    body = zips[DS]
+    url = server.add("/a.zip", body, drop_after=len(body) // 3, ignore_range=True)
+    paths = DatasetPaths.of(DS, ws)
+    result = download(config(url), paths)
+    first, second = server.requests_for("/a.zip")
+    assert second.header("Range") == f"bytes={len(body) // 3}-"
+    assert second.status == 200
+    assert paths.archive.read_bytes() == body
+    assert result.sha256 == sha(body)
+
+
+def test_a_stale_partial_of_another_version_is_replaced(server, zips, ws):
+    body = zips[DS]
+    url = server.add("/a.zip", body)
+    paths = DatasetPaths.of(DS, ws)
+    part = partial_path(paths)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"PK" + b"old version" * 50)
+    Path(f"{part}.json").write_text(json.dumps({"url": url, "etag": '"old"'}))
+    download(config(url), paths)
+    (request,) = server.requests_for("/a.zip")
+    assert request.header("If-Range") == '"old"' and request.status == 200
+    assert paths.archive.read_bytes() == body
+
+
+def test_a_complete_partial_is_used_when_the_server_answers_416(server, zips, ws):
+    body = zips[DS]
+    url = server.add("/a.zip", body)
+    paths = DatasetPaths.of(DS, ws)
+    part = partial_path(paths)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(body)
+    result = download(config(url), paths)
+    assert [r.status for r in server.requests_for("/a.zip")] == [416]
+    assert result.sha256 == sha(body) and paths.archive.read_bytes() == body
+
+
+def corrupt(body: bytes) -> bytes:
+    middle = len(body) // 2
+    return body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+
+
+def test_one_changed_byte_fails_the_pinned_sha256(server, zips, ws):
+    good, bad = zips[DS], corrupt(zips[DS])
+    url = server.add("/a.zip", bad)
+    paths = DatasetPaths.of(DS, ws)
+    with pytest.raises(StageError) as error:
+        download(config(url, sha256=sha(good)), paths)
+    message = str(error.value)
+    assert "sha256 mismatch" in message and "\n" not in message
+    assert sha(good) in message and sha(bad) in message
+    assert "params.yaml" in message
+    assert not paths.raw.exists() and not paths.archive.exists()
+    assert not partial_path(paths).exists()
+
+
+def test_one_changed_byte_fails_against_the_trust_on_first_use_record(server, zips, ws):
+    good, bad = zips[DS], corrupt(zips[DS])
+    url = server.add("/a.zip", good)
+    paths = DatasetPaths.of(DS, ws)
+    download(config(url), paths)
+    server.add("/a.zip", bad)
+    shutil.rmtree(paths.raw)
+    paths.archive.unlink()
+    with pytest.raises(StageError) as error:
+        download(config(url), paths)
+    message = str(error.value)
+    assert sha(good) in message and sha(bad) in message
+    assert f"delete {paths.known_hashes}" in message and "params.yaml" in message
+    assert paths.known_hashes.read_text().split()[0] == sha(good)
+
+
+def test_an_html_login_page_is_refused(server, ws):
+    url = server.add_login_page("/login.zip")
+    paths = DatasetPaths.of(DS, ws)
+    with pytest.raises(StageError, match="HTML page") as error:
+        download(config(url), paths)
+    assert "cannot reach" not in str(error.value)
+    assert not paths.raw.exists() and not partial_path(paths).exists()
+
+
+def test_an_html_page_sent_as_octet_stream_is_refused(server, ws):
+    url = server.add("/page.zip", LOGIN_PAGE, content_type="application/octet-stream")
+    with pytest.raises(StageError, match="HTML page"):
+        download(config(url), DatasetPaths.of(DS, ws))
+
+
+def test_a_wrong_content_type_is_refused(server, zips, ws):
+    url = server.add("/a.zip", zips[DS], content_type="application/json")
+    with pytest.raises(StageError, match="content type 'application/json'"):
+        download(config(url), DatasetPaths.of(DS, ws))
+
+
+def test_a_body_shorter_than_the_configured_size_is_refused(server, zips, ws):
+    body = zips[DS]
+    url = server.add("/a.zip", body[:-100])
+    paths = DatasetPaths.of(DS, ws)
+    with pytest.raises(StageError, match=f"{len(body) - 100} bytes but .*size: {len(body)}"):
+        download(config(url, size=len(body)), paths)
+    assert not paths.raw.exists()
+
+
+def test_a_truncated_body_without_length_is_not_a_zip(server, zips, ws):
+    url = server.add("/a.zip", zips[DS][:-100], send_length=False)
+    with pytest.raises(StageError, match="not a zip archive"):
+        download(config(url), DatasetPaths.of(DS, ws))
+
+
+def test_a_file_that_is_not_a_zip_is_refused(server, ws):
+    url = server.add(
+        "/a.zip", b"\x1f\x8b\x08" + bytes(200), content_type="application/octet-stream"
+    )
+    with pytest.raises(StageError, match="not a zip archive"):
+        download(config(url), DatasetPaths.of(DS, ws))
+
+
+def test_an_unsafe_archive_writes_nothing_and_keeps_the_previous_copy(server, zips, ws, tmp_path):
+    good = zips[DS]
+    paths = DatasetPaths.of(DS, ws)
+    download(config(server.add("/good.zip", good)), paths)
+    kept = files_under(paths.raw)
+
+    evil_zip = tmp_path / "evil.zip"
+    make_archive(evil_zip, DS, COUNTS, size=16, seed=7)
+    with zipfile.ZipFile(evil_zip, "a") as bundle:
+        bundle.writestr("../escaped.txt", b"owned")
+        bundle.writestr("/tmp/absolute-escape.txt", b"owned")
+        link = zipfile.ZipInfo("cats_and_dogs_filtered/train/cats/link.jpg")
+        link.create_system = 3
+        link.external_attr = (0o120777) << 16
+        bundle.writestr(link, "../../../../../etc/passwd")
+    paths.known_hashes.unlink()  # "the upstream really changed": trust the next archive
+    url = server.add("/evil.zip", evil_zip.read_bytes())
+
+    with pytest.raises(StageError, match="unsafe archive entry") as error:
+        download(config(url), paths)
+    assert "\n" not in str(error.value)
+    assert files_under(paths.raw) == kept
+    assert not any(p.name in ("escaped.txt", "absolute-escape.txt") for p in tmp_path.rglob("*"))
+    assert not Path("/tmp/absolute-escape.txt").exists()
+    assert not paths.known_hashes.exists()  # an unsafe archive is never trusted
+    assert [p.name for p in paths.raw.parent.iterdir()] == [DS]  # no temp folders left
+
+
+def test_a_missing_split_folder_is_named(server, zips, ws):
+    url = server.add("/bees.zip", zips["ants_vs_bees"])
+    cfg = config(url, layout={"root": "hymenoptera_data", "train": "train", "validation": "valid"})
+    paths = DatasetPaths.of(DS, ws)
+    with pytest.raises(StageError, match="no hymenoptera_data/valid/") as error:
+        download(cfg, paths)
+    assert "hymenoptera_data/val" in str(error.value)  # what was found instead
+    assert not paths.raw.exists() and not paths.known_hashes.exists()
+
+
+def test_file_urls_and_plain_paths_are_sources(zips, ws, tmp_path, monkeypatch):
+    archive = tmp_path / "mirror" / "cats.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(zips[DS])
+    monkeypatch.chdir(tmp_path)
+    for n, source in enumerate([archive.as_uri(), str(archive), "mirror/cats.zip"]):
+        paths = DatasetPaths.of(DS, ws / str(n))
+        result = download(config(source), paths)
+        assert result.source == source and result.sha256 == sha(zips[DS])
+        assert (tree(paths) / "validation" / "dogs").is_dir()
+
+
+def test_mirrors_are_tried_in_order_after_url(server, zips, ws, tmp_path, caplog):
+    missing = server.url("/gone.zip")
+    dead = f"http://127.0.0.1:{unused_port()}/cats.zip"
+    local = tmp_path / "cats.zip"
+    local.write_bytes(zips[DS])
+    later = server.add("/later.zip", zips[DS])
+    cfg = config(missing, mirrors=[dead, local.as_uri(), later])
+    with caplog.at_level(logging.WARNING, logger="tasks.download"):
+        result = download(cfg, DatasetPaths.of(DS, ws))
+    assert result.source == local.as_uri()
+    assert [r.status for r in server.requests_for("/gone.zip")] == [404]
+    assert server.requests_for("/later.zip") == []
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 2
+    assert missing in failed[0] and "HTTP 404" in failed[0]
+    assert dead in failed[1] and "connection refused" in failed[1]
+
+
+def test_offline_with_nothing_on_disk_says_where_to_put_the_archive(server, zips, ws):
+    url = server.add("/a.zip", zips[DS])
+    paths = DatasetPaths.of(DS, ws)
+    with pytest.raises(StageError, match="offline") as error:
+        download(config(url), paths, offline=True)
+    assert str(paths.archive) in str(error.value)
+    assert server.count() == 0
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_offline_uses_an_archive_already_on_disk(zips, ws, how):
+    paths = DatasetPaths.of(DS, ws)
+    paths.archive.parent.mkdir(parents=True)
+    paths.archive.write_bytes(zips[DS])
+    url = f"http://127.0.0.1:{unused_port()}/never.zip"
+    if how == "argument":
+        result = download(config(url), paths, offline=True)
+    else:
+        result = download(config(url, overrides=("download.offline=true",)), paths)
+    assert result.source == str(paths.archive) and not result.skipped
+    assert paths.known_hashes.read_text().split()[0] == sha(zips[DS])
+    assert (tree(paths) / "train" / "dogs").is_dir()
+
+
+def test_offline_with_a_verified_tree_is_skipped(server, zips, ws):
+    url = server.add("/a.zip", zips[DS])
+    paths = DatasetPaths.of(DS, ws)
+    download(config(url), paths)
+    paths.archive.unlink()
+    result = download(config(url), paths, offline=True)
+    assert result.skipped and server.count() == 1
+
+
+def test_offline_with_a_broken_archive_names_it(ws):
+    paths = DatasetPaths.of(DS, ws)
+    paths.archive.parent.mkdir(parents=True)
+    paths.archive.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(StageError, match="unusable.*not a zip") as error:
+        download(config("file:///nowhere.zip"), paths, offline=True)
+    assert str(paths.archive) in str(error.value)
+
+
+def test_two_concurrent_downloads_fetch_once(server, zips, ws):
+    url = server.add("/a.zip", zips[DS])
+    cfg, paths = config(url), DatasetPaths.of(DS, ws)
+    results: list[DownloadResult] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(download(cfg, paths))) for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 2 and server.count() == 1
+    assert sorted(r.skipped for r in results) == [False, True]
+
+
+def test_cli_reports_an_unreachable_source_in_one_line(write_params, ws, capsys):
+    url = f"http://127.0.0.1:{unused_port()}/cats_and_dogs_filtered.zip"
+    params = write_params(tiny_params({DS: url}, COUNTS))
+    code = main(["download", DS, "--params", str(params), "--root", str(ws)])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    line = errors[0]
+    assert "cannot reach any source" in line and url in line
+    assert f"--set 'datasets.{DS}.mirrors=[\"file:///path/to.zip\"]'" in line
+    assert str(DatasetPaths.of(DS, ws).archive) in line and "--offline" in line
+
+
+def test_cli_downloads_and_prints_the_summary(server, zips, write_params, ws, capsys):
+    url = server.add("/a.zip", zips[DS])
+    params = write_params(tiny_params({DS: "file:///not/used.zip"}, COUNTS))
+    argv = ["download", DS, "--params", str(params), "--root", str(ws)]
+    assert main([*argv, "--set", f"datasets.{DS}.url={url}"]) == 0
+    out, err = capsys.readouterr()
+    assert sha(zips[DS]) in out and url in out
+    assert "%|" not in err  # no progress bar when stderr is not a terminal
+    assert main([*argv, "--offline"]) == 0
+    assert "already verified" in capsys.readouterr().out
