@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -86,7 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch-weights", help="pre-seed the Keras cache with a backbone's ImageNet weights"
     )
     weights.add_argument("backbone")
+
+    stage = sub.add_parser(
+        "dvc-stage",
+        help="run one DVC stage in the dataset's Airflow workspace (what a GPU pod runs)",
+    )
+    stage.add_argument("stage")
+    stage.add_argument("dataset")
+    stage.add_argument("--result-json", help="write the XCom result here ('-': print it)")
     return parser
+
+
+def env_overrides() -> list[str]:
+    """``$TASKS_SET``: a JSON list of KEY=VALUE overrides applied before ``--set``.
+
+    The Airflow DAGs set it for a run's conf overrides (already written into the
+    workspace's params.yaml), so every stage records them in MLflow.
+    """
+    text = os.environ.get("TASKS_SET", "").strip()
+    if not text:
+        return []
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError('$TASKS_SET: must be a JSON list of "key=value" strings')
+    return items
 
 
 def _call(module: str, function: str) -> Callable[..., Any]:
@@ -102,7 +129,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
     )
     if args.command in DATASET_STAGES:
         module, function, _ = DATASET_STAGES[args.command]
-        cfg = load_config(args.params, args.overrides)
+        cfg = load_config(args.params, [*env_overrides(), *args.overrides])
         cfg.dataset(args.dataset)
         paths = DatasetPaths.of(args.dataset, Path(args.root))
         options = {"offline": True} if getattr(args, "offline", False) else {}
@@ -113,6 +140,10 @@ def run(argv: Sequence[str] | None = None) -> Any:
         )
     if args.command == "datasets":
         return "\n".join(load_config(args.params).datasets)
+    if args.command == "dvc-stage":
+        return _call("tasks.workspace", "stage_command")(
+            args.stage, args.dataset, result_json=args.result_json
+        )
     if args.command == "fetch-weights":
         return _call("tasks.backbones", "fetch_weights")(args.backbone)
     raise AssertionError(args.command)
