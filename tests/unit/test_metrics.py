@@ -1,0 +1,149 @@
+"""The evaluation metrics are pure functions: check them against hand-worked examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.errors import StageError
+from tasks.evaluate import (
+    class_probabilities,
+    classification_metrics,
+    confusion,
+    expected_calibration_error,
+    flat_metrics,
+    log_loss,
+    roc_auc,
+    roc_points,
+)
+from tasks.registry import gate_verdict
+
+
+def test_sigmoid_column_becomes_two_class_probabilities():
+    probs = class_probabilities(np.array([[0.2], [0.9]]), 2)
+    np.testing.assert_allclose(probs, [[0.8, 0.2], [0.1, 0.9]])
+    np.testing.assert_allclose(class_probabilities([0.25], 2), [[0.75, 0.25]])
+    softmax = np.array([[0.1, 0.7, 0.2]])
+    np.testing.assert_allclose(class_probabilities(softmax, 3), softmax)
+
+
+def test_output_width_must_match_the_classes():
+    with pytest.raises(StageError, match="outputs 3 values per image but there are 2 classes"):
+        class_probabilities(np.ones((4, 3)) / 3, 2)
+
+
+def test_confusion_rows_are_actual_columns_predicted():
+    matrix = confusion(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0]), 2)
+    assert matrix.tolist() == [[1, 1], [1, 2]]
+
+
+def test_expected_calibration_error_by_hand():
+    # Bin (0.5, 0.6]: confidences 0.6, 0.6, one right -> |0.5 - 0.6| = 0.1, weight 2/4.
+    # Bin (0.9, 1.0]: confidences 0.95, 1.0, both right -> |1 - 0.975| = 0.025, weight 2/4.
+    probs = np.array([[0.6, 0.4], [0.4, 0.6], [0.05, 0.95], [1.0, 0.0]])
+    y = np.array([0, 0, 1, 0])
+    assert expected_calibration_error(y, probs) == pytest.approx(0.5 * 0.1 + 0.5 * 0.025)
+
+
+def test_ece_of_a_perfectly_calibrated_predictor_is_zero():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 4 + [1] * 4)
+    probs = np.tile([[0.5, 0.5]], (8, 1))
+    assert expected_calibration_error(y, probs) == pytest.approx(0.0)
+    sure = np.eye(2)[y]
+    assert expected_calibration_error(y, sure) == pytest.approx(0.0)
+    assert expected_calibration_error(1 - y, sure) == pytest.approx(1.0)
+    assert 0 <= expected_calibration_error(y, rng.dirichlet([1, 1], 8)) <= 1
+
+
+def test_log_loss_and_roc_auc_by_hand():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    y = np.array([0, 1, 1, 0])
+    expected = -np.mean(np.log([0.9, 0.8, 0.4, 0.3]))
+    assert log_loss(y, probs) == pytest.approx(expected)
+    # positives score 0.8, 0.4; negatives 0.1, 0.7: pairs won 0.8>0.1, 0.8>0.7, 0.4>0.1 -> 3/4
+    assert roc_auc(y, probs) == pytest.approx(0.75)
+    assert roc_auc(np.array([1, 1]), probs[:2]) is None
+    assert log_loss(np.array([1]), np.array([[1.0, 0.0]])) == pytest.approx(-np.log(1e-7))
+
+
+def test_roc_points_and_ties():
+    fpr, tpr = roc_points(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.5, 0.5]))
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1])
+    # a tie between a positive and a negative counts half
+    tied = np.array([[0.5, 0.5], [0.5, 0.5], [0.1, 0.9]])
+    assert roc_auc(np.array([0, 1, 1]), tied) == pytest.approx(0.75)
+
+
+def test_multiclass_auc_is_the_mean_one_vs_rest_auc():
+    y = np.array([0, 1, 2, 0])
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.3, 0.3, 0.4]])
+    # class 0 vs rest: pos 0.6, 0.3; neg 0.2, 0.5 -> 0.6>0.2, 0.6>0.5, 0.3>0.2 -> 3/4
+    # class 1 vs rest: pos 0.7 beats all three -> 1; class 2: pos 0.4 vs 0.1, 0.1, 0.4 -> 2.5/3
+    assert roc_auc(y, probs) == pytest.approx((0.75 + 1 + 2.5 / 3) / 3)
+
+
+def test_classification_metrics_by_hand():
+    classes = ["cats", "dogs", "owls"]
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0])
+    probs = np.full((6, 3), 0.1)
+    probs[np.arange(6), pred] = 0.8
+    m = classification_metrics(y, probs, classes)
+    assert m["images"] == 6
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion_matrix"] == {
+        "labels": classes,
+        "matrix": [[1, 1, 0], [0, 2, 0], [1, 0, 1]],
+    }
+    cats, dogs, owls = (m["per_class"][c] for c in classes)
+    assert (cats["precision"], cats["recall"], cats["support"]) == (0.5, 0.5, 2)
+    assert dogs["precision"] == pytest.approx(2 / 3) and dogs["recall"] == 1.0
+    assert owls["precision"] == 1.0 and owls["recall"] == 0.5
+    assert owls["f1"] == pytest.approx(2 * 0.5 / 1.5)
+    f1s = [0.5, 2 * (2 / 3) / (5 / 3), 2 * 0.5 / 1.5]
+    assert m["f1_macro"] == pytest.approx(np.mean(f1s))
+    assert m["log_loss"] == pytest.approx(-(4 * np.log(0.8) + 2 * np.log(0.1)) / 6)
+    assert 0 < m["roc_auc"] < 1
+    assert m["ece"] == pytest.approx(abs(4 / 6 - 0.8))
+
+
+def test_a_class_never_predicted_has_zero_precision_not_nan():
+    m = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]), ["a", "b"])
+    assert m["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["per_class"]["a"]["precision"] == 0.5
+
+
+def test_flat_metrics_names_every_number_once():
+    m = classification_metrics(np.array([0, 1, 1]), np.eye(2)[[0, 1, 0]], ["cats", "dogs"])
+    flat = flat_metrics(m)
+    assert flat["accuracy"] == pytest.approx(2 / 3)
+    assert flat["recall.dogs"] == 0.5
+    assert flat["confusion.dogs.cats"] == 1.0
+    assert flat["support.cats"] == 1.0
+    m["roc_auc"] = None
+    assert "roc_auc" not in flat_metrics(m)
+
+
+def test_no_validation_images_is_a_clear_error():
+    with pytest.raises(StageError, match="no validation images"):
+        classification_metrics(np.array([], int), np.zeros((0, 2)), ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "promoted", "words"),
+    [
+        (0.90, None, True, "no champion yet"),
+        (0.79, None, False, "below the floor 0.8000"),
+        (0.79, 0.50, False, "below the floor"),
+        (0.85, 0.90, False, "worse than champion v3's 0.9000"),
+        (0.895, 0.90, True, "within 0.0100"),
+        (0.95, 0.90, True, "within 0.0100 of (or better than) champion v3"),
+        (0.89, 0.90, True, "within"),  # exactly at the tolerance still passes
+    ],
+)
+def test_gate_verdict(candidate, champion, promoted, words):
+    ok, reason = gate_verdict("accuracy", candidate, champion, 0.8, 0.01, "3")
+    assert ok is promoted
+    assert words in reason
