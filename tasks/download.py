@@ -41,7 +41,7 @@ import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -578,6 +578,7 @@ def _stream(
             if received == 0:
                 _sniff(block)
             out.write(block)
+            out.flush()  # what arrived survives a kill, for the next run to resume
             digest.update(block)
             received += len(block)
             bar.update(len(block))
@@ -726,9 +727,7 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def extract_archive(
-    archive: Path, target: Path, on_member: Callable[[str], None] | None = None
-) -> int:
+def extract_archive(archive: Path, target: Path) -> int:
     """Extract ``archive`` into the folder ``target`` safely; returns the files written.
 
     Every entry is checked before the first byte is written, so an unsafe
@@ -751,20 +750,18 @@ def extract_archive(
                 needed += info.file_size
             _check_space(target, needed)
             files = 0
-            root = target.resolve()
+            made: set[Path] = set()
             for info, relative in plan:
-                destination = root.joinpath(*relative.parts)
-                if root not in destination.parents:
-                    raise SourceFailed(f"unsafe archive entry {info.filename!r}; refusing")
+                destination = target.joinpath(*relative.parts)
+                folder = destination if info.is_dir() else destination.parent
+                if folder not in made:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    made.add(folder)
                 if info.is_dir():
-                    destination.mkdir(parents=True, exist_ok=True)
                     continue
-                destination.parent.mkdir(parents=True, exist_ok=True)
                 with bundle.open(info) as src, open(destination, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
                 files += 1
-                if on_member:
-                    on_member(info.filename)
     except SourceFailed as failure:
         raise StageError(
             f"{archive}: {failure.reason}; nothing was extracted (use a trusted source)"

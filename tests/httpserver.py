@@ -39,6 +39,7 @@ class Route:
     first ``drops`` requests. ``ignore_range`` answers every request with the
     whole body (200). ``content_type=None`` sends no Content-Type;
     ``send_length=False`` sends no Content-Length (the body ends at close).
+    ``rate`` throttles the body to that many bytes per second.
     """
 
     body: bytes
@@ -50,6 +51,7 @@ class Route:
     ignore_range: bool = False
     etag: str | None = None
     send_length: bool = True
+    rate: int | None = None
 
     def __post_init__(self) -> None:
         if self.etag is None:
@@ -141,10 +143,12 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
-        step = 1 << 20
+        step = max(256, route.rate // 10) if route.rate else 1 << 20
         try:
             for offset in range(0, len(payload), step):
                 self.wfile.write(payload[offset : offset + step])
+                if route.rate:
+                    time.sleep(step / route.rate)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 

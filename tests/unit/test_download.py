@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -18,6 +22,7 @@ from tasks.config import Config, parse_config
 from tasks.download import DownloadResult, download, partial_path
 from tasks.errors import StageError
 from tasks.paths import DatasetPaths
+from tests.conftest import REPO
 from tests.datagen import LAYOUTS, make_archive, tiny_params
 from tests.httpserver import LOGIN_PAGE, ArchiveServer, unused_port
 
@@ -333,6 +338,75 @@ def test_an_unsafe_archive_writes_nothing_and_keeps_the_previous_copy(server, zi
     assert not Path("/tmp/absolute-escape.txt").exists()
     assert not paths.known_hashes.exists()  # an unsafe archive is never trusted
     assert [p.name for p in paths.raw.parent.iterdir()] == [DS]  # no temp folders left
+
+
+def corrupt_last_member(body: bytes) -> bytes:
+    """Flip a byte inside the last file's data: the zip opens, extraction fails midway."""
+    with zipfile.ZipFile(io.BytesIO(body)) as bundle:
+        info = [i for i in bundle.infolist() if not i.is_dir()][-1]
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data = bytearray(body)
+    data[start + info.compress_size // 2] ^= 0xFF
+    return bytes(data)
+
+
+def test_a_failure_midway_through_extraction_keeps_the_previous_copy(server, zips, ws):
+    paths = DatasetPaths.of(DS, ws)
+    download(config(server.add("/good.zip", zips[DS])), paths)
+    kept = files_under(paths.raw)
+    paths.known_hashes.unlink()
+    url = server.add("/broken.zip", corrupt_last_member(zips[DS]))
+    with pytest.raises(StageError, match="not a readable zip archive"):
+        download(config(url), paths)
+    assert files_under(paths.raw) == kept
+    assert [p.name for p in paths.raw.parent.iterdir()] == [DS]
+
+
+def test_an_interrupted_fetch_is_resumed_by_the_next_run(server, zips, ws):
+    body = zips[DS]
+    url = server.add("/a.zip", body, drop_after=1000)
+    paths = DatasetPaths.of(DS, ws)
+    once = config(url, overrides=("download.retries=1",))
+    with pytest.raises(StageError, match="cannot reach any source"):
+        download(once, paths)
+    assert partial_path(paths).read_bytes() == body[:1000]
+    download(once, paths)
+    assert [r.header("Range") for r in server.requests_for("/a.zip")] == [None, "bytes=1000-"]
+    assert paths.archive.read_bytes() == body
+
+
+def test_a_killed_run_leaves_the_previous_copy_and_the_next_run_resumes(
+    server, zips, ws, write_params, tmp_path
+):
+    paths = DatasetPaths.of(DS, ws)
+    download(config(server.add("/v1.zip", zips[DS])), paths)
+    kept = files_under(paths.raw)
+    paths.known_hashes.unlink()  # the upstream changed: v2 will be trusted on first use
+    v2 = make_archive(tmp_path / "v2.zip", DS, COUNTS, size=16, seed=3).read_bytes()
+    url = server.add("/v2.zip", v2, rate=len(v2))  # about one second for the whole body
+    params = write_params(tiny_params({DS: url}, COUNTS))
+    command = [sys.executable, "-m", "tasks", "download", DS, "--params", str(params)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [*command, "--root", str(ws)], cwd=REPO, env=env, stderr=subprocess.DEVNULL
+    )
+    part = partial_path(paths)
+    deadline = time.monotonic() + 20
+    while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+        assert process.poll() is None, "the download ended before it could be interrupted"
+        time.sleep(0.01)
+    process.kill()
+    process.wait(10)
+    received = part.stat().st_size
+    assert 0 < received < len(v2)
+    assert files_under(paths.raw) == kept
+
+    server.add("/v2.zip", v2)  # same bytes and ETag, no throttle
+    result = download(config(url), paths)
+    last = server.requests_for("/v2.zip")[-1]
+    assert last.header("Range") == f"bytes={received}-" and last.status == 206
+    assert result.sha256 == sha(v2) and paths.archive.read_bytes() == v2
+    assert files_under(paths.raw) != kept
 
 
 def test_a_missing_split_folder_is_named(server, zips, ws):
