@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", help="image files or folders")
     predict.add_argument("--out", help="write the CSV here instead of stdout")
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument(
+        "--classes",
+        help="comma-separated class names for a .keras file (default: classes.json beside it)",
+    )
 
     datasets = sub.add_parser("datasets", help="print the dataset names in params.yaml")
     datasets.add_argument("--params", default=os.environ.get("TASKS_PARAMS", "params.yaml"))
@@ -136,7 +140,11 @@ def run(argv: Sequence[str] | None = None) -> Any:
         return _call(module, function)(cfg, paths, **options)
     if args.command == "predict":
         return _call("tasks.predict", "predict_command")(
-            args.model, args.inputs, out=args.out, batch_size=args.batch_size
+            args.model,
+            args.inputs,
+            out=args.out,
+            batch_size=args.batch_size,
+            classes=args.classes,
         )
     if args.command == "datasets":
         return "\n".join(load_config(args.params).datasets)
