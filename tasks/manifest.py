@@ -1,0 +1,287 @@
+"""Scan the extracted archive and decode every image into a manifest (one row per file).
+
+The manifest is the contract between ``validate`` and the input pipeline:
+
+========  ==============================================================
+path      file path relative to ``data/raw/<ds>/`` (POSIX separators)
+split     ``train`` or ``validation`` (the logical name, not the folder)
+label     the class folder the file sits in ("" when directly in a split)
+bytes     file size
+sha256    hex digest of the file's bytes
+format    what Pillow says the file is (``JPEG``, ``PNG``…), not its suffix
+mode      Pillow mode (``RGB``, ``L``, ``CMYK``, ``RGBA``, ``P``…)
+width     pixels (null when the header cannot be read)
+height    pixels (null when the header cannot be read)
+status    ``ok`` or ``quarantined``
+reason    why a file is quarantined; "" when ok
+========  ==============================================================
+
+Policy: a file is ``ok`` when the input pipeline can use it, even if it needs
+converting to RGB (grayscale, CMYK, RGBA, palette, a PNG named ``.jpg``).
+Everything else is quarantined with a reason and never trained on; it stays
+in ``data/raw`` untouched. Hidden and junk files (dotfiles, ``.DS_Store``,
+``Thumbs.db``, ``__MACOSX/``) are not part of the dataset and get no row.
+
+Each image is fully decoded (``img.load()``) under a decompression-bomb pixel
+limit, in a process pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.config import SPLITS, DatasetConfig, ValidateConfig
+from tasks.errors import StageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+COLUMNS = (
+    "path",
+    "split",
+    "label",
+    "bytes",
+    "sha256",
+    "format",
+    "mode",
+    "width",
+    "height",
+    "status",
+    "reason",
+)
+OK = "ok"
+QUARANTINED = "quarantined"
+
+# What the input pipeline decodes (tf.io.decode_image's formats); any Pillow mode
+# of these converts to RGB there.
+USABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP"})
+JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
+
+
+class Reason:
+    """The first words of each quarantine reason (the rest says the particulars)."""
+
+    EMPTY = "empty file"
+    UNREADABLE = "unreadable file"
+    NOT_IMAGE = "not an image"
+    CORRUPT = "truncated or corrupt image"
+    UNSUPPORTED = "unsupported image format"
+    TOO_SMALL = "smaller than min_side"
+    TOO_MANY_PIXELS = "over the pixel limit"
+    NO_CLASS = "not inside a class folder"
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: str
+    """Relative to the raw folder, POSIX separators."""
+    split: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What is on disk under ``data/raw/<ds>/<layout.root>/``."""
+
+    raw: Path
+    files: list[FoundFile]
+    class_folders: dict[str, list[str]] = field(default_factory=dict)
+    """split -> class folder names found there; a split whose folder is missing is absent."""
+
+
+def is_junk(name: str) -> bool:
+    """Hidden files, OS litter and macOS resource forks are not dataset files."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def scan_raw(raw: Path, dataset: DatasetConfig) -> Scan:
+    """List every non-junk file under each split folder, with its split and class label.
+
+    Raises StageError when ``raw`` or its layout root is missing. A missing
+    split folder is not an error here: the expectations report it.
+    """
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise StageError(f"{raw} not found: run `python -m tasks download {dataset.name}` first")
+    top = raw / dataset.layout.root
+    if not top.is_dir():
+        raise StageError(
+            f"{raw} has no {dataset.layout.root}/ folder (datasets.{dataset.name}.layout.root); "
+            f"check the layout in params.yaml or re-run `python -m tasks download {dataset.name}`"
+        )
+    files: list[FoundFile] = []
+    folders: dict[str, list[str]] = {}
+    for split in SPLITS:
+        split_dir = top / dataset.split_folder(split)
+        if not split_dir.is_dir():
+            continue
+        folders[split] = []
+        for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+            if is_junk(entry.name):
+                continue
+            if entry.is_dir():
+                folders[split].append(entry.name)
+                files.extend(
+                    FoundFile(_rel(path, raw), split, entry.name) for path in _walk_files(entry)
+                )
+            elif entry.is_file():
+                files.append(FoundFile(_rel(entry, raw), split, ""))
+    return Scan(raw=raw, files=files, class_folders=folders)
+
+
+def _walk_files(folder: Path) -> Iterable[Path]:
+    for current, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not is_junk(d))
+        for name in sorted(names):
+            if not is_junk(name):
+                yield Path(current) / name
+
+
+def _rel(path: Path, raw: Path) -> str:
+    return path.relative_to(raw).as_posix()
+
+
+def inspect_image(path: str | Path, max_pixels: int, min_side: int) -> dict[str, Any]:
+    """Read, hash and fully decode one file; return its manifest facts with status/reason.
+
+    Pillow's decompression-bomb guard runs with ``max_pixels`` as its limit and
+    its warning is treated as an error, so anything over the limit is refused
+    before its pixels are decoded.
+    """
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    facts: dict[str, Any] = {
+        "bytes": 0,
+        "sha256": "",
+        "format": "",
+        "mode": "",
+        "width": None,
+        "height": None,
+        "status": OK,
+        "reason": "",
+    }
+
+    def quarantine(reason: str) -> dict[str, Any]:
+        facts.update(status=QUARANTINED, reason=reason)
+        return facts
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return quarantine(f"{Reason.UNREADABLE}: {error.strerror or error}")
+    facts["bytes"] = len(data)
+    facts["sha256"] = hashlib.sha256(data).hexdigest()
+    if not data:
+        return quarantine(f"{Reason.EMPTY} (0 bytes)")
+
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                facts.update(format=img.format or "", mode=img.mode)
+                facts.update(width=img.width, height=img.height)
+                if img.width * img.height > max_pixels:
+                    return quarantine(_too_many_pixels(img.width, img.height, max_pixels))
+                if img.format not in USABLE_FORMATS:
+                    usable = ", ".join(sorted(USABLE_FORMATS))
+                    return quarantine(f"{Reason.UNSUPPORTED} {img.format}; usable: {usable}")
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        _header_size(data, facts)
+        if facts["width"] is not None:
+            return quarantine(_too_many_pixels(facts["width"], facts["height"], max_pixels))
+        return quarantine(f"{Reason.TOO_MANY_PIXELS} (max_pixels {max_pixels})")
+    except UnidentifiedImageError:
+        return quarantine(f"{Reason.NOT_IMAGE} (Pillow cannot identify the format)")
+    except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return quarantine(f"{Reason.CORRUPT}: {message}")
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+    if min(facts["width"], facts["height"]) < min_side:
+        return quarantine(f"{Reason.TOO_SMALL} {min_side}: {facts['width']}x{facts['height']} px")
+    return facts
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    return f"{Reason.TOO_MANY_PIXELS}: {width}x{height} = {width * height} px > {max_pixels}"
+
+
+def _header_size(data: bytes, facts: dict[str, Any]) -> None:
+    """Record format and size from the header alone (no pixel decoding, no limit)."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                facts.update(format=img.format or "", mode=img.mode)
+                facts.update(width=img.width, height=img.height)
+    except Exception:  # noqa: BLE001 - best effort: the file is quarantined either way
+        pass
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def worker_count(setting: int) -> int:
+    """``workers: 0`` means one process per usable core."""
+    if setting:
+        return setting
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def build_manifest(scan: Scan, settings: ValidateConfig) -> pd.DataFrame:
+    """Decode every scanned file (in parallel) into the manifest frame, sorted by path."""
+    import pandas as pd
+
+    inspect = partial(inspect_image, max_pixels=settings.max_pixels, min_side=settings.min_side)
+    sources = [str(scan.raw / found.path) for found in scan.files]
+    workers = min(worker_count(settings.workers), max(len(sources), 1))
+    if workers == 1:
+        facts = [inspect(source) for source in sources]
+    else:
+        chunk = max(1, min(64, len(sources) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            facts = list(pool.map(inspect, sources, chunksize=chunk))
+
+    rows = []
+    for found, fact in zip(scan.files, facts, strict=True):
+        row = {"path": found.path, "split": found.split, "label": found.label, **fact}
+        if not found.label:
+            row.update(status=QUARANTINED, reason=f"{Reason.NO_CLASS} (directly in the split)")
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    frame = frame.astype(
+        {
+            "path": "string",
+            "split": "string",
+            "label": "string",
+            "bytes": "int64",
+            "sha256": "string",
+            "format": "string",
+            "mode": "string",
+            "width": "Int64",
+            "height": "Int64",
+            "status": "string",
+            "reason": "string",
+        }
+    )
+    return frame.sort_values("path", ignore_index=True)
