@@ -7,6 +7,7 @@ the median of ``--repeat`` runs of:
 
 - ``curl``: ``curl -sS --fail -o FILE URL`` (the baseline: fetch only);
 - ``fetch``: our fetch alone (stream to the ``.part`` file + sha256 on the fly);
+- ``extract``: safe extraction alone (bound by file creation on the disk);
 - ``download``: the whole stage (fetch, verify, extract, record) into a fresh
   workspace;
 - ``verified``: ``download`` again on a verified workspace (should not fetch).
@@ -26,16 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.config import parse_config
-from tasks.download import download, fetch_source, partial_path
+from tasks.download import download, extract_archive, fetch_source, partial_path
 from tasks.paths import DatasetPaths
+from tasks.synthetic import make_image, tiny_params
 
 DATASET = "cats_vs_dogs"
 
 
 def build_archive(path: Path, megabytes: float) -> Path:
     """A zip of distinct-named JPEGs in the cats_vs_dogs layout, about ``megabytes`` MB."""
-    from tests.datagen import make_image
-
     pool = []
     for seed in range(64):
         buffer = io.BytesIO()
@@ -64,8 +64,7 @@ def median_seconds(action: Callable[[int], None], repeat: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tests.datagen import tiny_params
-    from tests.httpserver import ArchiveServer
+    from tests.httpserver import ArchiveServer  # the test suite's server: run from the root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=50.0, help="archive size in MB")
@@ -109,6 +108,14 @@ def main(argv: list[str] | None = None) -> None:
 
         seconds = median_seconds(fetch, args.repeat)
         rows.append(("ours: fetch + sha256", seconds, f"{size / 1e6 / seconds:8.0f} MB/s"))
+
+        def extract(index: int) -> None:
+            folder = base / f"extract{index}"
+            folder.mkdir()
+            extract_archive(archive, folder)
+
+        seconds = median_seconds(extract, args.repeat)
+        rows.append(("ours: extract only", seconds, f"{members / seconds:8.0f} files/s"))
 
         workspaces = [DatasetPaths.of(DATASET, base / f"ws{i}") for i in range(args.repeat)]
         seconds = median_seconds(lambda i: download(cfg, workspaces[i]), args.repeat)
