@@ -303,6 +303,7 @@ class Check:
 
 def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check]:
     """The expectation suite from params.yaml, one :class:`Check` per expectation."""
+    import_great_expectations()
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
@@ -466,9 +467,13 @@ def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check
 
 
 def import_great_expectations() -> float:
-    """Import Great Expectations (seconds on a cold start); returns the seconds it took."""
+    """Import Great Expectations quietly; returns the seconds it took (0 if already loaded)."""
     if "great_expectations" in sys.modules:
         return 0.0
+    # Its import logs hundreds of INFO lines about its own docs decorators.
+    gx_log = logging.getLogger("great_expectations")
+    if gx_log.level == logging.NOTSET:
+        gx_log.setLevel(logging.WARNING)
     begin = time.perf_counter()
     import great_expectations  # noqa: F401
 
@@ -516,11 +521,11 @@ def run_checkpoints(
     because a checkpoint hands the same ``dataframe`` batch parameter to all
     its validation definitions.
     """
+    import_great_expectations()
     import great_expectations as gx
 
     timings = timings if timings is not None else {}
     begin = time.perf_counter()
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = _context(docs)
     source = context.data_sources.add_pandas("frames")
     outcomes: dict[str, CheckOutcome] = {}
@@ -570,7 +575,8 @@ def _for_ge(frame: pd.DataFrame) -> pd.DataFrame:
         if dtype == "string":
             out[column] = out[column].astype(object).where(out[column].notna(), None)
         elif dtype == "Int64":
-            out[column] = out[column].astype("float64")
+            has_na = out[column].isna().any()
+            out[column] = out[column].astype("float64" if has_na else "int64")
     return out
 
 

@@ -281,3 +281,14 @@ def test_validate_raises_stage_error_naming_the_report(dirty):
     with pytest.raises(StageError) as error:
         validate(config_for(), paths)
     assert "data_docs/index.html" in str(error.value)
+
+
+def test_missing_raw_is_a_one_line_error_from_the_cli(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params({"ants_vs_bees": "file:///nowhere.zip"})))
+    argv = ["validate", "ants_vs_bees", "--params", str(params), "--root", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "run `python -m tasks download ants_vs_bees` first" in err
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "data" / "manifests").exists()
