@@ -1,7 +1,7 @@
 """How long ``validate`` takes on a cats_vs_dogs-sized dataset, and where the time goes.
 
 ``python -m tasks.bench_validate [--images 3000] [--size 300] [--workers 0]``
-(from the project root: it uses tests/datagen.py). It writes ``--images``
+(from the project root: it reads params.yaml). It writes ``--images``
 distinct generated JPEGs of about ``--size`` px in the cats_vs_dogs layout and
 proportions (1000/1000 train, 500/500 validation at 3000) into a temporary
 workspace, then prints:
@@ -37,7 +37,7 @@ SHARES.update({("validation", "cats"): 1 / 6, ("validation", "dogs"): 1 / 6})
 
 
 def _write_image(job: tuple[str, int, int, int]) -> None:
-    from tests.datagen import make_image
+    from tasks.synthetic import make_image
 
     path, label_index, size, seed = job
     make_image(label_index, size, seed=seed).save(path, "JPEG", quality=90)

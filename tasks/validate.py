@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 DATA_DOCS = "data_docs"
 SHOW = 3
-"""Unexpected rows named per failed check in the summary (the report lists them all)."""
+"""Unexpected rows named per failed check in the text; ``unexpected_keys`` holds them all."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class CheckOutcome:
     success: bool
     observed: str
     unexpected: str = ""
+    unexpected_keys: tuple[str, ...] = ()
+    """Every row GE flagged (``key`` column: a path, ``split/class``…) or value missing."""
 
     def line(self) -> str:
         mark = "ok  " if self.success else "FAIL"
@@ -587,12 +589,15 @@ def _outcome(check: Check, verdict: Any, frame: pd.DataFrame) -> CheckOutcome:
     result = verdict.result or {}
     info = verdict.exception_info or {}
     unexpected = ""
+    keys: list[str] = []
     if info.get("raised_exception"):
         unexpected = f"error: {info.get('exception_message')}"
     elif result.get("missing_count"):
-        unexpected = "missing: " + ", ".join(map(str, result.get("partial_missing_list", [])))
+        keys = [str(value) for value in result.get("partial_missing_list", [])]
+        unexpected = "missing: " + ", ".join(keys)
     elif result.get("unexpected_index_list"):
         rows = result["unexpected_index_list"]
+        keys = [str(row["key"]) for row in rows]
         named = [
             f"{row['key']} ({row['detail']})" if row.get("detail") else row["key"]
             for row in rows[:SHOW]
@@ -602,7 +607,8 @@ def _outcome(check: Check, verdict: Any, frame: pd.DataFrame) -> CheckOutcome:
             f"{result['unexpected_count']} of {result['element_count']}: " + "; ".join(named) + more
         )
     elif result.get("unexpected_count"):
-        unexpected = "unexpected: " + ", ".join(map(str, result.get("partial_unexpected_list", [])))
+        keys = [str(value) for value in result.get("partial_unexpected_list", [])]
+        unexpected = "unexpected: " + ", ".join(keys)
     return CheckOutcome(
         check=check.check,
         description=config.description,
@@ -611,6 +617,7 @@ def _outcome(check: Check, verdict: Any, frame: pd.DataFrame) -> CheckOutcome:
         success=bool(verdict.success),
         observed=check.observe(frame),
         unexpected=unexpected,
+        unexpected_keys=tuple(keys),
     )
 
 
@@ -651,6 +658,7 @@ def summary_metrics(result: ValidationResult, settings: ValidateConfig) -> dict[
                 "success": check.success,
                 "observed": check.observed,
                 "unexpected": check.unexpected,
+                "unexpected_keys": list(check.unexpected_keys),
                 "description": check.description,
                 "expectation": check.expectation,
             }

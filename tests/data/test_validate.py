@@ -133,6 +133,10 @@ def test_same_image_in_train_and_validation_is_leakage(tree):
     (leak,) = result.failed
     assert "train/cats/cats.4.jpg" in leak.unexpected
     assert "validation/cats/cats.0.jpg" in leak.unexpected
+    assert leak.unexpected_keys == (
+        "cats_and_dogs_filtered/train/cats/cats.4.jpg",
+        "cats_and_dogs_filtered/validation/cats/cats.0.jpg",
+    )
 
 
 def test_duplicate_within_a_split_fails(tree):
