@@ -183,6 +183,14 @@ def classification_metrics(
     }
 
 
+def confident_mistakes(y_true: np.ndarray, probs: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of wrongly classified images, most confident first, at most ``limit``."""
+    probs = np.asarray(probs)
+    wrong = np.flatnonzero(probs.argmax(axis=1) != np.asarray(y_true))
+    order = np.argsort(-probs.max(axis=1)[wrong], kind="stable")
+    return wrong[order][: max(0, limit)]
+
+
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of :func:`classification_metrics` under flat names, for MLflow."""
     flat = {key: float(metrics[key]) for key in SCALAR_METRICS if metrics.get(key) is not None}
@@ -469,8 +477,7 @@ def draw_plots(
     history, why = _read_history(paths)
     written.append(plots.training_curves(history, folder / "training_curves.png", why))
 
-    wrong = np.flatnonzero(y_pred != y_true)
-    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: cfg.evaluate.mistakes]
+    wrong = confident_mistakes(y_true, probs, cfg.evaluate.mistakes)
     written.append(
         plots.image_grid(
             [read_image(files[i], size) for i in wrong],

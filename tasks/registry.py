@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +134,8 @@ def serving_model(model: keras.Model, n_classes: int) -> keras.Model:
     if model.output_shape[-1] == 1 and n_classes == 2:
         complement = keras.layers.Rescaling(-1.0, offset=1.0, name="complement")(p)
         p = keras.layers.Concatenate(name="probabilities")([complement, p])
-    return keras.Model(inputs, p, name="classifier")
+    # A list of one input: MLflow's pyfunc wrapper feeds a list, our own code an array.
+    return keras.Model([inputs], p, name="classifier")
 
 
 def log_classifier(
@@ -165,21 +165,15 @@ def log_classifier(
     interactive = keras.utils.is_interactive_logging_enabled()
     keras.utils.disable_interactive_logging()  # no progress bar from MLflow's example check
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The structure of `inputs`")
-            info = mlflow.tensorflow.log_model(
-                serving_model(model, len(classes)),
-                name=ARTIFACT,
-                signature=signature,
-                input_example=np.asarray(example, np.uint8)[:1],
-                pip_requirements=pinned_requirements(),
-                metadata={
-                    "classes": list(classes),
-                    "image_size": [height, width],
-                    **(metadata or {}),
-                },
-                registered_model_name=name,
-            )
+        info = mlflow.tensorflow.log_model(
+            serving_model(model, len(classes)),
+            name=ARTIFACT,
+            signature=signature,
+            input_example=np.asarray(example, np.uint8)[:1],
+            pip_requirements=pinned_requirements(),
+            metadata={"classes": list(classes), "image_size": [height, width], **(metadata or {})},
+            registered_model_name=name,
+        )
     finally:
         if interactive:
             keras.utils.enable_interactive_logging()

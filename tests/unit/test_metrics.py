@@ -9,6 +9,7 @@ from tasks.errors import StageError
 from tasks.evaluate import (
     class_probabilities,
     classification_metrics,
+    confident_mistakes,
     confusion,
     expected_calibration_error,
     flat_metrics,
@@ -147,3 +148,12 @@ def test_gate_verdict(candidate, champion, promoted, words):
     ok, reason = gate_verdict("accuracy", candidate, champion, 0.8, 0.01, "3")
     assert ok is promoted
     assert words in reason
+
+
+def test_confident_mistakes_come_most_confident_first():
+    y = np.array([0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.95, 0.05], [0.6, 0.4], [0.2, 0.8]])
+    assert confident_mistakes(y, probs, 16).tolist() == [2, 1, 3]
+    assert confident_mistakes(y, probs, 2).tolist() == [2, 1]
+    assert confident_mistakes(y, probs, 0).tolist() == []
+    assert confident_mistakes(np.array([0]), np.array([[0.9, 0.1]]), 5).tolist() == []
