@@ -24,7 +24,6 @@ probability per class, in the order of its metadata's ``classes``; it loads with
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 ARTIFACT = "model"
@@ -336,7 +334,6 @@ def register(cfg: Config, paths: DatasetPaths) -> GateDecision:
         mlflow.log_metrics(scores)
         write_json(paths.gate, _gate_report(decision))
         mlflow.log_artifact(str(paths.gate))
-    log.info("%s", decision)
     return decision
 
 
