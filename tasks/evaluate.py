@@ -433,6 +433,7 @@ def _read_history(paths: DatasetPaths) -> tuple[pd.DataFrame | None, str]:
     import pandas as pd
 
     if not paths.history.exists():
+        log.warning("%s not found; the training-curves figure says so", paths.history)
         return None, f"no training history: {paths.history} not found"
     history = pd.read_csv(paths.history)
     missing = {"phase", "epoch", "loss", "accuracy"} - set(history.columns)
