@@ -1,0 +1,403 @@
+"""Transfer-learning DAGs: one per dataset in params.yaml, plus a cross-dataset summary.
+
+Wiring only; every task calls one function of ``tasks.workspace`` / ``tasks.summary``.
+
+``transfer_learning__<dataset>``::
+
+    prepare >> download >> validate >> train >> finetune >> evaluate >> register >> push
+
+- one task per DVC stage, in dvc.yaml's order (read from dvc.yaml's deps and
+  outs, so a new stage is a new task), each running
+  ``dvc repro --single-item <stage>@<dataset>`` in the dataset's own workspace
+  (``.workspaces/<dataset>``; shared DVC cache and MLflow store), so DVC skips
+  unchanged stages and the workspace's dvc.lock stays meaningful;
+- ``prepare`` validates the run conf (see ``tasks.workspace.CONF_KEYS``) and
+  writes the workspace's params.yaml; ``push`` runs ``dvc push`` and updates the
+  dataset's model Asset;
+- a new dataset in params.yaml is a new DAG, with no code.
+
+``transfer_learning__summary`` runs whenever any dataset's model Asset updates
+and writes ``reports/summary.md`` / ``.json`` (champion per dataset).
+
+Parse-time configuration (environment, never Airflow Variables):
+``TASKS_PROJECT``/``TASKS_PARAMS``/``TASKS_STATE_DIR`` (see tasks/workspace.py);
+``TASKS_GPU_BACKEND`` = ``local`` (default) | ``kubernetes`` | ``docker`` for the
+GPU stages ``TASKS_GPU_STAGES`` (default ``train,finetune``); ``TASKS_GPU_POOL``
+(default ``gpu``, sized by ``schedule.gpus``); ``TASKS_GPU_QUEUE`` (Celery
+queue of GPU workers; ``gpu`` by default under CeleryExecutor);
+``TASKS_TRAINER_IMAGE``, ``TASKS_GPUS_PER_TASK``, ``TASKS_K8S_NAMESPACE``,
+``TASKS_K8S_PVC``, ``TASKS_K8S_NODE_SELECTOR`` (JSON), ``TASKS_K8S_TOLERATIONS``
+(JSON list), ``TASKS_DOCKER_URL``; ``TASKS_RETRY_DELAY_SECONDS`` (first retry wait).
+
+Nothing heavy at import: no tensorflow, great_expectations or mlflow; the
+kubernetes/docker providers are imported only when their backend is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Asset, AssetAny, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from tasks.config import Config, ConfigError
+from tasks.workspace import CONF_KEYS, DAG_PREFIX, SUMMARY_DAG_ID, Project
+
+TAG = "transfer-learning"
+GPU_BACKENDS = ("local", "kubernetes", "docker")
+START = datetime(2025, 1, 1, tzinfo=UTC)
+# A failed validation (or a bad conf) is deterministic: retrying cannot help.
+NO_RETRY_STAGES = frozenset({"prepare", "validate"})
+# Network-bound stages retry even on a user-fixable (exit 2) error: a source may come back.
+NETWORK_STAGES = frozenset({"download", "push"})
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the GPU stages run, read from the environment at parse time."""
+
+    kind: str = "local"
+    gpu_stages: frozenset[str] = frozenset({"train", "finetune"})
+    pool: str = "gpu"
+    queue: str | None = None
+    image: str = "transfer-learning-trainer:latest"
+    gpus_per_task: int = 1
+    namespace: str = "default"
+    pvc: str = "transfer-learning-project"
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, str], ...] = ()
+    docker_url: str = "unix://var/run/docker.sock"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Backend:
+        env = os.environ if environ is None else environ
+        kind = env.get("TASKS_GPU_BACKEND", "local").strip() or "local"
+        if kind not in GPU_BACKENDS:
+            raise ConfigError(
+                f"TASKS_GPU_BACKEND={kind!r} is not allowed; use one of: {', '.join(GPU_BACKENDS)}"
+            )
+        stages = env.get("TASKS_GPU_STAGES", "train,finetune")
+        celery = "CeleryExecutor" in env.get("AIRFLOW__CORE__EXECUTOR", "")
+        return cls(
+            kind=kind,
+            gpu_stages=frozenset(s.strip() for s in stages.split(",") if s.strip()),
+            pool=env.get("TASKS_GPU_POOL", "gpu"),
+            queue=env.get("TASKS_GPU_QUEUE") or ("gpu" if celery else None),
+            image=env.get("TASKS_TRAINER_IMAGE", cls.image),
+            gpus_per_task=int(env.get("TASKS_GPUS_PER_TASK", "1")),
+            namespace=env.get("TASKS_K8S_NAMESPACE", cls.namespace),
+            pvc=env.get("TASKS_K8S_PVC", cls.pvc),
+            node_selector=_json_env(
+                env, "TASKS_K8S_NODE_SELECTOR", {"nvidia.com/gpu.present": "true"}
+            ),
+            tolerations=tuple(
+                _json_env(
+                    env,
+                    "TASKS_K8S_TOLERATIONS",
+                    [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                )
+            ),
+            docker_url=env.get("TASKS_DOCKER_URL", cls.docker_url),
+        )
+
+
+def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{name}: is not valid JSON (got {text!r})") from None
+
+
+def model_asset(project: Project, dataset: str) -> Asset:
+    """The dataset's model output: updated by the ``push`` task of its DAG."""
+    return Asset(name=project.asset_name(dataset), uri=project.asset_uri(dataset), group="model")
+
+
+# --- task callables (a few lines each: the work is in tasks/) ------------------
+
+
+def _prepare_callable(project: Project, dataset: str) -> Any:
+    def prepare_workspace() -> dict[str, Any]:
+        from tasks.workspace import prepare_workspace
+
+        dag_run = get_current_context()["dag_run"]
+        try:
+            prepared = prepare_workspace(project, dataset, dag_run.conf, run_id=dag_run.run_id)
+        except ConfigError as error:
+            raise AirflowFailException(str(error)) from None
+        return prepared.xcom()
+
+    return prepare_workspace
+
+
+def _stage_callable(project: Project, dataset: str, stage: str) -> Any:
+    def run_dvc_stage() -> dict[str, Any]:
+        from tasks.workspace import StageFailed, run_stage
+
+        try:
+            return run_stage(project, dataset, stage).xcom()
+        except StageFailed as error:
+            if stage in NO_RETRY_STAGES or (not error.retryable and stage not in NETWORK_STAGES):
+                raise AirflowFailException(str(error)) from None
+            raise
+
+    return run_dvc_stage
+
+
+def _push_callable(project: Project, dataset: str, leaves: list[str]) -> Any:
+    def push_to_remote() -> dict[str, Any]:
+        from tasks.workspace import push_outputs
+
+        result = push_outputs(project, dataset).xcom()
+        context = get_current_context()
+        headline: dict[str, Any] = {"dataset": dataset, "dag_run_id": context["dag_run"].run_id}
+        for value in context["ti"].xcom_pull(task_ids=leaves) or []:
+            if isinstance(value, dict):
+                headline.update(value.get("metrics") or {})
+        context["outlet_events"][model_asset(project, dataset)].extra = headline
+        return {**result, "headline": headline}
+
+    return push_to_remote
+
+
+def _summary_callable(project: Project) -> Any:
+    def summarize_champions() -> dict[str, Any]:
+        from tasks.summary import write_summary
+
+        return write_summary(project).xcom()
+
+    return summarize_champions
+
+
+# --- GPU backends ----------------------------------------------------------------
+
+
+def _pod_env(project: Project) -> dict[str, str]:
+    env = {
+        "TASKS_PROJECT": str(project.root),
+        "TASKS_STATE_DIR": str(project.state),
+        "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
+        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
+        "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
+        "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
+    }
+    for name in ("MLFLOW_TRACKING_URI", "KERAS_HOME"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def _kubernetes_stage(
+    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
+) -> Any:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    gpus = str(backend.gpus_per_task)
+    return KubernetesPodOperator(
+        task_id=stage,
+        name=f"{dataset}-{stage}".replace("_", "-"),
+        namespace=backend.namespace,
+        image=backend.image,
+        cmds=["python", "-m", "tasks", "dvc-stage", stage, dataset],
+        arguments=["--result-json", "/airflow/xcom/return.json"],
+        env_vars=_pod_env(project),
+        container_resources=k8s.V1ResourceRequirements(
+            limits={"nvidia.com/gpu": gpus}, requests={"nvidia.com/gpu": gpus}
+        ),
+        node_selector=dict(backend.node_selector or {}),
+        tolerations=[k8s.V1Toleration(**item) for item in backend.tolerations],
+        volumes=[
+            k8s.V1Volume(
+                name="project",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                    claim_name=backend.pvc
+                ),
+            )
+        ],
+        volume_mounts=[k8s.V1VolumeMount(name="project", mount_path=str(project.root))],
+        labels={"app": "transfer-learning", "dataset": dataset, "stage": stage},
+        do_xcom_push=True,
+        get_logs=True,
+        on_finish_action="delete_pod",
+        **task_args,
+    )
+
+
+def _docker_stage(
+    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
+) -> Any:
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.types import DeviceRequest, Mount
+
+    return DockerOperator(
+        task_id=stage,
+        image=backend.image,
+        command=["python", "-m", "tasks", "dvc-stage", stage, dataset, "--result-json", "-"],
+        environment=_pod_env(project),
+        device_requests=[DeviceRequest(count=backend.gpus_per_task, capabilities=[["gpu"]])],
+        mounts=[Mount(target=str(project.root), source=str(project.root), type="bind")],
+        working_dir=str(project.root),
+        user=f"{os.getuid()}:{os.getgid()}",
+        docker_url=backend.docker_url,
+        auto_remove="success",
+        mount_tmp_dir=False,
+        do_xcom_push=True,
+        **task_args,
+    )
+
+
+# --- the factory -------------------------------------------------------------------
+
+
+def _retry_args(cfg: Config, stage: str) -> dict[str, Any]:
+    if stage in NO_RETRY_STAGES:
+        return {"retries": 0}
+    delay = float(os.environ.get("TASKS_RETRY_DELAY_SECONDS", "60"))
+    return {
+        "retries": cfg.schedule.retries,
+        "retry_delay": timedelta(seconds=delay),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+    }
+
+
+def _doc(project: Project, dataset: str, stages: list[str], backend: Backend) -> str:
+    conf_keys = "\n".join(f"| `{key}` | `{dotted}` |" for key, dotted in CONF_KEYS.items())
+    ws = project.workspace(dataset)
+    return f"""\
+### Transfer learning: `{dataset}`
+
+`prepare` → {" → ".join(f"`{s}`" for s in stages)} → `push`
+
+Each stage task runs `dvc repro --single-item <stage>@{dataset}` in the workspace
+`{ws}` (its own `dvc.lock`; unchanged stages are skipped), sharing the project's
+DVC cache and MLflow store. `push` sends the outputs to the DVC remote and updates
+the `{DAG_PREFIX}{dataset}.model` asset, which triggers `{SUMMARY_DAG_ID}`.
+GPU stages ({", ".join(sorted(backend.gpu_stages))}) run on the `{backend.kind}`
+backend in pool `{backend.pool}`.
+
+**Per-run overrides** (trigger with conf), validated like params.yaml; the
+checked-in params.yaml is not modified and MLflow records them (`overrides` tag):
+
+| conf key | params key |
+|---|---|
+{conf_keys}
+
+Any other key: `{{"set": {{"train.epochs": 3}}}}`. Example:
+`{{"backbone": "vgg16", "finetune_epochs": 5}}`.
+
+Results: `{ws / "reports" / dataset}`, models in `{ws / "models" / dataset}`,
+MLflow experiment `{dataset}`, registered model `{dataset}-classifier`.
+"""
+
+
+def build_dataset_dag(
+    project: Project, cfg: Config, dataset: str, backend: Backend | None = None
+) -> DAG:
+    """The DAG of one dataset: prepare, one task per DVC stage, push."""
+    backend = backend or Backend.from_env()
+    cfg.dataset(dataset)
+    graph = project.stage_graph(dataset)
+    asset = model_asset(project, dataset)
+    with DAG(
+        dag_id=f"{DAG_PREFIX}{dataset}",
+        description=f"Transfer learning on {dataset}: download, validate, train, register",
+        schedule=cfg.schedule.cron,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=[TAG, dataset],
+        doc_md=_doc(project, dataset, graph.names, backend),
+        default_args={"owner": cfg.schedule.owner, **_retry_args(cfg, "default")},
+    ) as dag:
+        prepare = task(
+            _prepare_callable(project, dataset),
+            task_id="prepare",
+            multiple_outputs=False,
+            **_retry_args(cfg, "prepare"),
+        )().operator
+        tasks: dict[str, Any] = {}
+        for stage in graph.names:
+            args = _retry_args(cfg, stage)
+            if stage in backend.gpu_stages:
+                args.update(pool=backend.pool, pool_slots=1)
+                if backend.queue and backend.kind == "local":
+                    args["queue"] = backend.queue
+            if stage in backend.gpu_stages and backend.kind == "kubernetes":
+                tasks[stage] = _kubernetes_stage(project, dataset, stage, backend, **args)
+            elif stage in backend.gpu_stages and backend.kind == "docker":
+                tasks[stage] = _docker_stage(project, dataset, stage, backend, **args)
+            else:
+                tasks[stage] = task(
+                    _stage_callable(project, dataset, stage),
+                    task_id=stage,
+                    multiple_outputs=False,
+                    **args,
+                )().operator
+        push = task(
+            _push_callable(project, dataset, graph.leaves),
+            task_id="push",
+            multiple_outputs=False,
+            outlets=[asset],
+            **_retry_args(cfg, "push"),
+        )().operator
+        for stage in graph.names:
+            ups = graph.upstream[stage]
+            if not ups:
+                prepare >> tasks[stage]
+            for up in sorted(ups):
+                tasks[up] >> tasks[stage]
+        for leaf in graph.leaves:
+            tasks[leaf] >> push
+    return dag
+
+
+def build_summary_dag(project: Project, cfg: Config) -> DAG:
+    """Runs when any dataset's model asset updates; writes reports/summary.md and .json."""
+    assets = [model_asset(project, ds) for ds in cfg.datasets]
+    with DAG(
+        dag_id=SUMMARY_DAG_ID,
+        description="Champion model per dataset, with its metrics (reports/summary.md)",
+        schedule=AssetAny(*assets),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=[TAG, "summary"],
+        doc_md=f"""\
+### Transfer learning: summary
+
+Triggered by any dataset DAG's model asset. Writes
+`{project.reports / "summary.md"}` and `summary.json`: per dataset, the current
+`@champion` in the MLflow registry with its metrics, and the latest run's gate.
+""",
+        default_args={"owner": cfg.schedule.owner, **_retry_args(cfg, "summary")},
+    ) as dag:
+        task(_summary_callable(project), task_id="write_summary", multiple_outputs=False)()
+    return dag
+
+
+def build_dags(project: Project | None = None, backend: Backend | None = None) -> dict[str, DAG]:
+    """Every DAG of the project: one per dataset in params.yaml, plus the summary."""
+    project = project or Project.from_env(
+        os.environ.get("TASKS_PROJECT") or Path(__file__).resolve().parents[1]
+    )
+    backend = backend or Backend.from_env()
+    cfg = project.load_config()
+    dags = {
+        f"{DAG_PREFIX}{ds}": build_dataset_dag(project, cfg, ds, backend) for ds in cfg.datasets
+    }
+    dags[SUMMARY_DAG_ID] = build_summary_dag(project, cfg)
+    return dags
+
+
+globals().update(build_dags())

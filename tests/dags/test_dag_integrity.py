@@ -1,0 +1,152 @@
+"""DAG integrity: the DagBag loads, every DAG is configured, and the task graph is dvc.yaml's."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+import yaml
+
+from tasks.config import load_config
+from tasks.workspace import CONF_KEYS, DAG_PREFIX, SUMMARY_DAG_ID
+from tests.conftest import REPO
+
+DAGS = REPO / "dags"
+CFG = load_config(REPO / "params.yaml")
+DATASET_DAGS = [f"{DAG_PREFIX}{ds}" for ds in CFG.datasets]
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(str(DAGS))
+
+
+def test_dagbag_has_no_import_errors_and_one_dag_per_dataset(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dag_ids) == {*DATASET_DAGS, SUMMARY_DAG_ID}
+
+
+@pytest.mark.parametrize("dag_id", [*DATASET_DAGS, SUMMARY_DAG_ID])
+def test_every_dag_has_owner_tags_docs_and_no_catchup(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert "transfer-learning" in dag.tags
+    assert dag.doc_md and dag.doc_md.startswith("### Transfer learning")
+    for task in dag.tasks:
+        assert task.owner == CFG.schedule.owner
+
+
+@pytest.mark.parametrize("dataset", list(CFG.datasets))
+def test_dataset_dag_schedule_tags_and_retry_policy(dagbag, dataset):
+    dag = dagbag.dags[f"{DAG_PREFIX}{dataset}"]
+    assert dataset in dag.tags
+    assert dag.schedule == CFG.schedule.cron == "@weekly"
+    assert "0 0 * * 0" in repr(dag.timetable)
+    tasks = {task.task_id: task for task in dag.tasks}
+    # Deterministic steps never retry; network and training steps back off exponentially.
+    for task_id in ("prepare", "validate"):
+        assert tasks[task_id].retries == 0, task_id
+    for task_id in ("download", "train", "finetune", "evaluate", "register", "push"):
+        task = tasks[task_id]
+        assert task.retries == CFG.schedule.retries, task_id
+        assert task.retry_exponential_backoff == 2.0, task_id
+        assert task.max_retry_delay == timedelta(minutes=30), task_id
+    for task_id in ("train", "finetune"):
+        assert tasks[task_id].pool == "gpu"
+    assert tasks["download"].pool != "gpu"
+    for key in CONF_KEYS:
+        assert f"`{key}`" in dag.doc_md
+
+
+def _dvc_edges(dataset: str) -> set[tuple[str, str]]:
+    """Edges of one dataset's stages, as DVC itself draws them."""
+    dot = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag", "--dot"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    edges = set()
+    for up, down in re.findall(r'"([\w@]+)" -> "([\w@]+)"', dot):
+        if up.endswith(f"@{dataset}") and down.endswith(f"@{dataset}"):
+            edges.add((up.split("@")[0], down.split("@")[0]))
+    return edges
+
+
+def test_task_graph_equals_dvc_stage_graph(dagbag):
+    dataset = next(iter(CFG.datasets))
+    dag = dagbag.dags[f"{DAG_PREFIX}{dataset}"]
+    stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    tasks = {task.task_id: task for task in dag.tasks}
+    assert set(tasks) == {"prepare", *stages, "push"}
+
+    dag_edges = {
+        (up, task_id)
+        for task_id, task in tasks.items()
+        for up in task.upstream_task_ids
+        if up in stages and task_id in stages
+    }
+    dvc_edges = _dvc_edges(dataset)
+    assert dvc_edges, "dvc dag drew no edges"
+    assert dag_edges == dvc_edges
+
+    # prepare is the only root, push the only leaf, after every last stage.
+    assert [t for t, task in tasks.items() if not task.upstream_task_ids] == ["prepare"]
+    assert [t for t, task in tasks.items() if not task.downstream_task_ids] == ["push"]
+    order = [task.task_id for task in dag.topological_sort()]
+    assert [t for t in order if t in stages] == stages
+
+
+def test_push_emits_the_model_asset_the_summary_dag_waits_for(dagbag):
+    summary = dagbag.dags[SUMMARY_DAG_ID]
+    uris = set()
+    for dag_id in DATASET_DAGS:
+        push = dagbag.dags[dag_id].get_task("push")
+        (asset,) = push.outlets
+        assert asset.uri.startswith("file://") and asset.uri.endswith("/candidate.json")
+        uris.add(asset.uri)
+    condition = summary.timetable.asset_condition
+    assert {a.uri for a in condition.objects} == uris
+    assert type(condition).__name__ == "AssetAny"
+
+
+def test_a_new_dataset_is_a_new_dag_with_no_code(tmp_path):
+    """Adding a dataset to params.yaml (nothing else) adds its DAG."""
+    from dags.transfer_learning import build_dags
+    from tasks.workspace import Project
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["datasets"]["flowers"] = {
+        **raw["datasets"]["ants_vs_bees"],
+        "classes": ["daisy", "rose"],
+        "counts": {"train": {"daisy": 5, "rose": 5}, "validation": {"daisy": 2, "rose": 2}},
+    }
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    project = Project(root=REPO, params=params, state=tmp_path)
+    dags = build_dags(project)
+    assert f"{DAG_PREFIX}flowers" in dags
+    assert dags[f"{DAG_PREFIX}flowers"].get_task("register").upstream_task_ids >= {"evaluate"}
+    summary_uris = {a.uri for a in dags[SUMMARY_DAG_ID].timetable.asset_condition.objects}
+    assert project.asset_uri("flowers") in summary_uris
+
+
+def test_dag_files_read_no_airflow_variables():
+    for path in DAGS.rglob("*.py"):
+        text = path.read_text()
+        assert "Variable.get" not in text and "Variable(" not in text, path
+
+
+def test_bad_backend_is_a_one_line_parse_error():
+    from dags.transfer_learning import Backend
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"TASKS_GPU_BACKEND='slurm' is not allowed; use one of"):
+        Backend.from_env({"TASKS_GPU_BACKEND": "slurm"})
