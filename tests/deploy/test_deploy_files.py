@@ -1,0 +1,449 @@
+"""The deployment files, checked without a Docker engine.
+
+- docker/compose.yaml, interpolated with docker/.env.example as `docker compose`
+  would, validates against the Compose specification's JSON schema (vendored:
+  tests/deploy/compose-spec.json, from the compose-spec project via the
+  check-jsonschema package, Apache-2.0) and keeps the stack's rules: health
+  checks and start-up order, non-root services, no secret literals, the GPU
+  worker's device reservation;
+- every Dockerfile pins its base images by version, ends as a non-root USER,
+  declares no secret in ENV/ARG, copies only files that exist and that its
+  .dockerignore lets through, and pins the versions uv.lock pins;
+- mlflow/serve.sh picks its mode from the environment; docker/*.sh behave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.deploy.dockerfiles import (
+    DOCKER,
+    REPO,
+    arg_defaults,
+    env_names,
+    flags,
+    from_image,
+    interpolate,
+    lock_versions,
+    parse_dockerfile,
+    pinned,
+    read_env_file,
+    stages,
+    variables,
+)
+
+HERE = Path(__file__).parent
+COMPOSE = DOCKER / "compose.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|PRIVATE|FERNET|ACCESS_KEY|API_KEY", re.I)
+ONE_SHOT = {"minio-volume-init", "createbuckets", "airflow-init", "trainer"}
+ROOT_ALLOWED = {"minio-volume-init"}  # chown of a fresh volume, no network, then exits
+
+
+@pytest.fixture(scope="module")
+def compose_raw() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose(compose_raw) -> dict:
+    return interpolate(compose_raw, read_env_file(ENV_EXAMPLE))
+
+
+def services(compose: dict) -> dict[str, dict]:
+    return compose["services"]
+
+
+# --- compose --------------------------------------------------------------------------
+
+
+def test_compose_validates_against_the_compose_spec_schema(compose):
+    schema = json.loads((HERE / "compose-spec.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
+
+
+def test_schema_rejects_a_broken_compose_file(compose):
+    """The schema check has teeth: a typo'd key and a bad condition fail."""
+    schema = json.loads((HERE / "compose-spec.json").read_text())
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["mlflow"]["helthcheck"] = broken["services"]["mlflow"].pop("healthcheck")
+    broken["services"]["mlflow"]["depends_on"]["postgres"]["condition"] = "service_ready"
+    messages = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(broken)]
+    assert any("helthcheck" in m for m in messages)
+    assert any("service_ready" in m for m in messages)
+
+
+def test_every_variable_is_in_env_example():
+    used = variables(COMPOSE.read_text())
+    documented = set(read_env_file(ENV_EXAMPLE))
+    assert used - documented == set()
+    # and .env.example holds nothing the stack does not read
+    assert documented - used == set()
+
+
+def test_every_secret_is_required_not_defaulted(compose_raw):
+    """Secrets come from .env: `${X:?...}` (or a plain reference), never a default or literal."""
+    text = COMPOSE.read_text()
+    for name in variables(text):
+        if SECRET_NAME.search(name) and not name.endswith(("_USER", "_UID", "_GID")):
+            assert not re.search(r"\$\{" + name + r":?-", text), f"{name} has a default"
+    for name, service in services(compose_raw).items():
+        env = service.get("environment") or {}
+        for key, value in env.items():
+            if SECRET_NAME.search(key) and value is not None:
+                assert "${" in str(value), f"{name}: {key} is a literal"
+
+
+def test_long_running_services_have_health_checks_and_run_as_non_root(compose):
+    for name, service in services(compose).items():
+        user = str(service.get("user", ""))
+        if name in ROOT_ALLOWED:
+            assert service.get("network_mode") == "none" and service.get("restart") == "no"
+            continue
+        assert user, f"{name}: no user"
+        assert user.split(":")[0] not in ("root", "0"), f"{name} runs as root"
+        if name not in ONE_SHOT:
+            assert "healthcheck" in service, f"{name}: no healthcheck"
+            assert service.get("restart") == "unless-stopped", name
+
+
+def test_start_up_order_waits_for_health(compose):
+    svc = services(compose)
+    for name, service in svc.items():
+        for dependency, rule in (service.get("depends_on") or {}).items():
+            assert dependency in svc, f"{name} depends on unknown {dependency}"
+            expected = (
+                "service_completed_successfully" if dependency in ONE_SHOT else "service_healthy"
+            )
+            assert rule["condition"] == expected, f"{name} -> {dependency}"
+            if expected == "service_healthy":
+                assert "healthcheck" in svc[dependency]
+    assert set(svc["mlflow"]["depends_on"]) == {"postgres", "createbuckets"}
+    for name in ("airflow-scheduler", "airflow-worker", "airflow-apiserver"):
+        assert {"postgres", "redis", "mlflow", "airflow-init"} <= set(svc[name]["depends_on"])
+
+
+def test_external_images_are_pinned(compose):
+    for name, service in services(compose).items():
+        if "build" in service:
+            continue
+        assert pinned(service["image"]), f"{name}: {service['image']} is not pinned"
+
+
+def test_mlflow_server_mode_postgres_backend_and_proxied_s3_artifacts(compose):
+    mlflow = services(compose)["mlflow"]
+    env = mlflow["environment"]
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://mlflow:")
+    assert env["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://mlflow/artifacts"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "mlflow:*" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert mlflow["build"]["dockerfile"] == "docker/mlflow.Dockerfile"
+
+
+def test_airflow_speaks_to_the_stack_by_configuration(compose):
+    svc = services(compose)
+    worker = svc["airflow-worker"]["environment"]
+    assert worker["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert worker["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
+    assert worker["AIRFLOW__CELERY__BROKER_URL"].endswith("@redis:6379/0")
+    assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert worker["TASKS_DVC_REMOTE"] == "s3://dvc/store"
+    assert worker["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+                 "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"):  # fmt: skip
+        assert name in svc, name
+        assert "state:/opt/airflow/state" in svc[name]["volumes"], name
+    commands = {name: str(svc[name].get("command")) for name in svc}
+    assert commands["airflow-apiserver"] == "api-server"
+    assert commands["airflow-dag-processor"] == "dag-processor"
+    assert commands["airflow-triggerer"] == "triggerer"
+    assert "--queues default" in commands["airflow-worker"]
+    # The buckets the services use are the ones the one-shot job creates.
+    script = "\n".join(svc["createbuckets"]["command"])
+    assert "mc mb --ignore-existing" in script
+    assert svc["createbuckets"]["environment"]["MLFLOW_BUCKET"] == "mlflow"
+    assert svc["createbuckets"]["environment"]["DVC_BUCKET"] == "dvc"
+    init = svc["postgres"]["volumes"][1].split(":")
+    assert (DOCKER / init[0]).resolve() == DOCKER / "postgres" / "init-databases.sh"
+    assert init[1].startswith("/docker-entrypoint-initdb.d/")
+
+
+def test_gpu_worker_reserves_an_nvidia_device_and_consumes_the_gpu_queue(compose):
+    gpu = services(compose)["airflow-worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert "--queues gpu" in gpu["command"]
+    assert gpu["environment"]["TASKS_GPU_QUEUE"] == "gpu"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert int(device["count"]) >= 1
+    assert gpu["build"]["args"]["TENSORFLOW"].startswith("tensorflow[and-cuda]==")
+
+
+# --- Dockerfiles ----------------------------------------------------------------------
+
+
+def test_there_are_three_images():
+    assert {p.name for p in DOCKERFILES} == {
+        "airflow.Dockerfile",
+        "trainer.Dockerfile",
+        "mlflow.Dockerfile",
+    }
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pins_bases_runs_as_non_root_and_holds_no_secret(path):
+    instructions = parse_dockerfile(path)
+    aliases = set()
+    for stage in stages(instructions):
+        image, alias = from_image(stage[0])
+        assert image in aliases or pinned(image), f"{path.name}:{stage[0].line} {image}"
+        if alias:
+            aliases.add(alias)
+    for item in instructions:
+        source = flags(item.value).get("from")
+        if item.keyword == "COPY" and source:
+            assert source in aliases or pinned(source), f"{path.name}:{item.line} {source}"
+    final = stages(instructions)[-1]
+    users = [item.value for item in final if item.keyword == "USER"]
+    assert users, f"{path.name}: the final stage sets no USER"
+    assert users[-1].split(":")[0] not in ("root", "0"), f"{path.name} ends as root"
+    secrets = [name for name in env_names(instructions) if SECRET_NAME.search(name)]
+    assert secrets == [], f"{path.name} declares {secrets}"
+    assert not any(item.keyword == "ADD" and "://" in item.value for item in instructions)
+
+
+def test_the_lint_catches_what_it_should(tmp_path):
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM python:latest\nENV DB_PASSWORD=hunter2\nRUN true\n")
+    instructions = parse_dockerfile(bad)
+    ((image, _),) = [from_image(s[0]) for s in stages(instructions)]
+    assert not pinned(image)
+    assert not pinned("python") and not pinned("registry:5000/python")
+    assert pinned("python:3.11.14-slim-bookworm") and pinned("ghcr.io/mlflow/mlflow:v3.17.2")
+    assert [n for n in env_names(instructions) if SECRET_NAME.search(n)] == ["DB_PASSWORD"]
+    assert not any(i.keyword == "USER" for i in instructions)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_existing_files_its_dockerignore_admits(path):
+    ignore = Path(f"{path}.dockerignore").read_text().splitlines()
+    admitted = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    assert "**" in ignore
+    for item in parse_dockerfile(path):
+        if item.keyword != "COPY" or "from" in flags(item.value):
+            continue
+        sources = [w for w in item.value.split() if not w.startswith("--")][:-1]
+        for source in sources:
+            source = source.rstrip("/")
+            assert (REPO / source).exists(), f"{path.name}:{item.line} {source} missing"
+            assert any(
+                source == entry or source.startswith(entry + "/") or Path(source).match(entry)
+                for entry in admitted
+            ), f"{path.name}: {source} is excluded by its .dockerignore"
+
+
+def test_images_pin_what_uv_lock_pins():
+    lock = lock_versions()
+    airflow = parse_dockerfile(DOCKER / "airflow.Dockerfile")
+    image, _ = from_image(stages(airflow)[-1][0])
+    assert image == f"apache/airflow:{lock['apache-airflow']}-python3.11"
+    args = arg_defaults(airflow)
+    assert args["AIRFLOW_VERSION"] == lock["apache-airflow"]
+    assert args["TENSORFLOW"] == f"tensorflow-cpu=={lock['tensorflow-cpu']}"
+
+    trainer = parse_dockerfile(DOCKER / "trainer.Dockerfile")
+    assert arg_defaults(trainer)["TENSORFLOW"] == f"tensorflow[and-cuda]=={lock['tensorflow-cpu']}"
+    image, _ = from_image(stages(trainer)[-1][0])
+    assert image.startswith("python:3.11.")
+
+    mlflow = parse_dockerfile(DOCKER / "mlflow.Dockerfile")
+    image, _ = from_image(stages(mlflow)[-1][0])
+    assert image == f"ghcr.io/mlflow/mlflow:v{lock['mlflow']}"
+    run = " ".join(i.value for i in mlflow if i.keyword == "RUN")
+    for package in ("psycopg2-binary", "boto3"):
+        assert f"{package}=={lock[package]}" in run
+
+    uv_images = {
+        from_image(stage[0])[0]
+        for path in DOCKERFILES
+        for stage in stages(parse_dockerfile(path))
+        if "astral-sh/uv" in stage[0].value
+    }
+    assert uv_images <= {f"ghcr.io/astral-sh/uv:{lock_uv_version()}"}
+
+
+def lock_uv_version() -> str:
+    """The uv that wrote uv.lock is the one the images use to read it."""
+    images = {
+        from_image(stage[0])[0].rpartition(":")[2]
+        for path in DOCKERFILES
+        for stage in stages(parse_dockerfile(path))
+        if "astral-sh/uv" in stage[0].value
+    }
+    assert len(images) == 1, images
+    return images.pop()
+
+
+def test_compose_builds_the_dockerfiles_that_exist(compose):
+    for name, service in services(compose).items():
+        build = service.get("build")
+        if build:
+            assert (DOCKER / build["context"] / build["dockerfile"]).resolve().is_file(), name
+
+
+# --- scripts --------------------------------------------------------------------------
+
+
+def serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run(
+        ["bash", str(REPO / "mlflow/serve.sh"), *args],
+        env={**base, "MLFLOW_SERVE_DRY_RUN": "1", **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_serve_defaults_to_embedded_sqlite_in_the_mlflow_folder():
+    result = serve({})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "mode=embedded"
+    command = lines[1]
+    assert f"--backend-store-uri sqlite:///{REPO}/mlflow/mlflow.db" in command
+    assert f"--default-artifact-root {REPO}/mlflow/artifacts" in command
+    assert "--no-serve-artifacts" in command and "--workers 1" in command
+    assert "--host 127.0.0.1 --port 5000" in command
+
+
+def test_serve_switches_to_server_mode_from_the_environment():
+    result = serve(
+        {
+            "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://mlflow:pw@db:5432/mlflow",
+            "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts",
+            "MLFLOW_HOST": "0.0.0.0",
+        },
+        "--expose-prometheus",
+        "/tmp/metrics",
+    )
+    assert result.returncode == 0, result.stderr
+    mode, command = result.stdout.splitlines()
+    assert mode == "mode=server"
+    assert "--backend-store-uri postgresql+psycopg2://mlflow:pw@db:5432/mlflow" in command
+    assert "--serve-artifacts --artifacts-destination s3://mlflow/artifacts" in command
+    assert "--host 0.0.0.0" in command and "--workers 2" in command
+    assert command.rstrip().endswith("--expose-prometheus /tmp/metrics")
+    assert "sqlite" not in command
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://x@db/m"}, "MLFLOW_ARTIFACTS_DESTINATION"),
+        ({"MLFLOW_ARTIFACTS_DESTINATION": "s3://b/a"}, "MLFLOW_BACKEND_STORE_URI"),
+        (
+            {
+                "MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db",
+                "MLFLOW_ARTIFACTS_DESTINATION": "s3://b",
+            },
+            "database URL",
+        ),
+        (
+            {"MLFLOW_BACKEND_STORE_URI": "postgresql://db/m", "MLFLOW_ARTIFACTS_DESTINATION": "x"},
+            "object-store URL",
+        ),
+    ],
+)
+def test_serve_rejects_a_half_configured_server_mode(env, message):
+    result = serve(env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dvc_remote_script_refuses_a_non_s3_url_and_a_non_dvc_folder(tmp_path):
+    script = str(DOCKER / "dvc-remote.sh")
+    (tmp_path / ".dvc").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKS_", "DVC_"))}
+    bad = subprocess.run(
+        ["bash", script, str(tmp_path)],
+        env={**env, "TASKS_DVC_REMOTE": "/srv/remote"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "s3://bucket/path" in bad.stderr
+    outside = subprocess.run(
+        ["bash", script, str(tmp_path / "nowhere")], env=env, capture_output=True, text=True
+    )
+    assert outside.returncode == 2 and "not a DVC project" in outside.stderr
+    unset = subprocess.run(["bash", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert unset.returncode == 0 and "keeping the project's default remote" in unset.stderr
+    assert not (tmp_path / ".dvc" / "config.local").exists()
+
+
+def test_trainer_entrypoint_runs_stage_commands_and_full_commands():
+    script = str(DOCKER / "trainer-entrypoint.sh")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    stage = subprocess.run(["bash", script, "--help"], env=env, capture_output=True, text=True)
+    assert stage.returncode == 0 and "dvc-stage" in stage.stdout
+    full = subprocess.run(
+        ["bash", script, "python", "-c", "print('as given')"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert full.returncode == 0 and full.stdout.strip() == "as given"
+
+
+# --- Kubernetes -------------------------------------------------------------------------
+
+
+def test_helm_values_run_gpu_stages_as_pods_on_the_shared_project_volume():
+    values = yaml.safe_load((DOCKER / "helm-values.yaml").read_text())
+    pvc, seed = yaml.safe_load_all((DOCKER / "k8s" / "project-pvc.yaml").read_text())
+    env = {item["name"]: item["value"] for item in values["env"]}
+    lock = lock_versions()
+
+    assert values["executor"] in ("KubernetesExecutor", "CeleryExecutor")
+    assert values["airflowVersion"] == lock["apache-airflow"]
+    assert pinned(
+        f"{values['images']['airflow']['repository']}:{values['images']['airflow']['tag']}"
+    )
+    assert pinned(env["TASKS_TRAINER_IMAGE"])
+    assert seed["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"{values['images']['airflow']['repository']}:{values['images']['airflow']['tag']}"
+    )
+
+    assert pvc["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    claim = pvc["metadata"]["name"]
+    (volume,) = values["volumes"]
+    (mount,) = values["volumeMounts"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim == env["TASKS_K8S_PVC"]
+    assert mount["name"] == volume["name"] and mount["mountPath"] == env["TASKS_PROJECT"]
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"].startswith(env["TASKS_PROJECT"])
+
+    assert env["TASKS_GPU_BACKEND"] == "kubernetes"
+    assert "nvidia.com/gpu" in env["TASKS_K8S_NODE_SELECTOR"]
+    assert json.loads(env["TASKS_K8S_TOLERATIONS"])[0]["key"] == "nvidia.com/gpu"
+    assert env["MLFLOW_TRACKING_URI"].startswith("http")
+    assert env["TASKS_DVC_REMOTE"].startswith("s3://")
+    # credentials only by reference to Kubernetes secrets
+    assert not [name for name in env if SECRET_NAME.search(name)]
+    assert {s["envName"] for s in values["secret"]} == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+    assert values["postgresql"]["enabled"] is False and values["data"]["metadataSecretName"]

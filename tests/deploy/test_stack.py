@@ -1,0 +1,380 @@
+"""The team stack without Docker: the compose services as real processes on 127.0.0.1.
+
+PostgreSQL (databases made by docker/postgres/init-databases.sh), an S3 endpoint
+(moto_server, buckets made as the compose `createbuckets` job makes them), the
+MLflow server started by mlflow/serve.sh in server mode (Postgres backend,
+artifacts proxied to S3) and Airflow on the Postgres metadata database. One tiny
+pipeline runs through it as an Airflow DAG (`airflow dags test`): a task logs a
+run and registers a model with the project's tracking code, talking to MLflow
+over HTTP only; a task points DVC at the S3 remote with docker/dvc-remote.sh and
+pushes. The tests then read Postgres and the bucket directly, and pull back.
+
+Needs PostgreSQL's server binaries: `bash tests/deploy/install_stack_deps.sh`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.datagen import tiny_params
+from tests.deploy.stack import (
+    BIN,
+    REPO,
+    Postgres,
+    Process,
+    base_env,
+    free_port,
+    http_ok,
+    start_moto,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# The same names as docker/.env.example; the values are throwaway test secrets.
+DB = {
+    "AIRFLOW_DB_USER": "airflow",
+    "AIRFLOW_DB_PASSWORD": "airflow-test-pw",
+    "AIRFLOW_DB_NAME": "airflow",
+    "MLFLOW_DB_USER": "mlflow",
+    "MLFLOW_DB_PASSWORD": "mlflow-test-pw",
+    "MLFLOW_DB_NAME": "mlflow",
+}
+S3_CREDS = {
+    "AWS_ACCESS_KEY_ID": "stack-test-key",
+    "AWS_SECRET_ACCESS_KEY": "stack-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+MLFLOW_BUCKET = "mlflow"
+DVC_BUCKET = "dvc"
+DATASET = "cats_vs_dogs"
+DAG_ID = "stack_pipeline"
+
+
+@dataclass
+class Stack:
+    pg: Postgres
+    s3_url: str
+    mlflow_url: str
+    airflow_env: dict[str, str]
+    dags: Path
+
+    def mlflow_sql(self, sql: str, args=()) -> list:
+        return self.pg.query(DB["MLFLOW_DB_USER"], DB["MLFLOW_DB_PASSWORD"], "mlflow", sql, args)
+
+    def airflow_sql(self, sql: str, args=()) -> list:
+        return self.pg.query(DB["AIRFLOW_DB_USER"], DB["AIRFLOW_DB_PASSWORD"], "airflow", sql, args)
+
+    def s3(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            aws_access_key_id=S3_CREDS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_CREDS["AWS_SECRET_ACCESS_KEY"],
+            region_name=S3_CREDS["AWS_DEFAULT_REGION"],
+        )
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def run(args, env, cwd=None, timeout=180) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if importlib.util.find_spec("asyncpg") is None:
+        raise RuntimeError(
+            "asyncpg is not installed: Airflow 3 needs it (its async engine) to run on PostgreSQL"
+        )
+    base = tmp_path_factory.mktemp("stack")
+    pg = Postgres()
+    started: list[Process] = []
+    try:
+        pg.start()
+        run(["bash", REPO / "docker/postgres/init-databases.sh"], base_env(**pg.env(), **DB))
+
+        moto, s3_url = start_moto(base / "moto.log")
+        started.append(moto)
+        stack_s3 = Stack(pg, s3_url, "", {}, base / "dags")
+        for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
+            stack_s3.s3().create_bucket(Bucket=bucket)
+
+        port = free_port()
+        mlflow_env = base_env(
+            **S3_CREDS,
+            MLFLOW_BACKEND_STORE_URI=pg.url(
+                DB["MLFLOW_DB_USER"], DB["MLFLOW_DB_PASSWORD"], "mlflow", "postgresql+psycopg2"
+            ),
+            MLFLOW_ARTIFACTS_DESTINATION=f"s3://{MLFLOW_BUCKET}/artifacts",
+            MLFLOW_S3_ENDPOINT_URL=s3_url,
+            MLFLOW_PORT=str(port),
+        )
+        mlflow = Process.start(
+            "mlflow server", ["bash", REPO / "mlflow/serve.sh"], mlflow_env, base / "mlflow.log"
+        )
+        started.append(mlflow)
+        mlflow_url = f"http://127.0.0.1:{port}"
+
+        # Airflow migrates its schema while the MLflow server migrates its own.
+        dags = base / "dags"
+        dags.mkdir()
+        airflow_env = base_env(
+            AIRFLOW_HOME=str(base / "airflow"),
+            AIRFLOW__CORE__DAGS_FOLDER=str(dags),
+            AIRFLOW__CORE__LOAD_EXAMPLES="False",
+            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=pg.url(
+                DB["AIRFLOW_DB_USER"], DB["AIRFLOW_DB_PASSWORD"], "airflow", "postgresql+psycopg2"
+            ),
+            MLFLOW_TRACKING_URI=mlflow_url,
+            TASKS_DVC_REMOTE=f"s3://{DVC_BUCKET}/store",
+            AWS_ENDPOINT_URL_S3=s3_url,
+            DVC_NO_ANALYTICS="1",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            **S3_CREDS,
+        )
+        run(["airflow", "db", "migrate"], airflow_env)
+        wait_until(
+            lambda: mlflow.check_alive() and http_ok(f"{mlflow_url}/health"),
+            150,
+            "MLflow server",
+            mlflow.log,
+        )
+        yield Stack(pg, s3_url, mlflow_url, airflow_env, dags)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        pg.stop()
+
+
+def dvc_repo(path: Path, env: dict[str, str]) -> Path:
+    """A git+DVC project with the project's committed .dvc/config and some data."""
+    path.mkdir()
+    run(["git", "init", "-q"], env, cwd=path)
+    run(["git", "config", "user.email", "ci@example.com"], env, cwd=path)
+    run(["git", "config", "user.name", "CI"], env, cwd=path)
+    run([BIN / "dvc", "init", "-q"], env, cwd=path)
+    shutil.copy(REPO / ".dvc" / "config", path / ".dvc" / "config")
+    run(["git", "add", "-A"], env, cwd=path)
+    run(["git", "commit", "-qm", "project"], env, cwd=path)
+    data = path / "data" / "raw" / DATASET
+    data.mkdir(parents=True)
+    for index in range(3):
+        (data / f"part{index}.bin").write_bytes(os.urandom(50_000 + index))
+    return path
+
+
+DAG_TEMPLATE = """
+from __future__ import annotations
+
+import pendulum
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import dag
+
+
+@dag(
+    dag_id={dag_id!r},
+    schedule=None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["stack-test"],
+)
+def stack_pipeline():
+    track = BashOperator(task_id="track", bash_command={track!r})
+    push = BashOperator(task_id="dvc_push", bash_command={push!r})
+    track >> push
+
+
+stack_pipeline()
+"""
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack, tmp_path_factory):
+    """Run the tiny DAG once through the stack; returns what the tests inspect."""
+    base = tmp_path_factory.mktemp("pipeline")
+    workspace = base / "workspace"
+    workspace.mkdir()
+    params = base / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params({DATASET: "http://127.0.0.1:9/unused.zip"})))
+    out = base / "workload.json"
+    repo = dvc_repo(base / "repo", stack.airflow_env)
+    originals = {p: p.read_bytes() for p in sorted((repo / "data").rglob("*.bin"))}
+    # MLflow clients get no S3 credentials: artifacts must travel through the server.
+    track = (
+        "env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY "
+        f"{sys.executable} {REPO / 'tests/deploy/workload.py'} --root {workspace} "
+        f"--params {params} --dataset {DATASET} --out {out}"
+    )
+    push = (
+        f"cd {repo} && bash {REPO / 'docker/dvc-remote.sh'} {repo} && dvc add data "
+        "&& dvc push && git add -A && git commit -qm data"
+    )
+    (stack.dags / "stack_pipeline.py").write_text(
+        DAG_TEMPLATE.format(dag_id=DAG_ID, track=track, push=push)
+    )
+    start = time.perf_counter()
+    result = run(["airflow", "dags", "test", DAG_ID], stack.airflow_env, timeout=240)
+    seconds = time.perf_counter() - start
+    print(f"\nairflow dags test {DAG_ID}: {seconds:.1f} s")
+    return {
+        "workspace": workspace,
+        "record": json.loads(out.read_text()),
+        "repo": repo,
+        "originals": originals,
+        "log": result.stdout + result.stderr,
+    }
+
+
+def test_airflow_run_is_recorded_in_postgres(stack, pipeline):
+    runs = stack.airflow_sql("SELECT state FROM dag_run WHERE dag_id = %s", (DAG_ID,))
+    assert runs == [("success",)]
+    tasks = dict(
+        stack.airflow_sql("SELECT task_id, state FROM task_instance WHERE dag_id = %s", (DAG_ID,))
+    )
+    assert tasks == {"track": "success", "dvc_push": "success"}
+
+
+def test_mlflow_runs_and_registered_model_live_in_postgres(stack, pipeline):
+    record = pipeline["record"]
+    run_id = record["run_id"]
+    (status,) = stack.mlflow_sql("SELECT status FROM runs WHERE run_uuid = %s", (run_id,))[0]
+    assert status == "FINISHED"
+    tags = dict(stack.mlflow_sql("SELECT key, value FROM tags WHERE run_uuid = %s", (run_id,)))
+    assert tags["phase"] == "train"
+    assert tags["dataset"] == DATASET
+    assert tags["airflow.dag_id"] == DAG_ID  # lineage from the Airflow task's context
+    parent = tags["mlflow.parentRunId"]
+    assert stack.mlflow_sql("SELECT status FROM runs WHERE run_uuid = %s", (parent,))
+    metrics = stack.mlflow_sql(
+        "SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'accuracy'", (run_id,)
+    )
+    assert metrics == [(1.0,)]
+
+    name = record["registered_model"]
+    assert stack.mlflow_sql("SELECT name FROM registered_models WHERE name = %s", (name,))
+    versions = stack.mlflow_sql(
+        "SELECT version, source FROM model_versions WHERE name = %s", (name,)
+    )
+    assert versions == [(1, f"models:/{record['model_id']}")]
+    aliases = stack.mlflow_sql(
+        "SELECT alias, version FROM registered_model_aliases WHERE name = %s", (name,)
+    )
+    assert aliases == [("champion", 1)]
+    # The experiment was created by the server, not pinned to a local folder by tasks/tracking.py.
+    (location,) = stack.mlflow_sql(
+        "SELECT artifact_location FROM experiments WHERE experiment_id = %s",
+        (int(record["experiment_id"]),),
+    )[0]
+    assert location.startswith("mlflow-artifacts:")
+    assert not (pipeline["workspace"] / "mlflow").exists()
+
+
+def test_model_artifacts_live_in_the_object_store(stack, pipeline):
+    record = pipeline["record"]
+    keys = stack.keys(MLFLOW_BUCKET, "artifacts/")
+    model_keys = [k for k in keys if f"/models/{record['model_id']}/artifacts/" in k]
+    names = {k.rsplit("/", 1)[-1] for k in model_keys}
+    assert {"MLmodel", "requirements.txt"} <= names
+    mlmodel = (
+        stack.s3()
+        .get_object(
+            Bucket=MLFLOW_BUCKET, Key=next(k for k in model_keys if k.endswith("/MLmodel"))
+        )["Body"]
+        .read()
+    )
+    assert b"sklearn" in mlmodel
+    # And the server hands them back to a client over HTTP.
+    listing = f"{stack.mlflow_url}/api/2.0/mlflow/logged-models/{record['model_id']}"
+    with urllib.request.urlopen(listing, timeout=10) as response:
+        assert json.load(response)["model"]["info"]["model_id"] == record["model_id"]
+
+
+def test_dvc_pushes_to_s3_and_pulls_back_byte_identical(stack, pipeline):
+    repo = pipeline["repo"]
+    keys = stack.keys(DVC_BUCKET, "store/")
+    assert len([k for k in keys if "/md5/" in k]) >= 4  # three files and the folder listing
+    # The remote lives only in the git-ignored config.local; no secret in any config.
+    committed = (repo / ".dvc" / "config").read_text()
+    assert "s3://" not in committed
+    local = (repo / ".dvc" / "config.local").read_text()
+    assert f"s3://{DVC_BUCKET}/store" in local and stack.s3_url in local
+    for text in (committed, local):
+        assert S3_CREDS["AWS_SECRET_ACCESS_KEY"] not in text
+    ignored = run(["git", "check-ignore", ".dvc/config.local"], stack.airflow_env, cwd=repo)
+    assert ignored.stdout.strip() == ".dvc/config.local"
+
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    run([BIN / "dvc", "pull"], stack.airflow_env, cwd=repo)
+    for path, data in pipeline["originals"].items():
+        assert path.read_bytes() == data
+
+
+def test_init_databases_is_idempotent(stack):
+    env = base_env(**stack.pg.env(), **DB)
+    run(["bash", REPO / "docker/postgres/init-databases.sh"], env)
+    owners = dict(
+        stack.pg.query(
+            stack.pg.superuser,
+            stack.pg.password,
+            "postgres",
+            "SELECT datname, pg_get_userbyid(datdba) FROM pg_database"
+            " WHERE datname IN ('airflow', 'mlflow')",
+        )
+    )
+    assert owners == {"airflow": "airflow", "mlflow": "mlflow"}
+
+
+def test_serve_script_embedded_mode_serves_the_project_sqlite_store(tmp_path):
+    port = free_port()
+    store = tmp_path / "store"
+    env = base_env(MLFLOW_EMBEDDED_DIR=str(store), MLFLOW_PORT=str(port))
+    server = Process.start(
+        "mlflow embedded", ["bash", str(REPO / "mlflow/serve.sh")], env, tmp_path / "log"
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: server.check_alive() and http_ok(f"{url}/health"), 90, "embedded", server.log
+        )
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/experiments/create",
+            data=json.dumps({"name": "embedded-check"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            experiment_id = json.load(response)["experiment_id"]
+    finally:
+        server.stop()
+    with sqlite3.connect(store / "mlflow.db") as db:
+        row = db.execute(
+            "SELECT name, artifact_location FROM experiments WHERE experiment_id = ?",
+            (int(experiment_id),),
+        ).fetchone()
+    assert row[0] == "embedded-check"
+    assert row[1].startswith((str(store / "artifacts"), (store / "artifacts").as_uri()))
