@@ -1,0 +1,369 @@
+"""The DAGs end to end with real Airflow, DVC, MLflow, GE and Keras, on tiny generated data.
+
+One temporary git copy of the project, both datasets served from 127.0.0.1,
+tiny params. Shared, in order of the fixtures:
+
+1. ``airflow dags test`` of the cats_vs_dogs DAG with a run conf (what
+   ``make run`` does): MLflow runs with lineage and the overrides tag, a
+   registry alias, the DVC remote holding every cached output;
+2. a bad conf fails the first task with the one-line error;
+3. the real scheduler stack (api-server + scheduler + dag-processor on a free
+   loopback port): both dataset DAGs triggered together through the REST API
+   both succeed, the GPU pool keeps their training tasks apart, and the model
+   assets trigger the summary DAG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tasks.airflow_local import LocalAirflow, stage_seconds
+from tasks.workspace import DAG_PREFIX, SUMMARY_DAG_ID, Project
+from tests.conftest import REPO
+from tests.datagen import make_archive, tiny_params
+from tests.httpserver import unused_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROJECT_FILES = [
+    "tasks",
+    "dags",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+]
+DATASETS = ("cats_vs_dogs", "ants_vs_bees")
+STAGES = ("download", "validate", "train", "finetune", "evaluate", "register")
+CATS = f"{DAG_PREFIX}cats_vs_dogs"
+ANTS = f"{DAG_PREFIX}ants_vs_bees"
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory, archive_server) -> LocalAirflow:
+    base = tmp_path_factory.mktemp("airflow-e2e")
+    sources = {}
+    for seed, name in enumerate(DATASETS):
+        archive = make_archive(
+            base / "served" / f"{name}.zip", name, {"train": 8, "validation": 4}, 40, seed=seed
+        )
+        sources[name] = archive_server.add(f"/airflow/{name}.zip", archive.read_bytes())
+    repo = base / "repo"
+    for item in PROJECT_FILES:
+        src, dst = REPO / item, repo / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = tiny_params(
+        sources,
+        {"train": 8, "validation": 4},
+        train={"image_size": 32, "weights": "none", "epochs": 1, "batch_size": 8},
+        finetune={"epochs": 1},
+        evaluate={"gradcam_images": 1, "mistakes": 2},
+        register={"floor": 0.0, "tolerance": 1.0},
+        # No cron: only the runs the tests trigger (an unpaused weekly DAG would also start
+        # the latest scheduled run at once, and max_active_runs=1 would queue ours behind it).
+        schedule={"cron": None, "owner": "ci", "retries": 1, "gpus": 1},
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "ci@example.com")
+    _git(repo, "config", "user.name", "CI")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "project")
+    project = Project.from_env(repo, environ={})
+    instance = LocalAirflow(
+        project,
+        base / "airflow-home",
+        port=unused_port(),
+        extra_env={
+            "TASKS_RETRY_DELAY_SECONDS": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        },
+    )
+    with pytest.MonkeyPatch.context() as env:
+        # The copy's own embedded store, params and backend; not the caller's.
+        for name in list(os.environ):
+            if name.startswith(("MLFLOW_", "TASKS_", "AIRFLOW__")):
+                env.delenv(name)
+        instance.prepare()
+        yield instance
+
+
+def _mlflow_client(project: Project):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{project.mlflow_dir / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def dag_test(airflow):
+    """``airflow dags test`` of one dataset DAG with a run conf; returns (seconds, conf)."""
+    conf = {"finetune_epochs": 1, "set": {"evaluate.mistakes": 3}}
+    seconds = airflow.dags_test(CATS, conf)
+    return seconds, conf
+
+
+def test_dag_test_runs_every_stage_and_records_the_run(airflow, dag_test):
+    seconds, _ = dag_test
+    project = airflow.project
+    ws = project.workspace("cats_vs_dogs")
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert {f"{s}@cats_vs_dogs" for s in STAGES} == set(lock["stages"])
+    # Overrides reached the workspace's params only; the checked-in file is untouched.
+    run_params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert run_params["evaluate"]["mistakes"] == 3
+    assert yaml.safe_load(project.params.read_text())["evaluate"]["mistakes"] == 2
+    assert (
+        lock["stages"]["evaluate@cats_vs_dogs"]["params"]["params.yaml"]["evaluate"]["mistakes"]
+        == 3
+    )
+    stages = stage_seconds(project, "cats_vs_dogs")
+    print(
+        f"\nairflow dags test (cats_vs_dogs): {seconds:.1f} s, stage commands {stages:.1f} s, "
+        f"Airflow overhead {seconds - stages:.1f} s"
+    )
+    assert 0 < stages < seconds
+
+
+def test_mlflow_runs_carry_the_airflow_lineage_and_overrides(airflow, dag_test):
+    client = _mlflow_client(airflow.project)
+    experiment = client.get_experiment_by_name("cats_vs_dogs")
+    runs = client.search_runs([experiment.experiment_id])
+    children = {r.data.tags.get("phase"): r for r in runs if r.data.tags.get("phase")}
+    assert {"train", "finetune", "evaluate", "register"} <= set(children)
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in children.values()}
+    assert len(parents) == 1
+    for run in children.values():
+        assert run.data.tags["airflow.dag_id"] == CATS
+        assert run.data.tags["airflow.run_id"].startswith("manual__")
+        assert json.loads(run.data.tags["overrides"]) == [
+            "finetune.epochs=1",
+            "evaluate.mistakes=3",
+        ]
+    assert children["evaluate"].data.metrics["accuracy"] >= 0.0
+
+
+def test_registry_alias_and_dvc_remote_after_the_run(airflow, dag_test):
+    client = _mlflow_client(airflow.project)
+    champion = client.get_model_version_by_alias("cats_vs_dogs-classifier", "champion")
+    assert champion.version == "1"
+    ws = airflow.project.workspace("cats_vs_dogs")
+    gate = json.loads((ws / "reports" / "cats_vs_dogs" / "gate.json").read_text())
+    assert gate["alias"] == "champion" and gate["version"] == "1"
+    remote = airflow.project.root / ".dvc-remote" / "files" / "md5"
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    cached = [
+        out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+        if "md5" in out and out["path"].startswith(("data/", "models/"))
+    ]
+    assert len(cached) >= 4
+    for md5 in cached:
+        assert (remote / md5[:2] / md5[2:]).is_file(), md5
+
+
+def test_bad_conf_fails_the_first_task_with_one_line(airflow, dag_test):
+    proc = airflow.airflow(
+        "dags",
+        "test",
+        CATS,
+        "--conf",
+        json.dumps({"backbone": "resnet"}),
+        check=False,
+        capture_output=True,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "run conf: train.backbone: 'resnet' is not allowed; use one of:" in output
+    assert "starting task_id=prepare" in output
+    assert "starting task_id=download" not in output
+
+
+# --- the scheduler stack ------------------------------------------------------------
+
+
+class Stack:
+    """api-server, scheduler and dag-processor as separate processes; stopped on exit."""
+
+    def __init__(self, airflow: LocalAirflow, logs: Path) -> None:
+        self.airflow = airflow
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.base = f"http://127.0.0.1:{airflow.port}"
+
+    def start(self) -> Stack:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for name in ("api-server", "scheduler", "dag-processor"):
+            with open(self.logs / f"{name}.log", "w") as out:
+                self.procs[name] = subprocess.Popen(
+                    [str(self.airflow.bin / "airflow"), name],
+                    env=self.airflow.env(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def tail(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log"))
+        )
+
+    def wait_for(self, what: str, check, timeout: float = 120, every: float = 1.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{name} exited ({proc.returncode})\n{self.tail()}")
+            try:
+                value = check()
+            except requests.RequestException:
+                value = None
+            if value:
+                return value
+            time.sleep(every)
+        raise AssertionError(f"timed out waiting for {what}\n{self.tail()}")
+
+
+@pytest.fixture(scope="module")
+def stack(airflow, dag_test, tmp_path_factory):
+    started = time.perf_counter()
+    running = Stack(airflow, tmp_path_factory.mktemp("stack-logs")).start()
+    try:
+        running.wait_for(
+            "the api-server",
+            lambda: requests.get(f"{running.base}/api/v2/monitor/health", timeout=5).ok,
+        )
+        passwords = airflow.home / "simple_auth_manager_passwords.json.generated"
+        password = json.loads(passwords.read_text())["admin"]
+        token = requests.post(
+            f"{running.base}/auth/token",
+            json={"username": "admin", "password": password},
+            timeout=10,
+        ).json()["access_token"]
+        running.session = requests.Session()
+        running.session.headers["Authorization"] = f"Bearer {token}"
+        running.startup_s = time.perf_counter() - started
+        yield running
+    finally:
+        running.stop()
+        leftovers = [name for name, proc in running.procs.items() if proc.poll() is None]
+        assert leftovers == []
+
+
+def _api(stack: Stack, path: str, method: str = "GET", **kwargs) -> dict:
+    response = stack.session.request(method, f"{stack.base}/api/v2{path}", timeout=30, **kwargs)
+    assert response.ok, f"{method} {path}: {response.status_code} {response.text[:500]}"
+    return response.json()
+
+
+def _run_state(stack: Stack, dag_id: str, run_id: str) -> str | None:
+    state = _api(stack, f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
+    return state if state in ("success", "failed") else None
+
+
+def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack):
+    project = stack.airflow.project
+    for dag_id in (CATS, ANTS, SUMMARY_DAG_ID):
+        stack.wait_for(
+            f"{dag_id} to be parsed",
+            lambda d=dag_id: stack.session.get(f"{stack.base}/api/v2/dags/{d}", timeout=5).ok,
+        )
+    started = time.perf_counter()
+    # cats_vs_dogs: a different fine-tuning, so it retrains while ants_vs_bees runs from scratch.
+    confs = {CATS: {"finetune_epochs": 2}, ANTS: {}}
+    runs = {
+        dag_id: _api(
+            stack, f"/dags/{dag_id}/dagRuns", "POST", json={"logical_date": None, "conf": conf}
+        )["dag_run_id"]
+        for dag_id, conf in confs.items()
+    }
+    states = {
+        dag_id: stack.wait_for(
+            f"{dag_id} to finish", lambda d=dag_id: _run_state(stack, d, runs[d]), timeout=900
+        )
+        for dag_id in runs
+    }
+    both = time.perf_counter() - started
+    assert states == {CATS: "success", ANTS: "success"}, stack.tail()
+
+    # Skip-if-unchanged across runs: cats_vs_dogs reused its data and frozen model.
+    cats = _api(stack, f"/dags/{CATS}/dagRuns/{runs[CATS]}/taskInstances")["task_instances"]
+    xcoms = {
+        ti["task_id"]: _api(
+            stack,
+            f"/dags/{CATS}/dagRuns/{runs[CATS]}/taskInstances/{ti['task_id']}/xcomEntries"
+            "/return_value",
+        )["value"]
+        for ti in cats
+        if ti["task_id"] in ("download", "train", "finetune")
+    }
+    assert [xcoms[s]["ran"] for s in ("download", "train", "finetune")] == [False, False, True]
+
+    # One GPU slot: the two DAGs' train/finetune tasks never overlapped.
+    spans = []
+    for dag_id, run_id in runs.items():
+        tis = _api(stack, f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        spans += [
+            (ti["start_date"], ti["end_date"])
+            for ti in tis
+            if ti["task_id"] in ("train", "finetune")
+        ]
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start, spans
+
+    # Each model asset update triggers the summary; the last one sees both new champions.
+    def summary_with_both() -> dict | None:
+        path = project.reports / "summary.json"
+        report = json.loads(path.read_text()) if path.exists() else {"datasets": {}}
+        versions = {
+            ds: (entry["champion"] or {}).get("version") for ds, entry in report["datasets"].items()
+        }
+        return report if versions == {"cats_vs_dogs": "2", "ants_vs_bees": "1"} else None
+
+    report = stack.wait_for("the summary of both champions", summary_with_both, timeout=300)
+    triggered = [
+        r
+        for r in _api(stack, f"/dags/{SUMMARY_DAG_ID}/dagRuns")["dag_runs"]
+        if r["run_type"] == "asset_triggered"
+    ]
+    assert triggered and all(r["state"] in ("success", "running", "queued") for r in triggered)
+    assert report["datasets"]["ants_vs_bees"]["champion"]["metrics"]
+    assert "cats_vs_dogs-classifier@champion" in (project.reports / "summary.md").read_text()
+    print(
+        f"\nscheduler stack up in {stack.startup_s:.1f} s; both DAGs together {both:.1f} s",
+        file=sys.stderr,
+    )
