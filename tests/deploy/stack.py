@@ -97,7 +97,7 @@ class Process:
             raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
         return True
 
-    def stop(self, timeout: float = 15) -> None:
+    def stop(self, timeout: float = 5) -> None:
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)

@@ -1,22 +1,24 @@
 """The team stack without Docker: the compose services as real processes on 127.0.0.1.
 
 PostgreSQL (databases made by docker/postgres/init-databases.sh), an S3 endpoint
-(moto_server, buckets made as the compose `createbuckets` job makes them), the
-MLflow server started by mlflow/serve.sh in server mode (Postgres backend,
-artifacts proxied to S3) and Airflow on the Postgres metadata database. One tiny
-pipeline runs through it as an Airflow DAG (`airflow dags test`): a task logs a
-run and registers a model with the project's tracking code, talking to MLflow
-over HTTP only; a task points DVC at the S3 remote with docker/dvc-remote.sh and
-pushes. The tests then read Postgres and the bucket directly, and pull back.
+(moto_server, with the buckets the compose `createbuckets` job makes), the MLflow
+server started by mlflow/serve.sh in server mode (Postgres backend, artifacts
+proxied to S3) and Airflow on the Postgres metadata database, configured by the
+same environment variables as docker/compose.yaml. A tiny pipeline runs through
+it as an Airflow DAG (`airflow dags test`): the real download, validate, evaluate
+and register commands (MLflow over HTTP only, no S3 key), a stand-in for
+train/finetune, and `dvc push` to the S3 remote set up by docker/dvc-remote.sh.
+The tests then read Postgres and the bucket directly, and pull the data back.
 
-Needs PostgreSQL's server binaries: `bash tests/deploy/install_stack_deps.sh`.
+Needs PostgreSQL's server binaries (`bash tests/deploy/install_stack_deps.sh`)
+and asyncpg (Airflow 3's async engine on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -29,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.datagen import tiny_params
+from tests.datagen import make_archive, tiny_params
 from tests.deploy.stack import (
     BIN,
     REPO,
@@ -99,7 +101,7 @@ def run(args, env, cwd=None, timeout=180) -> subprocess.CompletedProcess:
     if result.returncode:
         raise AssertionError(
             f"{' '.join(map(str, args))} exited {result.returncode}:\n"
-            f"{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
+            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
         )
     return result
 
@@ -171,9 +173,10 @@ def stack(tmp_path_factory):
         pg.stop()
 
 
-def dvc_repo(path: Path, env: dict[str, str]) -> Path:
-    """A git+DVC project with the project's committed .dvc/config and some data."""
+def workspace(path: Path, params: dict, env: dict[str, str]) -> Path:
+    """A git + DVC project holding only params.yaml, the project's committed .dvc/config."""
     path.mkdir()
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], env, cwd=path)
     run(["git", "config", "user.email", "ci@example.com"], env, cwd=path)
     run(["git", "config", "user.name", "CI"], env, cwd=path)
@@ -181,10 +184,6 @@ def dvc_repo(path: Path, env: dict[str, str]) -> Path:
     shutil.copy(REPO / ".dvc" / "config", path / ".dvc" / "config")
     run(["git", "add", "-A"], env, cwd=path)
     run(["git", "commit", "-qm", "project"], env, cwd=path)
-    data = path / "data" / "raw" / DATASET
-    data.mkdir(parents=True)
-    for index in range(3):
-        (data / f"part{index}.bin").write_bytes(os.urandom(50_000 + index))
     return path
 
 
@@ -193,7 +192,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.providers.standard.operators.bash import BashOperator
-from airflow.sdk import dag
+from airflow.sdk import chain, dag
 
 
 @dag(
@@ -204,9 +203,7 @@ from airflow.sdk import dag
     tags=["stack-test"],
 )
 def stack_pipeline():
-    track = BashOperator(task_id="track", bash_command={track!r})
-    push = BashOperator(task_id="dvc_push", bash_command={push!r})
-    track >> push
+    chain(*[BashOperator(task_id=name, bash_command=command) for name, command in {tasks!r}])
 
 
 stack_pipeline()
@@ -214,40 +211,42 @@ stack_pipeline()
 
 
 @pytest.fixture(scope="module")
-def pipeline(stack, tmp_path_factory):
-    """Run the tiny DAG once through the stack; returns what the tests inspect."""
+def pipeline(stack, tmp_path_factory, archive_server):
+    """A tiny pipeline as an Airflow DAG through the stack; returns what the tests inspect.
+
+    Real stage commands: download (an archive served from 127.0.0.1), validate,
+    evaluate, register; a stand-in for train + finetune (tests/deploy/standin_train.py);
+    then docker/dvc-remote.sh and `dvc push`. MLflow clients get no S3 key:
+    artifacts must travel through the server.
+    """
     base = tmp_path_factory.mktemp("pipeline")
-    workspace = base / "workspace"
-    workspace.mkdir()
-    params = base / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params({DATASET: "http://127.0.0.1:9/unused.zip"})))
-    out = base / "workload.json"
-    repo = dvc_repo(base / "repo", stack.airflow_env)
-    originals = {p: p.read_bytes() for p in sorted((repo / "data").rglob("*.bin"))}
-    # MLflow clients get no S3 credentials: artifacts must travel through the server.
-    track = (
-        "env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY "
-        f"{sys.executable} {REPO / 'tests/deploy/workload.py'} --root {workspace} "
-        f"--params {params} --dataset {DATASET} --out {out}"
+    archive = make_archive(base / "served.zip", DATASET, {"train": 8, "validation": 4}, 40)
+    url = archive_server.add("/stack/cats_vs_dogs.zip", archive.read_bytes())
+    params = tiny_params(
+        {DATASET: url},
+        {"train": 8, "validation": 4},
+        train={"image_size": 32, "weights": "none", "epochs": 1, "batch_size": 8},
+        evaluate={"gradcam_images": 1, "mistakes": 2},
+        register={"floor": 0.0, "tolerance": 1.0},
     )
-    push = (
-        f"cd {repo} && bash {REPO / 'docker/dvc-remote.sh'} {repo} && dvc add data "
-        "&& dvc push && git add -A && git commit -qm data"
-    )
-    (stack.dags / "stack_pipeline.py").write_text(
-        DAG_TEMPLATE.format(dag_id=DAG_ID, track=track, push=push)
-    )
+    ws = workspace(base / "workspace", params, stack.airflow_env)
+    python = sys.executable
+    standin = REPO / "tests/deploy/standin_train.py"
+    no_s3 = "env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_ENDPOINT_URL_S3"
+    tasks = [
+        ("download", f"cd {ws} && {python} -m tasks download {DATASET}"),
+        ("validate", f"cd {ws} && {python} -m tasks validate {DATASET}"),
+        ("train", f"cd {ws} && {python} {standin} {DATASET} --root ."),
+        ("evaluate", f"cd {ws} && {no_s3} {python} -m tasks evaluate {DATASET}"),
+        ("register", f"cd {ws} && {no_s3} {python} -m tasks register {DATASET}"),
+        ("dvc_push", f"cd {ws} && bash {REPO / 'docker/dvc-remote.sh'} . "
+                     f"&& dvc add data/raw/{DATASET} models/{DATASET} && dvc push"),
+    ]  # fmt: skip
+    (stack.dags / "stack_pipeline.py").write_text(DAG_TEMPLATE.format(dag_id=DAG_ID, tasks=tasks))
     start = time.perf_counter()
-    result = run(["airflow", "dags", "test", DAG_ID], stack.airflow_env, timeout=240)
-    seconds = time.perf_counter() - start
-    print(f"\nairflow dags test {DAG_ID}: {seconds:.1f} s")
-    return {
-        "workspace": workspace,
-        "record": json.loads(out.read_text()),
-        "repo": repo,
-        "originals": originals,
-        "log": result.stdout + result.stderr,
-    }
+    run(["airflow", "dags", "test", DAG_ID], stack.airflow_env, timeout=300)
+    print(f"\nairflow dags test {DAG_ID}: {time.perf_counter() - start:.1f} s")
+    return {"workspace": ws, "tasks": [name for name, _ in tasks]}
 
 
 def test_airflow_run_is_recorded_in_postgres(stack, pipeline):
@@ -256,50 +255,55 @@ def test_airflow_run_is_recorded_in_postgres(stack, pipeline):
     tasks = dict(
         stack.airflow_sql("SELECT task_id, state FROM task_instance WHERE dag_id = %s", (DAG_ID,))
     )
-    assert tasks == {"track": "success", "dvc_push": "success"}
+    assert tasks == {name: "success" for name in pipeline["tasks"]}
 
 
 def test_mlflow_runs_and_registered_model_live_in_postgres(stack, pipeline):
-    record = pipeline["record"]
-    run_id = record["run_id"]
-    (status,) = stack.mlflow_sql("SELECT status FROM runs WHERE run_uuid = %s", (run_id,))[0]
-    assert status == "FINISHED"
-    tags = dict(stack.mlflow_sql("SELECT key, value FROM tags WHERE run_uuid = %s", (run_id,)))
-    assert tags["phase"] == "train"
-    assert tags["dataset"] == DATASET
-    assert tags["airflow.dag_id"] == DAG_ID  # lineage from the Airflow task's context
-    parent = tags["mlflow.parentRunId"]
-    assert stack.mlflow_sql("SELECT status FROM runs WHERE run_uuid = %s", (parent,))
-    metrics = stack.mlflow_sql(
-        "SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'accuracy'", (run_id,)
+    ((experiment_id, location),) = stack.mlflow_sql(
+        "SELECT experiment_id, artifact_location FROM experiments WHERE name = %s", (DATASET,)
     )
-    assert metrics == [(1.0,)]
+    # Created by the server (proxied artifacts), not pinned to a local folder by tasks/tracking.py.
+    assert location.startswith("mlflow-artifacts:")
+    tags_sql = (
+        "SELECT r.run_uuid, r.status, t.key, t.value FROM runs r"
+        " JOIN tags t ON t.run_uuid = r.run_uuid WHERE r.experiment_id = %s"
+    )
+    runs: dict[str, dict[str, str]] = {}
+    for run_id, status, key, value in stack.mlflow_sql(tags_sql, (experiment_id,)):
+        runs.setdefault(run_id, {"status": status})[key] = value
+    phases = {tags["phase"]: tags for tags in runs.values() if "phase" in tags}
+    assert set(phases) == {"evaluate", "register"}
+    for tags in phases.values():
+        assert tags["status"] == "FINISHED"
+        assert tags["airflow.dag_id"] == DAG_ID  # lineage from the Airflow task's context
+        assert tags["dataset"] == DATASET
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git.commit"])
+    accuracy = stack.mlflow_sql(
+        "SELECT m.value FROM latest_metrics m JOIN tags t ON t.run_uuid = m.run_uuid"
+        " WHERE t.key = 'phase' AND t.value = 'evaluate' AND m.key = 'accuracy'"
+    )
+    assert len(accuracy) == 1 and 0.0 <= accuracy[0][0] <= 1.0
 
-    name = record["registered_model"]
+    name = f"{DATASET}-classifier"
     assert stack.mlflow_sql("SELECT name FROM registered_models WHERE name = %s", (name,))
-    versions = stack.mlflow_sql(
-        "SELECT version, source FROM model_versions WHERE name = %s", (name,)
-    )
-    assert versions == [(1, f"models:/{record['model_id']}")]
+    versions = stack.mlflow_sql("SELECT version FROM model_versions WHERE name = %s", (name,))
+    assert versions == [(1,)]
     aliases = stack.mlflow_sql(
         "SELECT alias, version FROM registered_model_aliases WHERE name = %s", (name,)
     )
-    assert aliases == [("champion", 1)]
-    # The experiment was created by the server, not pinned to a local folder by tasks/tracking.py.
-    (location,) = stack.mlflow_sql(
-        "SELECT artifact_location FROM experiments WHERE experiment_id = %s",
-        (int(record["experiment_id"]),),
-    )[0]
-    assert location.startswith("mlflow-artifacts:")
-    assert not (pipeline["workspace"] / "mlflow").exists()
+    assert ("champion", 1) in aliases  # floor 0: the first model passes the gate
+    assert not list(pipeline["workspace"].rglob("mlflow.db"))  # no local store on the worker
 
 
-def test_model_artifacts_live_in_the_object_store(stack, pipeline):
-    record = pipeline["record"]
+def test_model_and_plots_live_in_the_object_store(stack, pipeline):
+    ((source,),) = stack.mlflow_sql(
+        "SELECT source FROM model_versions WHERE name = %s", (f"{DATASET}-classifier",)
+    )
+    model_id = source.removeprefix("models:/")
     keys = stack.keys(MLFLOW_BUCKET, "artifacts/")
-    model_keys = [k for k in keys if f"/models/{record['model_id']}/artifacts/" in k]
-    names = {k.rsplit("/", 1)[-1] for k in model_keys}
-    assert {"MLmodel", "requirements.txt"} <= names
+    model_keys = [k for k in keys if f"/models/{model_id}/artifacts/" in k]
+    assert {"MLmodel", "requirements.txt"} <= {k.rsplit("/", 1)[-1] for k in model_keys}
+    assert any(k.endswith(".png") for k in keys)  # the evaluate stage's plots
     mlmodel = (
         stack.s3()
         .get_object(
@@ -307,31 +311,35 @@ def test_model_artifacts_live_in_the_object_store(stack, pipeline):
         )["Body"]
         .read()
     )
-    assert b"sklearn" in mlmodel
+    assert b"signature" in mlmodel
     # And the server hands them back to a client over HTTP.
-    listing = f"{stack.mlflow_url}/api/2.0/mlflow/logged-models/{record['model_id']}"
-    with urllib.request.urlopen(listing, timeout=10) as response:
-        assert json.load(response)["model"]["info"]["model_id"] == record["model_id"]
+    url = f"{stack.mlflow_url}/api/2.0/mlflow/logged-models/{model_id}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert json.load(response)["model"]["info"]["model_id"] == model_id
 
 
 def test_dvc_pushes_to_s3_and_pulls_back_byte_identical(stack, pipeline):
-    repo = pipeline["repo"]
+    ws = pipeline["workspace"]
     keys = stack.keys(DVC_BUCKET, "store/")
-    assert len([k for k in keys if "/md5/" in k]) >= 4  # three files and the folder listing
+    files = sorted(p for p in (ws / "models" / DATASET).rglob("*") if p.is_file())
+    images = sorted((ws / "data" / "raw" / DATASET).rglob("*.jpg"))
+    assert files and len(images) == 24
+    assert len([k for k in keys if "/md5/" in k]) >= len(files) + len(images)
     # The remote lives only in the git-ignored config.local; no secret in any config.
-    committed = (repo / ".dvc" / "config").read_text()
+    committed = (ws / ".dvc" / "config").read_text()
+    local = (ws / ".dvc" / "config.local").read_text()
     assert "s3://" not in committed
-    local = (repo / ".dvc" / "config.local").read_text()
     assert f"s3://{DVC_BUCKET}/store" in local and stack.s3_url in local
-    for text in (committed, local):
-        assert S3_CREDS["AWS_SECRET_ACCESS_KEY"] not in text
-    ignored = run(["git", "check-ignore", ".dvc/config.local"], stack.airflow_env, cwd=repo)
+    assert S3_CREDS["AWS_SECRET_ACCESS_KEY"] not in committed + local
+    ignored = run(["git", "check-ignore", ".dvc/config.local"], stack.airflow_env, cwd=ws)
     assert ignored.stdout.strip() == ".dvc/config.local"
 
-    shutil.rmtree(repo / "data")
-    shutil.rmtree(repo / ".dvc" / "cache")
-    run([BIN / "dvc", "pull"], stack.airflow_env, cwd=repo)
-    for path, data in pipeline["originals"].items():
+    originals = {p: p.read_bytes() for p in [*files, *images]}
+    shutil.rmtree(ws / "models" / DATASET)
+    shutil.rmtree(ws / "data" / "raw" / DATASET)
+    shutil.rmtree(ws / ".dvc" / "cache")
+    run([BIN / "dvc", "pull"], stack.airflow_env, cwd=ws)
+    for path, data in originals.items():
         assert path.read_bytes() == data
 
 
