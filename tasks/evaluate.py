@@ -263,17 +263,14 @@ def read_candidate(paths: DatasetPaths) -> tuple[Path, dict[str, Any]]:
 
 
 def load_keras_model(path: Path) -> keras.Model:
-    """Load a saved end-to-end model (the project's custom layers registered first)."""
-    try:
-        from tasks.model import load_model
-    except ImportError:
-        import keras
+    """Load a saved end-to-end model through ``tasks.model`` (which registers its layers)."""
+    from tasks.model import load_model
 
-        load_model = keras.saving.load_model
     try:
         return load_model(path)
     except (OSError, ValueError) as error:
-        raise StageError(f"cannot load model {path}: {error}") from None
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise StageError(f"cannot load model {path}: {first}; is it a .keras file?") from None
 
 
 def model_image_size(model: keras.Model) -> tuple[int, int]:

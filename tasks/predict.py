@@ -155,6 +155,8 @@ def _load_mlflow(uri: str) -> tuple[object, dict]:
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
+    import tasks.model  # noqa: F401 - registers the custom layers the model may use
+
     use_project_store()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))

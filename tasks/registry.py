@@ -212,6 +212,8 @@ def _rescore_champion(
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
+    import tasks.model  # noqa: F401 - registers the custom layers the model may use
+
     uri = f"models:/{name}/{champion.version}"
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)

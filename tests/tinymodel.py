@@ -1,9 +1,10 @@
 """A tiny model that follows the saved-model contract, and a workspace to score it in.
 
-Contract (see tasks.model): one end-to-end Keras model, raw 0-255 RGB in,
-preprocessing layers, a nested functional sub-model named ``backbone`` called
+Contract (see tasks.model): one end-to-end Keras model, raw 0-255 RGB in, the
+``Preprocess`` layer, a nested functional sub-model named ``backbone`` called
 with ``training=False``, then a ``keras.Sequential`` named ``head``; two classes
-give ``Dense(1, sigmoid)`` = P(classes[1]).
+give ``Dense(1, sigmoid)`` = P(classes[1]). Only the backbone is a tiny conv
+net here, so the tests train in seconds.
 
 Trained models are cached per test session (``tiny_models``), so each test
 module pays for training at most once.
@@ -27,9 +28,11 @@ _CACHE: dict[str, dict[str, Path]] = {}
 def build_tiny_model(image_size: int = IMAGE_SIZE, n_classes: int = 2, seed: int = 0):
     import keras
 
+    from tasks.model import preprocess_layer
+
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    x = preprocess_layer("tf")(inputs)  # the project's custom layer, as trained models have
     base_in = keras.Input((image_size, image_size, 3))
     y = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(base_in)
     y = keras.layers.MaxPooling2D()(y)

@@ -40,8 +40,9 @@ def workspace(tmp_path, monkeypatch):
 
 
 def test_evaluate_scores_the_validation_split_and_logs_the_same_numbers(cfg, workspace, models):
-    import keras
     from mlflow.tracking import MlflowClient
+
+    from tasks.model import load_model
 
     paths = workspace
     use_candidate(paths, models["good"])
@@ -63,7 +64,7 @@ def test_evaluate_scores_the_validation_split_and_logs_the_same_numbers(cfg, wor
     manifest = pd.read_parquet(paths.manifest)
     expected = manifest[(manifest.split == "validation") & (manifest.status == "ok")]
     assert sorted(predictions["path"]) == sorted(expected["path"])
-    model = keras.saving.load_model(models["good"])
+    model = load_model(models["good"])
     images = np.stack([read_image(paths.raw / p, (32, 32)) for p in predictions["path"]])
     direct = model.predict(images.astype(np.float32), verbose=0)[:, 0]
     np.testing.assert_allclose(predictions["prob_dogs"], direct, atol=1e-5)
@@ -100,9 +101,9 @@ def test_a_wrong_model_fills_the_mistakes_grid(cfg, workspace, models):
 
 def test_gradcam_runs_the_model_in_pieces_and_finds_the_pattern(models):
     """A class pattern pasted in one quadrant of a grey image lights up that quadrant."""
-    import keras
+    from tasks.model import load_model
 
-    model = keras.saving.load_model(models["good"])
+    model = load_model(models["good"])
     images, quadrants = [], []
     for label in (0, 1):
         for quadrant in range(4):

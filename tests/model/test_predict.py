@@ -70,9 +70,9 @@ def keras_model(store, tmp_path):
 
 
 def direct_probabilities(model_file, files):
-    import keras
+    from tasks.model import load_model
 
-    model = keras.saving.load_model(model_file)
+    model = load_model(model_file)
     batch = np.stack([read_image(f, (32, 32)) for f in files]).astype(np.float32)
     return model.predict(batch, verbose=0)[:, 0]
 
@@ -163,6 +163,9 @@ def test_bad_arguments_are_one_line_errors(registry, images, tmp_path):
         predict_command(str(models["good"]), [str(folder)], classes="a,b,c")
     with pytest.raises(StageError, match="model nothere.keras not found"):
         predict_command("nothere.keras", [str(folder)])
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(StageError, match="cannot load model .*broken.keras"):
+        predict_command(str(tmp_path / "broken.keras"), [str(folder)])
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="no images .* under folder"):
         predict_command(str(models["good"]), [str(tmp_path / "empty")])
