@@ -420,6 +420,8 @@ class StageResult:
     ran: bool
     seconds: float
     workspace: str
+    restored: bool = False
+    """Not run: DVC's run cache (shared by all workspaces) held outputs for these inputs."""
     outputs: list[str] = field(default_factory=list)
     run_id: str | None = None
     parent_run_id: str | None = None
@@ -429,7 +431,11 @@ class StageResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        state = "ran" if self.ran else "unchanged, skipped"
+        state = "unchanged, skipped"
+        if self.ran:
+            state = "ran"
+        elif self.restored:
+            state = "restored from the run cache"
         text = f"{self.stage}@{self.dataset}: {state} in {self.seconds:.1f} s"
         if self.run_id:
             text += f"; MLflow run {self.run_id}"
@@ -544,6 +550,7 @@ def run_stage(project: Project, dataset: str, stage: str) -> StageResult:
     if code:
         raise _failure(stage, dataset, lines)
     ran = any(f"Running stage '{spec.target}'" in line for line in lines)
+    restored = any(f"Stage '{spec.target}' is cached" in line for line in lines)
     metrics: dict[str, Any] = {}
     for path in spec.metrics:
         target = ws / path
@@ -556,6 +563,7 @@ def run_stage(project: Project, dataset: str, stage: str) -> StageResult:
         ran=ran,
         seconds=seconds,
         workspace=str(ws),
+        restored=restored,
         outputs=list(spec.outputs),
         run_id=run.get("run_id"),
         parent_run_id=run.get("parent_run_id"),

@@ -197,6 +197,11 @@ def test_stage_runs_once_then_is_skipped_until_its_params_change(project):
     assert lock["stages"]["first@cats_vs_dogs"]["params"]["params.yaml"] == {"train.epochs": 5}
     stages = read_run_record(ws)["stages"]
     assert set(stages) == {"first"} and stages["first"]["seconds"] > 0
+    # Back to the file's params: DVC's run cache restores the earlier outputs, no rerun.
+    prepare_workspace(project, "cats_vs_dogs")
+    back = run_stage(project, "cats_vs_dogs", "first")
+    assert (back.ran, back.restored) == (False, True)
+    assert "restored from the run cache" in str(back)
 
 
 def test_user_error_is_not_retryable_and_a_crash_is(project, monkeypatch):
