@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 CONF ?=
 AIRFLOW_PORT ?= 8080
 
-.PHONY: setup run test lint bench clean airflow demo
+.PHONY: setup run test lint bench clean airflow demo stack-deps
 
 setup: $(VENV)/.synced
 
@@ -27,8 +27,12 @@ $(VENV)/.synced: pyproject.toml uv.lock
 run: setup
 	$(PY) -m tasks.airflow_local run $(if $(CONF),--conf '$(CONF)') $(SET_ARGS)
 
-test: setup
+test: setup stack-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# PostgreSQL server binaries for the stack test (instant when already installed).
+stack-deps:
+	@bash tests/deploy/install_stack_deps.sh
 
 lint: setup
 	$(VENV)/bin/ruff check tasks dags tests
