@@ -210,19 +210,9 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def validation_frame(paths: DatasetPaths, classes: Sequence[str]) -> pd.DataFrame:
     """The manifest's usable validation rows, with ``label_index`` (position in ``classes``)."""
-    import pandas as pd
+    from tasks.data import read_manifest
 
-    if not paths.manifest.exists():
-        raise StageError(
-            f"{paths.manifest} not found; run `python -m tasks validate {paths.dataset}` first"
-        )
-    manifest = pd.read_parquet(paths.manifest)
-    missing = {"path", "split", "label", "status"} - set(manifest.columns)
-    if missing:
-        raise StageError(
-            f"{paths.manifest} lacks columns {sorted(missing)}; rebuild it with "
-            f"`python -m tasks validate {paths.dataset}`"
-        )
+    manifest = read_manifest(paths)
     frame = manifest[(manifest["split"] == "validation") & (manifest["status"] == "ok")]
     frame = frame.sort_values("path", kind="stable").reset_index(drop=True)
     if frame.empty:
@@ -288,22 +278,29 @@ def predict_frame(
     classes: Sequence[str],
     batch_size: int,
 ) -> np.ndarray:
-    """(images, classes) probabilities for the manifest rows of ``frame``, in order."""
-    from tasks.predict import read_image
+    """(images, classes) probabilities for the validation rows of ``frame``, in order.
 
-    size = model_image_size(model)
-    chunks = []
-    files = [Path(raw_root) / p for p in frame["path"]]
-    for start in range(0, len(files), batch_size):
-        try:
-            batch = np.stack([read_image(f, size) for f in files[start : start + batch_size]])
-        except OSError as error:
-            raise StageError(
-                f"cannot read a validation image ({error}); rerun "
-                "`python -m tasks validate` so the manifest matches data/raw"
-            ) from None
-        chunks.append(model.predict_on_batch(batch.astype(np.float32)))
-    return class_probabilities(np.concatenate(chunks), len(classes))
+    Images come through the training input pipeline (``tasks.data.make_dataset``),
+    so they are decoded and resized exactly as in training.
+    """
+    from tasks.data import make_dataset
+
+    height, width = model_image_size(model)
+    if height != width:
+        raise StageError(f"the model's input is {height}x{width}; the pipeline makes square images")
+    dataset = make_dataset(
+        frame,
+        Path(raw_root),
+        "validation",
+        classes,
+        height,
+        batch_size,
+        augment=None,
+        shuffle=False,
+        seed=0,
+    )
+    outputs = model.predict(dataset.map(lambda images, labels: images), verbose=0)
+    return class_probabilities(outputs, len(classes))
 
 
 # ---------------------------------------------------------------- Grad-CAM
