@@ -6,7 +6,9 @@
 
 - a ``.keras`` file (e.g. ``models/cats_vs_dogs/finetuned.keras``): class names
   come from ``--classes``, else ``classes.json`` beside the model (a JSON list,
-  or ``{"classes": [...]}``), else they are reported as ``class_0``, ``class_1``...;
+  or ``{"classes": [...]}``), else ``datasets.<ds>.classes`` of ``params.yaml``
+  (``$TASKS_PARAMS``) when the model lies in a folder named after dataset
+  ``<ds>``, else they are reported as ``class_0``, ``class_1``...;
 - an MLflow model URI: ``models:/cats_vs_dogs-classifier@champion``,
   ``models:/NAME/3``, ``runs:/RUN_ID/model`` or a local MLflow model folder.
   Class names are the ``classes`` entry of the model's metadata (the register
@@ -134,6 +136,21 @@ def _classes_beside(path: Path) -> list[str] | None:
     return names
 
 
+def _classes_from_params(path: Path) -> list[str] | None:
+    """``datasets.<ds>.classes`` from params.yaml for a model under ``models/<ds>/``."""
+    from tasks.config import ConfigError, load_config
+
+    params = Path(os.environ.get("TASKS_PARAMS", "params.yaml"))
+    if not params.is_file():
+        return None
+    try:
+        datasets = load_config(params).datasets
+    except ConfigError:
+        return None
+    dataset = datasets.get(path.resolve().parent.name)
+    return list(dataset.classes) if dataset else None
+
+
 def use_project_store() -> None:
     """Point MLflow at ``$MLFLOW_TRACKING_URI``, else the project's store from params.yaml."""
     import mlflow
@@ -186,14 +203,14 @@ def load_classifier(model: str, classes: Sequence[str] | None = None) -> Classif
                 "models:/cats_vs_dogs-classifier@champion"
             )
         keras_model = load_keras_model(path)
-        names = list(classes or _classes_beside(path) or [])
+        names = list(classes or _classes_beside(path) or _classes_from_params(path) or [])
     width = _output_width(keras_model)
     if not names:
         count = 2 if width == 1 else width
         names = [f"class_{i}" for i in range(count)]
         print(
-            f"note: {model} names no classes; reporting {', '.join(names)} "
-            "(pass --classes or put classes.json beside the model)",
+            f"note: no class names for {model}; reporting {', '.join(names)} "
+            "(pass --classes, or put classes.json beside the model)",
             file=sys.stderr,
         )
     expected = 2 if width == 1 else width

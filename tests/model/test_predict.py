@@ -145,13 +145,23 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(store, images, tmp
     assert "2 unreadable" in captured.err
 
 
-def test_a_keras_file_without_class_names_reports_indices(store, images, tmp_path, capsys):
+def test_class_names_of_a_keras_file_come_from_params_or_are_indices(
+    store, images, tmp_path, monkeypatch, write_params, capsys
+):
     _, models = store
     _, files = images
-    out = tmp_path / "p.csv"
-    predict_command(str(models["good"]), [str(files[0])], out=str(out))
-    assert {"prob_class_0", "prob_class_1"} <= set(pd.read_csv(out).columns)
-    assert "names no classes" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "models" / "cats_vs_dogs" / "finetuned.keras"
+    model.parent.mkdir(parents=True)
+    shutil.copy(models["good"], model)
+
+    predict_command(str(model), [str(files[0])], out="indices.csv")
+    assert {"prob_class_0", "prob_class_1"} <= set(pd.read_csv("indices.csv").columns)
+    assert "no class names" in capsys.readouterr().err
+
+    write_params(tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}))
+    predict_command(str(model), [str(files[0])], out="named.csv")
+    assert pd.read_csv("named.csv")["predicted"].tolist() == ["cats"]
 
 
 def test_bad_arguments_are_one_line_errors(registry, images, tmp_path):
