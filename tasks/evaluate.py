@@ -436,6 +436,11 @@ def _read_history(paths: DatasetPaths) -> tuple[pd.DataFrame | None, str]:
     return history, ""
 
 
+def _feature_map(model: keras.Model) -> tuple[int, int] | None:
+    shape = model_pieces(model)[1].output.shape
+    return (int(shape[1]), int(shape[2])) if len(shape) == 4 and shape[1] and shape[2] else None
+
+
 def _spread(count: int, limit: int) -> list[int]:
     if limit <= 0 or count == 0:
         return []
@@ -505,6 +510,7 @@ def draw_plots(
             titles,
             folder / "gradcam.png",
             note,
+            feature_map=_feature_map(model),
         )
     )
     return written

@@ -139,6 +139,7 @@ def training_curves(history: pd.DataFrame | None, out: Path, missing: str = "") 
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(title)
+        ax.yaxis.get_major_formatter().set_useOffset(False)
         ax.set_title(title, pad=18)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
@@ -177,8 +178,13 @@ def gradcam_overlays(
     titles: Sequence[str],
     out: Path,
     note: str = "",
+    feature_map: tuple[int, int] | None = None,
 ) -> Path:
-    """Each image (top) and the Grad-CAM heatmap laid over it (bottom)."""
+    """Each image (top) and the Grad-CAM heatmap laid over it (bottom).
+
+    ``feature_map`` (height, width of the backbone's output) goes in the title:
+    a 1x1 map can only light up the whole image.
+    """
     if heatmaps is None or not images:
         fig = _figure(6, 2.5)
         _message(fig, note or "no images for Grad-CAM")
@@ -195,5 +201,6 @@ def gradcam_overlays(
         bottom.imshow(np.asarray(image).astype(np.uint8))
         bottom.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         bottom.axis("off")
-    fig.suptitle("Grad-CAM: where the backbone's features drove the predicted class")
+    grid = f" ({feature_map[0]}x{feature_map[1]} feature map)" if feature_map else ""
+    fig.suptitle(f"Grad-CAM: where the backbone's features drove the predicted class{grid}")
     return _save(fig, out)
