@@ -489,20 +489,24 @@ def draw_plots(
             folder / "mistakes.png",
             title=f"Most confident mistakes (actual → predicted, confidence); "
             f"{int((y_pred != y_true).sum())} of {len(y_true)} wrong",
-            empty="no mistakes: every validation image was classified correctly",
+            empty=(
+                "no mistakes: every validation image was classified correctly"
+                if (y_pred == y_true).all()
+                else "mistakes not drawn (evaluate.mistakes is 0)"
+            ),
         )
     )
 
     chosen = _spread(len(files), cfg.evaluate.gradcam_images)
     images = [read_image(files[i], size) for i in chosen]
-    heatmaps, note = None, "gradcam_images is 0"
+    heatmaps, note, titles = None, "evaluate.gradcam_images is 0", []
     if images:
         heatmaps, cam_probs = gradcam(model, np.stack(images))
         note = "" if heatmaps is not None else "the backbone's output is not a spatial map"
-    titles = [
-        f"actual {classes[y_true[i]]}\npredicted {classes[y_pred[i]]} ({confidence[i]:.2f})"
-        for i in chosen
-    ]
+        titles = [
+            f"actual {classes[y_true[i]]}\npredicted {classes[p.argmax()]} ({p.max():.2f})"
+            for i, p in zip(chosen, cam_probs, strict=True)
+        ]
     written.append(
         plots.gradcam_overlays(
             images,
