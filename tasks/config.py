@@ -180,6 +180,12 @@ class TrainConfig(_Section):
     augment: bool = False
     seed: int = 42
 
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:
