@@ -1,0 +1,104 @@
+"""Fixtures for the training tests: generated workspaces and offline-made backbone weights.
+
+``offline_weights`` pretrains MobileNetV2 (32 px) on a generated source task once
+per test session (``tasks.backbones.make_offline_weights``): with random weights
+the frozen features are collapsed and a head stays at chance, so the tiny
+end-to-end runs need a real weights file, made without the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.config import Config, parse_config
+from tasks.paths import DatasetPaths
+from tests.datagen import LAYOUTS, make_tree, tiny_params
+
+MODEL_SIDE = 32
+
+
+def manifest_rows(raw: Path, top: Path, dataset: str) -> list[dict[str, Any]]:
+    """Manifest rows (the validate stage's columns) for every image file under ``top``."""
+    layout = LAYOUTS[dataset]
+    rows = []
+    for file in sorted(p for p in top.rglob("*") if p.is_file()):
+        relative = file.relative_to(raw)
+        split_folder, label = relative.parts[1], relative.parts[2]
+        with Image.open(file) as image:
+            facts = {
+                "width": image.width,
+                "height": image.height,
+                "mode": image.mode,
+                "format": image.format,
+            }
+        rows.append(
+            {
+                "path": relative.as_posix(),
+                "split": "train" if split_folder == layout["train"] else "validation",
+                "label": label,
+                "status": "ok",
+                **facts,
+            }
+        )
+    return rows
+
+
+def write_manifest(paths: DatasetPaths, rows: list[dict[str, Any]] | pd.DataFrame) -> None:
+    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(paths.manifest, index=False)
+
+
+def make_workspace(
+    root: Path,
+    counts: dict[str, int] | None = None,
+    dataset: str = "cats_vs_dogs",
+    seed: int = 1,
+    size: int = 48,
+) -> DatasetPaths:
+    """Generated images under ``data/raw/<ds>`` and their manifest, as validate leaves them."""
+    paths = DatasetPaths.of(dataset, root)
+    top = make_tree(paths.raw, dataset, counts or {"train": 24, "validation": 12}, size, seed)
+    write_manifest(paths, manifest_rows(paths.raw, top, dataset))
+    return paths
+
+
+def load_images(paths: DatasetPaths, split: str, size: int) -> np.ndarray:
+    """The ``ok`` images of ``split`` as raw float32 0-255 RGB, resized like prediction does."""
+    from tasks.predict import read_image
+
+    manifest = pd.read_parquet(paths.manifest)
+    rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")]
+    images = [read_image(paths.raw / name, (size, size)) for name in rows["path"]]
+    return np.stack(images).astype(np.float32)
+
+
+def model_config(*overrides: str, dataset: str = "cats_vs_dogs", **sections: Any) -> Config:
+    """Tiny params for ``dataset`` (MobileNetV2 at 32 px by default) plus ``--set`` overrides."""
+    train = {"backbone": "mobilenet_v2", "image_size": MODEL_SIDE, "weights": "none"}
+    train |= sections.pop("train", {})
+    params = tiny_params({dataset: "http://127.0.0.1:1/data.zip"}, train=train, **sections)
+    return parse_config(params, list(overrides))
+
+
+@pytest.fixture(scope="session")
+def offline_weights(tmp_path_factory) -> Path:
+    """A MobileNetV2 ``.weights.h5`` pretrained offline at 32 px (made once per session)."""
+    from tasks.backbones import make_offline_weights
+
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
+    return make_offline_weights("mobilenet_v2", path, image_size=MODEL_SIDE)
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A temporary MLflow SQLite store for this test; returns its URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("TASKS_PARENT_RUN_ID", raising=False)
+    return uri

@@ -1,0 +1,200 @@
+"""Per backbone (random weights, smallest allowed input): what each phase trains, BatchNorm
+left alone by fine-tuning, and a saved model that reloads to identical predictions.
+
+Everything runs eagerly (``run_eagerly=True``, direct calls), so no test pays for
+tracing a graph of a large network.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tasks.backbones import BACKBONES, is_batch_norm, unfreeze_top_blocks
+from tasks.model import ModelSpec, build_model, load_model, save_model
+
+SIZES = {
+    "mobilenet_v2": 32,
+    "inception_v3": 75,
+    "vgg16": 32,
+    "xception": 71,
+    "resnet50": 32,
+    "efficientnet_b0": 32,
+}
+
+
+def top_block(backbone: str, names: list[str]) -> set[str]:
+    """The layers fine-tuning should unfreeze, written out independently of the registry."""
+    if backbone == "mobilenet_v2":  # the TensorFlow tutorial's fine_tune_at = 100
+        return set(names[100:])
+    if backbone == "inception_v3":  # the mixed7 block: after mixed6, up to the cut
+        return set(names[names.index("mixed6") + 1 :])
+    prefixes = {
+        "vgg16": ("block5_",),
+        "xception": ("block14_",),
+        "resnet50": ("conv5_",),
+        "efficientnet_b0": ("block7", "top_"),
+    }[backbone]
+    return {name for name in names if name.startswith(prefixes)}
+
+
+def paths_of(weights) -> set[str]:
+    return {w.path for w in weights}
+
+
+def raw_images(size: int, count: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_phases_train_the_right_weights_and_the_model_round_trips(name, tmp_path):
+    import keras
+
+    entry = BACKBONES[name]
+    size = SIZES[name]
+    assert size == entry.min_size or name in ("mobilenet_v2", "vgg16", "resnet50")
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelSpec(name, size, entry.head, 2))
+    head = model.get_layer("head")
+
+    # phase 1: exactly the head's weights train
+    assert paths_of(model.trainable_weights) == paths_of(head.trainable_weights)
+    assert len(head.trainable_weights) > 0
+    assert model.output_shape == (None, 1)
+
+    # the saved model reloads and predicts the same on raw 0-255 images
+    images = raw_images(size)
+    before = np.asarray(model(images, training=False))
+    target = save_model(model, tmp_path / "frozen.keras")
+    loaded = load_model(target)
+    np.testing.assert_array_equal(np.asarray(loaded(images, training=False)), before)
+    assert [layer.name for layer in loaded.layers] == ["image", "preprocess", "backbone", "head"]
+
+    # phase 2: the head plus the named top blocks, BatchNorm excepted
+    base = loaded.get_layer("backbone")
+    names = [layer.name for layer in base.layers]
+    unfrozen = unfreeze_top_blocks(base, entry.unfreeze_from)
+    expected = {
+        layer.name
+        for layer in base.layers
+        if layer.name in top_block(name, names) and layer.weights and not is_batch_norm(layer)
+    }
+    assert set(unfrozen) == expected and expected
+    want = paths_of(loaded.get_layer("head").trainable_weights)
+    for layer in base.layers:
+        if layer.name in expected:
+            want |= paths_of(layer.trainable_weights)
+    assert paths_of(loaded.trainable_weights) == want
+
+    # one fine-tuning step: unfrozen kernels move, BatchNorm statistics and frozen layers do not
+    batch_norm = [layer for layer in base.layers if is_batch_norm(layer)]
+    stats = [np.array(w) for layer in batch_norm for w in layer.non_trainable_weights]
+    frozen = [np.array(w) for w in loaded.non_trainable_weights if "moving" not in w.path]
+    tuned = [np.array(w) for w in loaded.trainable_weights]
+    # Adam with a tiny epsilon moves every weight that gets any gradient by about the
+    # learning rate, however small the gradient through random (collapsed) features is
+    loaded.compile(
+        optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-30),
+        loss="binary_crossentropy",
+        run_eagerly=True,
+    )
+    loaded.train_on_batch(images, np.array([0, 1, 1]))
+    after_stats = [np.array(w) for layer in batch_norm for w in layer.non_trainable_weights]
+    for a, b in zip(stats, after_stats, strict=True):
+        np.testing.assert_array_equal(a, b)
+    after_frozen = [np.array(w) for w in loaded.non_trainable_weights if "moving" not in w.path]
+    for a, b in zip(frozen, after_frozen, strict=True):
+        np.testing.assert_array_equal(a, b)
+    moved = [
+        not np.array_equal(a, np.array(w))
+        for a, w in zip(tuned, loaded.trainable_weights, strict=True)
+    ]
+    assert all(moved)
+
+
+def test_a_saved_model_loads_in_a_fresh_process(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = build_model(ModelSpec("vgg16", 32, BACKBONES["vgg16"].head, 3))
+    images = raw_images(32, count=2, seed=4)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", np.asarray(model(images, training=False)))
+    save_model(model, tmp_path / "m.keras")
+    script = (
+        "import sys, numpy as np, keras\n"
+        "import tasks.model\n"
+        "folder = sys.argv[1]\n"
+        "model = keras.saving.load_model(folder + '/m.keras')\n"
+        "got = np.asarray(model(np.load(folder + '/x.npy'), training=False))\n"
+        "np.testing.assert_allclose(got, np.load(folder + '/y.npy'), rtol=1e-6, atol=1e-7)\n"
+        "print(model.get_layer('head').layers[-1].activation.__name__, got.shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["softmax", "(2,", "3)"]
+
+
+def test_head_overrides_and_multiclass_output():
+    import keras
+
+    from tasks.config import HeadConfig
+
+    entry = BACKBONES["mobilenet_v2"]
+    spec = entry.head_spec(HeadConfig(pooling="flatten", dense_units=16, dropout=0.3))
+    model = build_model(ModelSpec("mobilenet_v2", 32, spec, 4))
+    head = model.get_layer("head")
+    kinds = [type(layer).__name__ for layer in head.layers]
+    assert kinds == ["Flatten", "Dense", "Dropout", "Dense"]
+    assert head.layers[1].units == 16 and head.layers[2].rate == 0.3
+    assert head.layers[-1].activation is keras.activations.softmax
+    assert model.output_shape == (None, 4)
+    probs = np.asarray(model(raw_images(32), training=False))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["keras", "legacy"])
+def test_weights_files_load_into_the_backbone(kind, tmp_path):
+    """A ``.weights.h5`` saved by Keras, or an official-format legacy ``*_notop.h5``."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from tasks.backbones import WeightsSource, sha256_file
+
+    keras.utils.set_random_seed(2)
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    if kind == "keras":
+        file = tmp_path / "vgg16.weights.h5"
+        source.save_weights(file)
+    else:
+        file = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        with h5py.File(file, "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, source)
+    keras.utils.set_random_seed(3)
+    weights = WeightsSource("file", file, sha256_file(file))
+    model = build_model(ModelSpec("vgg16", 48, BACKBONES["vgg16"].head, 2), weights)
+    loaded = model.get_layer("backbone").get_weights()
+    assert len(loaded) == len(source.get_weights()) == 26
+    for a, b in zip(loaded, source.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container")
+def test_a_weights_file_for_another_backbone_is_refused(tmp_path):
+    import keras
+
+    from tasks.backbones import WeightsSource, build_backbone
+    from tasks.errors import StageError
+
+    file = tmp_path / "vgg.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
+        file
+    )
+    with pytest.raises(StageError, match="does not fit the resnet50 backbone"):
+        build_backbone("resnet50", 32, WeightsSource("file", file))

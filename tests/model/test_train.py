@@ -1,0 +1,205 @@
+"""Both phases on generated data with offline-made weights, tracked in a temporary MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.backbones import sha256_file
+from tasks.errors import StageError
+from tasks.tracking import file_md5, read_record
+from tasks.train import METRICS, choose_candidate, finetune, train_frozen
+from tests.model.conftest import load_images, make_workspace, model_config
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(tracking_uri: str) -> dict[str, object]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("cats_vs_dogs")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return {run.data.tags.get("phase", "parent"): run for run in runs}  # the latest per phase
+
+
+def test_train_then_finetune_learns_and_is_tracked(tmp_path, offline_weights, tracking):
+    from mlflow.tracking import MlflowClient
+
+    paths = make_workspace(tmp_path, {"train": 24, "validation": 12})
+    cfg = model_config(
+        "train.epochs=15",
+        "train.optimizer=adam",
+        "train.learning_rate=0.003",
+        "finetune.epochs=2",
+        train={"weights": str(offline_weights)},
+    )
+
+    frozen = train_frozen(cfg, paths)
+    assert frozen.feature_cache
+    assert frozen.val_accuracy >= 0.8, frozen
+    assert paths.frozen_model.is_file()
+    head_params = frozen.trainable_params
+    assert 0 < head_params < frozen.total_params / 100
+
+    tuned = finetune(cfg, paths)
+    assert tuned.trainable_params > head_params
+    assert paths.finetuned_model.is_file()
+
+    # candidate: the phase with the lower validation loss, both scores recorded
+    record = json.loads(paths.candidate.read_text())
+    better = "finetune" if record["finetune"]["val_loss"] < record["train"]["val_loss"] else "train"
+    assert record["phase"] == better
+    expected_file = paths.finetuned_model if better == "finetune" else paths.frozen_model
+    assert (paths.root / record["path"]).resolve() == expected_file.resolve()
+    assert record["val_loss"] == record[better]["val_loss"]
+    assert record["reason"]
+
+    # history of both phases, epochs numbered globally
+    history = pd.read_csv(paths.history)
+    assert list(history.columns) == ["phase", "epoch", *METRICS]
+    assert list(history["phase"]) == ["train"] * frozen.epochs_run + ["finetune"] * 2
+    assert list(history["epoch"]) == list(range(1, frozen.epochs_run + 3))
+    assert pd.read_csv(paths.phase_history("train")).shape[0] == frozen.epochs_run
+    assert (paths.reports / "history" / "train.png").read_bytes()[:4] == b"\x89PNG"
+    assert (paths.reports / "history" / "curves.png").is_file()
+
+    # MLflow: one parent, two children, same param and metric names, lineage tags
+    runs = _runs(tracking)
+    client = MlflowClient(tracking)
+    parent, train_run, tune_run = runs["parent"], runs["train"], runs["finetune"]
+    for child in (train_run, tune_run):
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["weights.sha256"] == sha256_file(offline_weights)
+        assert child.data.params["backbone"] == "mobilenet_v2"
+        assert child.data.params["image_size"] == "32"
+        assert str(offline_weights) in child.data.params["weights_source"]
+        assert set(METRICS) <= set(child.data.metrics)
+    assert read_record(paths, "finetune").parent_run_id == parent.info.run_id
+
+    p = train_run.data.params
+    assert p["trainable_params"] == str(head_params)
+    assert p["feature_cache"] == "True"
+    assert p["learning_rate"] == "0.003"
+    assert train_run.data.tags["model.md5"] == file_md5(paths.frozen_model)
+    steps = [m.step for m in client.get_metric_history(train_run.info.run_id, "val_accuracy")]
+    assert sorted(steps) == list(range(1, frozen.epochs_run + 1))
+    train_artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id, "history")}
+    assert train_artifacts == {"history/train.csv", "history/train.png"}
+
+    q = tune_run.data.params
+    assert q["unfreeze_from"] == "block_11_expand_relu"
+    assert q["trainable_params"] == str(tuned.trainable_params)
+    assert q["learning_rate"] == "1e-05"
+    assert q["augment"] == "True"
+    assert tune_run.data.tags["model.md5"] == file_md5(paths.finetuned_model)
+    assert tune_run.data.tags["candidate.phase"] == record["phase"]
+    assert tune_run.data.metrics["finetune_improved"] == float(record["phase"] == "finetune")
+    steps = [m.step for m in client.get_metric_history(tune_run.info.run_id, "val_loss")]
+    assert sorted(steps) == [frozen.epochs_run + 1, frozen.epochs_run + 2]
+
+    # fine-tuning that makes things worse is reported, and the frozen model stays the candidate
+    wrecked = finetune(
+        model_config(
+            "finetune.epochs=1",
+            "finetune.optimizer=sgd",
+            "finetune.learning_rate=3.0",
+            "finetune.early_stopping_patience=0",
+            train={"weights": str(offline_weights)},
+        ),
+        paths,
+    )
+    record = json.loads(paths.candidate.read_text())
+    assert record["phase"] == "train", record
+    assert record["path"] == "models/cats_vs_dogs/frozen.keras"
+    assert "did not beat the frozen model" in record["reason"]
+    assert "did not beat" in str(wrecked)
+    latest = _runs(tracking)["finetune"]
+    assert latest.data.tags["finetune.improved"] == "false"
+
+
+def test_cached_features_train_the_same_model_as_end_to_end(tmp_path, offline_weights, tracking):
+    """Phase 1 on cached features = phase 1 through the backbone on every step."""
+    import keras
+
+    from tasks.model import load_model
+
+    paths = make_workspace(tmp_path, {"train": 12, "validation": 6})
+    settings = dict(
+        train={"weights": str(offline_weights), "head": {"dropout": 0.0}},
+    )
+    common = ("train.epochs=3", "train.optimizer=adam", "train.learning_rate=0.003")
+    cached = train_frozen(model_config(*common, "train.feature_cache=on", **settings), paths)
+    cached_model = load_model(paths.frozen_model)
+    direct = train_frozen(model_config(*common, "train.feature_cache=off", **settings), paths)
+    direct_model = load_model(paths.frozen_model)
+    assert cached.feature_cache and not direct.feature_cache
+
+    images = load_images(paths, "validation", 32)
+    # the same end-to-end model type: raw images in, the head on backbone features out
+    for model in (cached_model, direct_model):
+        assert [layer.name for layer in model.layers] == [
+            "image",
+            "preprocess",
+            "backbone",
+            "head",
+        ]
+        assert isinstance(model.get_layer("head"), keras.Sequential)
+    features = cached_model.get_layer("backbone")(
+        cached_model.get_layer("preprocess")(images), training=False
+    )
+    by_parts = cached_model.get_layer("head")(features, training=False)
+    np.testing.assert_allclose(cached_model.predict(images, verbose=0), by_parts, atol=1e-6)
+    # same seed, same batches in the same order: the same head weights
+    for a, b in zip(
+        cached_model.get_layer("head").get_weights(),
+        direct_model.get_layer("head").get_weights(),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(
+        cached_model.predict(images, verbose=0), direct_model.predict(images, verbose=0), atol=1e-4
+    )
+
+
+def test_choose_candidate_prefers_the_lower_validation_loss():
+    frozen = {"val_loss": 0.40, "val_accuracy": 0.85}
+    assert choose_candidate(frozen, {"val_loss": 0.30, "val_accuracy": 0.9})[0] == "finetune"
+    phase, reason = choose_candidate(frozen, {"val_loss": 0.45, "val_accuracy": 0.9})
+    assert phase == "train" and "did not beat" in reason
+    assert choose_candidate(frozen, {"val_loss": float("nan"), "val_accuracy": 0.5})[0] == "train"
+    assert choose_candidate(frozen, None)[0] == "train"
+
+
+def test_finetune_without_frozen_model_says_run_train_first(tmp_path, tracking):
+    paths = make_workspace(tmp_path, {"train": 2, "validation": 2})
+    with pytest.raises(StageError, match=r"frozen\.keras not found; run `python -m tasks train"):
+        finetune(model_config(), paths)
+
+
+def test_missing_manifest_says_run_validate_first(tmp_path, tracking):
+    from tasks.paths import DatasetPaths
+
+    paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
+    with pytest.raises(StageError, match=r"run `python -m tasks validate cats_vs_dogs` first"):
+        train_frozen(model_config(), paths)
+    assert not paths.frozen_model.exists()
+
+
+def test_imagenet_weights_missing_offline_names_the_file(tmp_path, tracking, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    paths = make_workspace(tmp_path, {"train": 2, "validation": 2})
+    cfg = model_config(
+        train={"backbone": "inception_v3", "image_size": None, "weights": "imagenet"}
+    )
+    with pytest.raises(StageError) as error:
+        train_frozen(cfg, paths)
+    message = str(error.value)
+    assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert str(tmp_path / "keras" / "models") in message
+    assert "python -m tasks fetch-weights inception_v3" in message
+    assert "\n" not in message
+    assert not paths.frozen_model.exists()
