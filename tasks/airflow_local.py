@@ -78,6 +78,9 @@ class LocalAirflow:
                 "NO_COLOR": "1",
             }
         )
+        # The DAG files import this project's `tasks`, not another checkout's install.
+        paths = [str(self.project.root), *filter(None, [env.get("PYTHONPATH")])]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         if self.project.remote:
             env["TASKS_DVC_REMOTE"] = self.project.remote
         env.update(self.extra_env)

@@ -166,21 +166,27 @@ def test_mlflow_runs_carry_the_airflow_lineage_and_overrides(airflow, dag_test):
 def test_registry_alias_and_dvc_remote_after_the_run(airflow, dag_test):
     client = _mlflow_client(airflow.project)
     champion = client.get_model_version_by_alias("cats_vs_dogs-classifier", "champion")
-    assert champion.version == "1"
+    assert str(champion.version) == "1"
     ws = airflow.project.workspace("cats_vs_dogs")
     gate = json.loads((ws / "reports" / "cats_vs_dogs" / "gate.json").read_text())
     assert gate["alias"] == "champion" and gate["version"] == "1"
     remote = airflow.project.root / ".dvc-remote" / "files" / "md5"
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    cached = [
-        out["md5"]
+    cached = {
+        "data/raw/cats_vs_dogs",
+        "data/manifests/cats_vs_dogs.parquet",
+        "models/cats_vs_dogs/frozen.keras",
+        "models/cats_vs_dogs/finetuned.keras",
+    }
+    hashes = {
+        out["path"]: out["md5"]
         for stage in lock["stages"].values()
         for out in stage.get("outs", [])
-        if "md5" in out and out["path"].startswith(("data/", "models/"))
-    ]
-    assert len(cached) >= 4
-    for md5 in cached:
-        assert (remote / md5[:2] / md5[2:]).is_file(), md5
+        if out["path"] in cached
+    }
+    assert set(hashes) == cached
+    for path, md5 in hashes.items():
+        assert (remote / md5[:2] / md5[2:]).is_file(), path
 
 
 def test_bad_conf_fails_the_first_task_with_one_line(airflow, dag_test):
