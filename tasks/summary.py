@@ -129,7 +129,9 @@ def dataset_summary(cfg: Config, project: Project, dataset: str) -> dict[str, An
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else ("–" if value is None else str(value))
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.4f}"
+    return "–" if value is None else str(value)
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
@@ -180,10 +182,7 @@ def write_summary(project: Project) -> Summary:
     payload = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "gate_metric": cfg.gate.metric,
-        "mlflow_ui": (
-            f"mlflow ui --backend-store-uri sqlite:///{store / 'mlflow.db'} "
-            f"--default-artifact-root {store / 'artifacts'}"
-        ),
+        "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{store / 'mlflow.db'} --port 5000",
         "datasets": datasets,
     }
     md = write_text(project.reports / "summary.md", render_markdown(payload))
