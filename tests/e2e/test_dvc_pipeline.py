@@ -84,7 +84,10 @@ def project(tmp_path_factory, archive_server) -> Path:
         evaluate={"gradcam_images": 1, "mistakes": 4},
         register={"floor": 0.0, "tolerance": 1.0},
     )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in params.items():
+        full[section] = values if section == "datasets" else {**full[section], **values}
+    (repo / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "config", "user.email", "ci@example.com")
     sh(repo, "git", "config", "user.name", "CI")
