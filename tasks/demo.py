@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import logging
 import sys
 import threading
@@ -81,8 +82,13 @@ def offline_weights(folder: Path, backbone: str, image_size: int) -> str:
     return str(path)
 
 
-def demo_params(sources: dict[str, str], weights: str) -> dict[str, Any]:
-    return tiny_params(
+def demo_params(archives: dict[str, Path], base_url: str, weights: str) -> dict[str, Any]:
+    """Tiny params for the served archives, each pinned by sha256 and size.
+
+    Pinning (not trust-on-first-use) lets a regenerated archive replace the old one.
+    """
+    sources = {ds: f"{base_url}/{path.name}" for ds, path in archives.items()}
+    params = tiny_params(
         sources,
         COUNTS,
         # Frozen-base features are cached, so 15 head epochs take seconds.
@@ -99,6 +105,10 @@ def demo_params(sources: dict[str, str], weights: str) -> dict[str, Any]:
         evaluate={"gradcam_images": 2, "mistakes": 4},
         register={"floor": 0.75, "tolerance": 0.05},
     )
+    for ds, path in archives.items():
+        params["datasets"][ds]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        params["datasets"][ds]["size"] = path.stat().st_size
+    return params
 
 
 def run_demo(root: Path, state: Path, port: int = 8080) -> int:
@@ -114,8 +124,7 @@ def run_demo(root: Path, state: Path, port: int = 8080) -> int:
     )
     airflow = LocalAirflow(project, state / "airflow", port=port)
     with serve_folder(state / "archives") as base:
-        sources = {ds: f"{base}/{path.name}" for ds, path in archives.items()}
-        params = demo_params(sources, weights)
+        params = demo_params(archives, base, weights)
         parse_config(params, source="demo params")
         project.params.write_text(yaml.safe_dump(params, sort_keys=False))
         print(f"demo: archives served from {base}/, params in {project.params}", flush=True)
