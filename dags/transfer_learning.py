@@ -326,7 +326,7 @@ def build_dataset_dag(
             multiple_outputs=False,
             **_retry_args(cfg, "prepare"),
         )().operator
-        tasks: dict[str, Any] = {}
+        stage_tasks: dict[str, Any] = {}
         for stage in graph.names:
             args = _retry_args(cfg, stage)
             if stage in backend.gpu_stages:
@@ -334,11 +334,11 @@ def build_dataset_dag(
                 if backend.queue and backend.kind == "local":
                     args["queue"] = backend.queue
             if stage in backend.gpu_stages and backend.kind == "kubernetes":
-                tasks[stage] = _kubernetes_stage(project, dataset, stage, backend, **args)
+                stage_tasks[stage] = _kubernetes_stage(project, dataset, stage, backend, **args)
             elif stage in backend.gpu_stages and backend.kind == "docker":
-                tasks[stage] = _docker_stage(project, dataset, stage, backend, **args)
+                stage_tasks[stage] = _docker_stage(project, dataset, stage, backend, **args)
             else:
-                tasks[stage] = task(
+                stage_tasks[stage] = task(
                     _stage_callable(project, dataset, stage),
                     task_id=stage,
                     multiple_outputs=False,
@@ -354,11 +354,11 @@ def build_dataset_dag(
         for stage in graph.names:
             ups = graph.upstream[stage]
             if not ups:
-                prepare >> tasks[stage]
+                prepare >> stage_tasks[stage]
             for up in sorted(ups):
-                tasks[up] >> tasks[stage]
+                stage_tasks[up] >> stage_tasks[stage]
         for leaf in graph.leaves:
-            tasks[leaf] >> push
+            stage_tasks[leaf] >> push
     return dag
 
 

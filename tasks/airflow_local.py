@@ -181,6 +181,31 @@ def print_timings(timings: Mapping[str, Mapping[str, float]]) -> None:
             print(f"  {name:<14} {t['total']:7.1f}")
 
 
+def stop_group(proc: subprocess.Popen, first: int = signal.SIGINT, grace: float = 20.0) -> int:
+    """Stop a process started with ``start_new_session=True`` and everything in its group.
+
+    ``first`` (Ctrl-C by default) lets it shut down cleanly; after ``grace``
+    seconds the group gets SIGTERM, then SIGKILL (idle executor workers can
+    outlive their scheduler otherwise).
+    """
+    for sig, wait in ((first, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig != signal.SIGKILL:
+            try:  # stragglers left in the group once the leader is gone
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        break
+    return proc.wait()
+
+
 def standalone(airflow: LocalAirflow, mlflow_port: int = 5000) -> int:
     """``airflow standalone`` plus the MLflow UI, until Ctrl-C."""
     airflow.prepare()
@@ -196,6 +221,8 @@ def standalone(airflow: LocalAirflow, mlflow_port: int = 5000) -> int:
             "127.0.0.1",
             "--port",
             str(mlflow_port),
+            "--workers",
+            "1",
         ],
         env=airflow.env(),
         start_new_session=True,
@@ -204,7 +231,7 @@ def standalone(airflow: LocalAirflow, mlflow_port: int = 5000) -> int:
     print(
         f"\nAirflow UI: http://127.0.0.1:{airflow.port}  user {ADMIN_USER}, password in "
         f"{passwords} (printed below on first start)\nMLflow UI:  http://127.0.0.1:{mlflow_port}"
-        "\nCtrl-C stops both.\n",
+        "\nDAGs start paused: unpause them in the UI. Ctrl-C stops both.\n",
         flush=True,
     )
     proc = subprocess.Popen(
@@ -213,12 +240,10 @@ def standalone(airflow: LocalAirflow, mlflow_port: int = 5000) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGINT)
-        return proc.wait()
+        return 0
     finally:
-        if mlflow_ui.poll() is None:
-            os.killpg(mlflow_ui.pid, signal.SIGTERM)
-            mlflow_ui.wait(timeout=30)
+        stop_group(mlflow_ui, signal.SIGTERM, grace=10.0)
+        stop_group(proc)
 
 
 def _conf(args: argparse.Namespace) -> dict[str, Any] | None:
