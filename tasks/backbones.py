@@ -15,7 +15,9 @@ Weights (``train.weights``):
   and how to pre-seed it (``python -m tasks fetch-weights <backbone>`` on a
   connected machine, or copy the file there).
 - a path to a ``.weights.h5`` file saved by Keras from the backbone (e.g. by
-  :func:`make_offline_weights`), or to an official legacy ``*_notop.h5``;
+  :func:`make_offline_weights`), or to an official legacy ``*_notop.h5``
+  (loaded by the ``keras.applications`` constructor; for EfficientNet through
+  its ImageNet graph, which adds the input scaling those weights expect);
 - ``none``: random initialisation (structure tests only: BatchNorm backbones
   give collapsed features without trained statistics).
 
@@ -31,6 +33,8 @@ import difflib
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -74,6 +78,8 @@ class Backbone:
     head: HeadSpec
     unfreeze_from: str
     cut_at: str | None = None
+    imagenet_graph: bool = False
+    """The constructor builds a different graph for ImageNet weights (EfficientNet)."""
 
     def weights_file(self, image_size: int) -> str:
         """File name of the official ImageNet no-top weights for this input size."""
@@ -145,6 +151,7 @@ BACKBONES: dict[str, Backbone] = {
         "none",
         HeadSpec("avg", 0, 0.2),
         "block7a_expand_conv",
+        imagenet_graph=True,
     ),
 }
 assert tuple(BACKBONES) == BACKBONE_NAMES, "tasks.config.BACKBONES and the registry disagree"
@@ -304,9 +311,13 @@ def build_backbone(
     legacy = weights.path is not None and not weights.path.name.endswith(".weights.h5")
     shape = (image_size, image_size, 3)
     try:
-        full = constructor(
-            include_top=False, weights=str(weights.path) if legacy else None, input_shape=shape
-        )
+        if legacy and spec.imagenet_graph:
+            with _weights_from(weights.path):
+                full = constructor(include_top=False, weights="imagenet", input_shape=shape)
+        else:
+            full = constructor(
+                include_top=False, weights=str(weights.path) if legacy else None, input_shape=shape
+            )
     except (ValueError, OSError) as error:
         raise StageError(
             f"cannot load {spec.name} weights from {weights.path}: {error}; use the matching "
@@ -323,6 +334,23 @@ def build_backbone(
                 f"make_offline_weights('{spec.name}', ...) or save it from this backbone"
             ) from None
     return model
+
+
+@contextmanager
+def _weights_from(path: Path) -> Iterator[None]:
+    """Make ``weights="imagenet"`` load ``path`` (no download, no cache lookup).
+
+    EfficientNet's graph differs with ImageNet weights (an extra input rescaling
+    the official weights expect), so those weights must be loaded that way.
+    """
+    from keras.src.utils import file_utils
+
+    original = file_utils.get_file
+    file_utils.get_file = lambda *args, **kwargs: str(path)
+    try:
+        yield
+    finally:
+        file_utils.get_file = original
 
 
 def _load_keras_weights(model: keras.Model, full: keras.Model, path: Path) -> None:

@@ -205,15 +205,6 @@ def _feature_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def _log_common(
-    mlflow: Any,
-    params: dict[str, Any],
-    tags: dict[str, str],
-) -> None:
-    mlflow.log_params(params)
-    mlflow.set_tags(tags)
-
-
 def _relative(paths: DatasetPaths, file: Path) -> str:
     try:
         return file.resolve().relative_to(paths.root.resolve()).as_posix()
@@ -277,6 +268,7 @@ def train_frozen(cfg: Config, paths: DatasetPaths) -> TrainResult:
         )
 
     val_images = dataset("validation", False)
+    train_images = dataset("train", not cached, None if cached else augment)
     params = {
         "backbone": train.backbone,
         "image_size": size,
@@ -294,16 +286,15 @@ def train_frozen(cfg: Config, paths: DatasetPaths) -> TrainResult:
         **counts,
     }
     with phase_run(cfg, paths, "train", new_parent=True) as run:
-        _log_common(
-            mlflow,
-            params,
-            {"weights.sha256": weights.sha256, "weights.description": weights.description},
+        mlflow.log_params(params)
+        mlflow.set_tags(
+            {"weights.sha256": weights.sha256, "weights.description": weights.description}
         )
         logger = epoch_logger("train", offset=0)
         callbacks = _callbacks(train.early_stopping_patience, logger)
         if cached:
             extractor = feature_extractor(model)
-            train_x, train_y = _features(extractor, dataset("train", False))
+            train_x, train_y = _features(extractor, train_images)
             val_x, val_y = _features(extractor, val_images)
             head_model = model.get_layer("head")
             compile_model(head_model, train.optimizer, train.learning_rate, len(classes))
@@ -319,7 +310,7 @@ def train_frozen(cfg: Config, paths: DatasetPaths) -> TrainResult:
         else:
             compile_model(model, train.optimizer, train.learning_rate, len(classes))
             model.fit(
-                dataset("train", True, augment),
+                train_images,
                 validation_data=val_images,
                 epochs=train.epochs,
                 callbacks=callbacks,
@@ -468,6 +459,7 @@ def finetune(cfg: Config, paths: DatasetPaths) -> TrainResult:
 
     weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
     val_images = dataset("validation", False)
+    train_images = dataset("train", True, augment)
     compile_model(model, tune.optimizer, tune.learning_rate, len(classes))
     frozen_scores = _scores(model, val_images)
     unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
@@ -492,9 +484,8 @@ def finetune(cfg: Config, paths: DatasetPaths) -> TrainResult:
         **counts,
     }
     with phase_run(cfg, paths, "finetune") as run:
-        _log_common(
-            mlflow,
-            params,
+        mlflow.log_params(params)
+        mlflow.set_tags(
             {
                 "frozen_model.md5": file_md5(paths.frozen_model),
                 "weights.sha256": weights_sha,
@@ -506,7 +497,7 @@ def finetune(cfg: Config, paths: DatasetPaths) -> TrainResult:
         finetuned_scores = None
         if tune.epochs:
             model.fit(
-                dataset("train", True, augment),
+                train_images,
                 validation_data=val_images,
                 epochs=tune.epochs,
                 callbacks=_callbacks(tune.early_stopping_patience, logger),

@@ -158,8 +158,10 @@ def test_head_overrides_and_multiclass_output():
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["keras", "legacy"])
-def test_weights_files_load_into_the_backbone(kind, tmp_path):
+@pytest.mark.parametrize(
+    "name, kind", [("vgg16", "keras"), ("vgg16", "legacy"), ("efficientnet_b0", "legacy")]
+)
+def test_weights_files_load_into_the_backbone(name, kind, tmp_path):
     """A ``.weights.h5`` saved by Keras, or an official-format legacy ``*_notop.h5``."""
     import h5py
     import keras
@@ -167,22 +169,34 @@ def test_weights_files_load_into_the_backbone(kind, tmp_path):
 
     from tasks.backbones import WeightsSource, sha256_file
 
+    entry = BACKBONES[name]
+    constructor = getattr(keras.applications, entry.constructor)
     keras.utils.set_random_seed(2)
-    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    source = constructor(include_top=False, weights=None, input_shape=(32, 32, 3))
     if kind == "keras":
-        file = tmp_path / "vgg16.weights.h5"
+        file = tmp_path / f"{name}.weights.h5"
         source.save_weights(file)
     else:
-        file = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        file = tmp_path / entry.weights_file(224)
         with h5py.File(file, "w") as handle:
             legacy_h5_format.save_weights_to_hdf5_group(handle, source)
     keras.utils.set_random_seed(3)
     weights = WeightsSource("file", file, sha256_file(file))
-    model = build_model(ModelSpec("vgg16", 48, BACKBONES["vgg16"].head, 2), weights)
-    loaded = model.get_layer("backbone").get_weights()
-    assert len(loaded) == len(source.get_weights()) == 26
+    model = build_model(ModelSpec(name, 48, entry.head, 2), weights)
+    base = model.get_layer("backbone")
+    loaded = base.get_weights()
+    assert len(loaded) == len(source.get_weights()) > 20
     for a, b in zip(loaded, source.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+    if name == "efficientnet_b0":
+        # the official weights expect the extra input scaling Keras adds only for imagenet
+        scales = [
+            np.asarray(layer.scale)
+            for layer in base.layers
+            if isinstance(layer, keras.layers.Rescaling)
+        ]
+        assert len(scales) == 2
+        np.testing.assert_allclose(scales[1], 1 / np.sqrt([0.229, 0.224, 0.225]), rtol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")
