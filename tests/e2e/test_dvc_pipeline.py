@@ -39,7 +39,9 @@ def _env() -> dict[str, str]:
 def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
     if check and result.returncode:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -78,8 +80,13 @@ def project(tmp_path_factory, archive_server) -> Path:
     params = tiny_params(
         sources,
         {"train": 8, "validation": 4},
-        train={"backbone": "mobilenet_v2", "image_size": 32, "weights": "none", "epochs": 1,
-               "batch_size": 8},
+        train={
+            "backbone": "mobilenet_v2",
+            "image_size": 32,
+            "weights": "none",
+            "epochs": 1,
+            "batch_size": 8,
+        },
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 4},
         register={"floor": 0.0, "tolerance": 1.0},
@@ -135,8 +142,12 @@ def test_finetune_param_reruns_exactly_finetune_onward(project, first_repro):
     params["finetune"]["learning_rate"] = 0.00002
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = dvc(project, "repro")
-    assert ran(output) == {f"{s}@{d}" for s in ("finetune", "evaluate", "register") for d in DATASETS}
-    assert {f"{s}@{d}" for s in ("download", "validate", "train") for d in DATASETS} <= skipped(output)
+    assert ran(output) == {
+        f"{s}@{d}" for s in ("finetune", "evaluate", "register") for d in DATASETS
+    }
+    assert {f"{s}@{d}" for s in ("download", "validate", "train") for d in DATASETS} <= skipped(
+        output
+    )
 
 
 def test_push_then_pull_into_a_fresh_clone_restores_models(project, first_repro, tmp_path):
@@ -153,3 +164,23 @@ def test_push_then_pull_into_a_fresh_clone_restores_models(project, first_repro,
         assert (clone / "data" / "manifests" / f"{ds}.parquet").read_bytes() == (
             project / "data" / "manifests" / f"{ds}.parquet"
         ).read_bytes()
+
+
+def test_exp_run_with_an_override_is_its_own_mlflow_parent_run(project, first_repro):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cats_vs_dogs")
+    parent_filter = "tags.`pipeline.parent` = 'true'"
+    before = client.search_runs([experiment.experiment_id], parent_filter)
+    output = dvc(
+        project, "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2", "train@cats_vs_dogs"
+    )
+    assert "train@cats_vs_dogs" in ran(output)
+    after = client.search_runs([experiment.experiment_id], parent_filter)
+    new = [run for run in after if run.info.run_id not in {r.info.run_id for r in before}]
+    assert len(new) == 1
+    assert new[0].data.params["train.epochs"] == "2"
+    assert new[0].data.tags["dvc.exp_name"] == "two-epochs"
+    shown = dvc(project, "exp", "show", "--csv")
+    assert "two-epochs" in shown
