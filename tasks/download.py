@@ -224,7 +224,7 @@ def _install(
             json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
     if expected is None:
-        record_known_hash(paths, sha, source)
+        record_known_hash(paths, sha, source, ds.url)
         message = (
             f"{ds.name}: no sha256 pinned; trusting on first use: {sha} "
             f"(recorded in {paths.known_hashes}; pin it with datasets.{ds.name}.sha256: {sha})"
@@ -239,6 +239,9 @@ def _install(
 # ----------------------------------------------------------------------------- hashes and records
 
 
+_URL_LINE = "# url: "
+
+
 def expected_hash(ds: DatasetConfig, paths: DatasetPaths) -> ExpectedHash | None:
     """The pinned sha256, else the one recorded on first use, else None."""
     if ds.sha256:
@@ -246,7 +249,18 @@ def expected_hash(ds: DatasetConfig, paths: DatasetPaths) -> ExpectedHash | None
     known = paths.known_hashes
     if not known.is_file():
         return None
-    for line in known.read_text(encoding="utf-8").splitlines():
+    lines = known.read_text(encoding="utf-8").splitlines()
+    recorded_url = next((ln[len(_URL_LINE) :] for ln in lines if ln.startswith(_URL_LINE)), None)
+    if recorded_url is not None and recorded_url != ds.url:
+        log.warning(
+            "%s: datasets.%s.url changed since its sha256 was recorded (was %s); "
+            "the new archive is trusted on first use",
+            ds.name,
+            ds.name,
+            recorded_url,
+        )
+        return None
+    for line in lines:
         token = line.strip().split(maxsplit=1)[0].lower() if line.strip() else ""
         if not token or token.startswith("#"):
             continue
@@ -259,10 +273,17 @@ def expected_hash(ds: DatasetConfig, paths: DatasetPaths) -> ExpectedHash | None
     return None
 
 
-def record_known_hash(paths: DatasetPaths, sha: str, source: str) -> Path:
-    """Write ``sha`` to ``paths.known_hashes`` (``sha256sum`` format, plus a comment)."""
+def record_known_hash(paths: DatasetPaths, sha: str, source: str, url: str) -> Path:
+    """Write ``sha`` to ``paths.known_hashes`` (``sha256sum`` format, plus comments).
+
+    The record is bound to the configured ``url``: pointing the dataset at
+    another URL means another archive, trusted on its own first use.
+    """
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    text = f"{sha}  {paths.archive.name}\n# trusted on first use {when} from {source}\n"
+    text = (
+        f"{sha}  {paths.archive.name}\n# trusted on first use {when} from {source}\n"
+        f"{_URL_LINE}{url}\n"
+    )
     return write_text(paths.known_hashes, text)
 
 

@@ -527,5 +527,25 @@ def test_cli_downloads_and_prints_the_summary(server, zips, write_params, ws, ca
     out, err = capsys.readouterr()
     assert sha(zips[DS]) in out and url in out
     assert "%|" not in err  # no progress bar when stderr is not a terminal
-    assert main([*argv, "--offline"]) == 0
+    assert main([*argv, "--set", f"datasets.{DS}.url={url}", "--offline"]) == 0
     assert "already verified" in capsys.readouterr().out
+
+
+def test_a_changed_url_is_fetched_again_and_trusted_on_its_own_first_use(archive_server, tmp_path):
+    from tasks.config import parse_config
+    from tasks.download import download
+    from tasks.paths import DatasetPaths
+    from tests.datagen import make_archive, tiny_params
+
+    first = make_archive(tmp_path / "a.zip", "cats_vs_dogs", seed=1)
+    second = make_archive(tmp_path / "b.zip", "cats_vs_dogs", seed=2)
+    url_a = archive_server.add("/changed-url-a.zip", first.read_bytes())
+    url_b = archive_server.add("/changed-url-b.zip", second.read_bytes())
+    paths = DatasetPaths.of("cats_vs_dogs", tmp_path / "ws")
+    result_a = download(parse_config(tiny_params({"cats_vs_dogs": url_a})), paths)
+    result_b = download(parse_config(tiny_params({"cats_vs_dogs": url_b})), paths)
+    assert not result_b.skipped
+    assert result_b.sha256 != result_a.sha256
+    assert archive_server.count("/changed-url-b.zip") >= 1
+    assert result_b.sha256 in paths.known_hashes.read_text()
+    assert url_b in paths.known_hashes.read_text()
