@@ -8,7 +8,9 @@ augmentation. The tutorial way (TensorFlow's "Transfer learning and fine-tuning"
 ``image_dataset_from_directory``, augmentation layers inside the model, the frozen
 base run on every step of phase 1, then fine-tuning from layer 100. Both use the
 same backbone weights (made offline, no download), head, optimizer settings,
-image size, batch size and epoch counts; early stopping is off so every epoch runs.
+augmentation (the ``augmentation:`` section), image size, batch size and epoch
+counts; early stopping is off so every epoch runs. As in the tutorial, its
+datasets are not cached (every epoch decodes the files again).
 
 images/s counts training images per second of the phase's wall time (data
 loading, feature extraction, validation and saving included).
