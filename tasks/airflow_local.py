@@ -118,12 +118,28 @@ class LocalAirflow:
             args += ["--conf", json.dumps(conf)]
         print(f"\n== airflow {shlex.join(args)}", flush=True)
         start = time.perf_counter()
-        proc = self.airflow(*args, check=False)
+        env = self.env()
+        # An interactive run should fail in seconds, not wait out the scheduled retry delays.
+        env.setdefault("TASKS_RETRY_DELAY_SECONDS", "3")
+        cause = ""
+        with subprocess.Popen(
+            [str(self.bin / "airflow"), *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                if "StageFailed: " in line:
+                    cause = line.split("StageFailed: ", 1)[1].strip()
         seconds = time.perf_counter() - start
         if proc.returncode:
+            detail = f"\n{cause}" if cause else "; the task logs above name the stage"
             raise StageError(
-                f"DAG {dag_id} failed (exit {proc.returncode}); the task logs above name the "
-                f"stage; logs also under {self.home / 'logs'}"
+                f"DAG {dag_id} failed (exit {proc.returncode}); logs under "
+                f"{self.home / 'logs'}{detail}"
             )
         return seconds
 
