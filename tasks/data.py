@@ -186,7 +186,10 @@ def make_dataset(
                 x = layer(x, training=True)
             return tf.clip_by_value(x, 0.0, 255.0), y
 
-        ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # Sequential on purpose: the seeded layers draw from one generator state, and
+        # parallel calls would draw in whatever order they run (unrepeatable under load).
+        # Each call is a whole batch, vectorised, and prefetch overlaps it with training.
+        ds = ds.map(augment_batch)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

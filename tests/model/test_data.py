@@ -106,7 +106,7 @@ def test_augmentation_changes_every_training_image_and_is_seeded(workspace):
     again = images(dataset(workspace, batch=3, augment=aug, seed=7))
     other = images(dataset(workspace, batch=3, augment=aug, seed=8))
     assert np.abs(epoch1 - plain).reshape(10, -1).max(axis=1).min() > 10
-    np.testing.assert_array_equal(epoch1, again)  # all 4 batches, mapped in parallel
+    np.testing.assert_array_equal(epoch1, again)  # all 4 batches
     assert not np.array_equal(epoch1, epoch2)
     assert not np.array_equal(epoch1, other)
     assert epoch1.min() >= 0 and epoch1.max() <= 255
