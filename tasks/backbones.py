@@ -30,7 +30,6 @@ a real, transferable weights file made with no network, for tests and the demo.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from tasks.config import BACKBONES as BACKBONE_NAMES
 from tasks.config import ConfigError, HeadConfig
 from tasks.errors import StageError
+from tasks.hashing import sha256_file
 
 if TYPE_CHECKING:
     import keras
@@ -184,14 +184,6 @@ class WeightsSource:
         if self.kind == "imagenet":
             return f"imagenet ({self.path})"
         return str(self.path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def keras_cache_dir() -> Path:

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from tasks.atomic import atomic_path, write_json, write_text
 from tasks.config import Config, DatasetConfig, DownloadConfig
 from tasks.errors import StageError
+from tasks.hashing import sha256_file
 from tasks.paths import DatasetPaths
 
 try:
@@ -305,14 +306,6 @@ def verified_record(
     if not all((root / folder).is_dir() for folder in (ds.layout.train, ds.layout.validation)):
         return None
     return record
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_archive(path: Path, ds: DatasetConfig, expected: ExpectedHash | None) -> tuple[str, int]:

@@ -13,7 +13,6 @@ overrides. Param names are the same for every backbone and dataset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ import yaml
 
 from tasks.atomic import write_json
 from tasks.config import Config
+from tasks.hashing import file_md5
 from tasks.paths import DatasetPaths
 
 if TYPE_CHECKING:
@@ -91,15 +91,6 @@ def use_experiment(cfg: Config, paths: DatasetPaths) -> str:
             artifacts = store_root(paths.root) / artifacts
         location = artifacts.as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
-
-
-def file_md5(path: Path) -> str:
-    """The MD5 DVC records for a file output (so MLflow and dvc.lock agree)."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def locked_hash(root: Path, stage: str, out: str) -> str | None:
