@@ -5,9 +5,9 @@ PostgreSQL (databases made by docker/postgres/init-databases.sh), an S3 endpoint
 server started by mlflow/serve.sh in server mode (Postgres backend, artifacts
 proxied to S3) and Airflow on the Postgres metadata database, configured by the
 same environment variables as docker/compose.yaml. A tiny pipeline runs through
-it as an Airflow DAG (`airflow dags test`): the real download, validate, evaluate
-and register commands (MLflow over HTTP only, no S3 key), a stand-in for
-train/finetune, and `dvc push` to the S3 remote set up by docker/dvc-remote.sh.
+it as an Airflow DAG (`airflow dags test`): the real download, validate, train,
+finetune, evaluate and register commands (MLflow over HTTP only, no S3 key) and
+`dvc push` to the S3 remote set up by docker/dvc-remote.sh.
 The tests then read Postgres and the bucket directly, and pull the data back.
 
 Needs PostgreSQL's server binaries (`bash tests/deploy/install_stack_deps.sh`)
@@ -16,6 +16,7 @@ and asyncpg (Airflow 3's async engine on PostgreSQL).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -215,9 +216,10 @@ def pipeline(stack, tmp_path_factory, archive_server):
     """A tiny pipeline as an Airflow DAG through the stack; returns what the tests inspect.
 
     Real stage commands: download (an archive served from 127.0.0.1), validate,
-    evaluate, register; a stand-in for train + finetune (tests/deploy/standin_train.py);
-    then docker/dvc-remote.sh and `dvc push`. MLflow clients get no S3 key:
-    artifacts must travel through the server.
+    train, finetune, evaluate, register; then docker/dvc-remote.sh and `dvc push`.
+    MLflow clients get no S3 key: artifacts must travel through the server. The
+    model is MobileNetV2 at 32 px with random weights, one epoch per phase: the
+    gate's floor is 0, so nothing here needs the model to learn.
     """
     base = tmp_path_factory.mktemp("pipeline")
     archive = make_archive(base / "served.zip", DATASET, {"train": 8, "validation": 4}, 40)
@@ -226,17 +228,18 @@ def pipeline(stack, tmp_path_factory, archive_server):
         {DATASET: url},
         {"train": 8, "validation": 4},
         train={"image_size": 32, "weights": "none", "epochs": 1, "batch_size": 8},
+        finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 2},
         register={"floor": 0.0, "tolerance": 1.0},
     )
     ws = workspace(base / "workspace", params, stack.airflow_env)
     python = sys.executable
-    standin = REPO / "tests/deploy/standin_train.py"
     no_s3 = "env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_ENDPOINT_URL_S3"
     tasks = [
         ("download", f"cd {ws} && {python} -m tasks download {DATASET}"),
         ("validate", f"cd {ws} && {python} -m tasks validate {DATASET}"),
-        ("train", f"cd {ws} && {python} {standin} {DATASET} --root ."),
+        ("train", f"cd {ws} && {no_s3} {python} -m tasks train {DATASET}"),
+        ("finetune", f"cd {ws} && {no_s3} {python} -m tasks finetune {DATASET}"),
         ("evaluate", f"cd {ws} && {no_s3} {python} -m tasks evaluate {DATASET}"),
         ("register", f"cd {ws} && {no_s3} {python} -m tasks register {DATASET}"),
         ("dvc_push", f"cd {ws} && bash {REPO / 'docker/dvc-remote.sh'} . "
@@ -272,12 +275,18 @@ def test_mlflow_runs_and_registered_model_live_in_postgres(stack, pipeline):
     for run_id, status, key, value in stack.mlflow_sql(tags_sql, (experiment_id,)):
         runs.setdefault(run_id, {"status": status})[key] = value
     phases = {tags["phase"]: tags for tags in runs.values() if "phase" in tags}
-    assert set(phases) == {"evaluate", "register"}
+    assert set(phases) == {"train", "finetune", "evaluate", "register"}
     for tags in phases.values():
         assert tags["status"] == "FINISHED"
         assert tags["airflow.dag_id"] == DAG_ID  # lineage from the Airflow task's context
         assert tags["dataset"] == DATASET
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git.commit"])
+    # One pipeline execution: train opened the parent, every later stage joined it.
+    parents = {tags["mlflow.parentRunId"] for tags in phases.values()}
+    assert len(parents) == 1
+    parent = runs[parents.pop()]
+    assert parent["pipeline.parent"] == "true" and parent["status"] == "FINISHED"
+    assert len(runs) == 5  # the parent and its four children, nothing else
     accuracy = stack.mlflow_sql(
         "SELECT m.value FROM latest_metrics m JOIN tags t ON t.run_uuid = m.run_uuid"
         " WHERE t.key = 'phase' AND t.value = 'evaluate' AND m.key = 'accuracy'"
@@ -293,6 +302,60 @@ def test_mlflow_runs_and_registered_model_live_in_postgres(stack, pipeline):
     )
     assert ("champion", 1) in aliases  # floor 0: the first model passes the gate
     assert not list(pipeline["workspace"].rglob("mlflow.db"))  # no local store on the worker
+
+
+def phase_run_id(stack: Stack, phase: str) -> str:
+    ((run_id,),) = stack.mlflow_sql(
+        "SELECT run_uuid FROM tags WHERE key = 'phase' AND value = %s", (phase,)
+    )
+    return run_id
+
+
+def test_train_and_finetune_runs_log_every_epoch_in_postgres(stack, pipeline):
+    metric_sql = "SELECT key, step, value FROM metrics WHERE run_uuid = %s"
+    # One epoch each; the finetune phase's epochs are numbered after phase 1's.
+    for phase, step in (("train", 1), ("finetune", 2)):
+        run_id = phase_run_id(stack, phase)
+        per_epoch = {
+            (key, s): value
+            for key, s, value in stack.mlflow_sql(metric_sql, (run_id,))
+            if key in ("loss", "accuracy", "val_loss", "val_accuracy")
+        }
+        assert set(per_epoch) == {
+            (key, step) for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+        }, phase
+        assert 0.0 <= per_epoch[("val_accuracy", step)] <= 1.0
+        params = dict(
+            stack.mlflow_sql("SELECT key, value FROM params WHERE run_uuid = %s", (run_id,))
+        )
+        assert params["backbone"] == "mobilenet_v2" and params["image_size"] == "32"
+        assert params["epochs"] == "1"
+        # The history CSV went through the server into the bucket.
+        history = f"{run_id}/artifacts/history/"
+        assert any(history in key for key in stack.keys(MLFLOW_BUCKET, "artifacts/")), phase
+    finetune_metrics = {
+        key for key, _, _ in stack.mlflow_sql(metric_sql, (phase_run_id(stack, "finetune"),))
+    }
+    assert {"frozen_val_accuracy", "finetuned_val_accuracy"} <= finetune_metrics
+
+
+def test_trained_models_reach_the_dvc_remote(stack, pipeline):
+    models = pipeline["workspace"] / "models" / DATASET
+    keys = set(stack.keys(DVC_BUCKET, "store/"))
+    candidate = json.loads((models / "candidate.json").read_text())
+    assert candidate["path"] in (
+        f"models/{DATASET}/frozen.keras",
+        f"models/{DATASET}/finetuned.keras",
+    )
+    for phase, name in (("train", "frozen.keras"), ("finetune", "finetuned.keras")):
+        md5 = hashlib.md5((models / name).read_bytes()).hexdigest()
+        assert f"store/files/md5/{md5[:2]}/{md5[2:]}" in keys, name
+        # The file DVC pushed is the one the phase's MLflow run recorded.
+        ((tag,),) = stack.mlflow_sql(
+            "SELECT value FROM tags WHERE run_uuid = %s AND key = 'model.md5'",
+            (phase_run_id(stack, phase),),
+        )
+        assert tag == md5, name
 
 
 def test_model_and_plots_live_in_the_object_store(stack, pipeline):
@@ -323,7 +386,8 @@ def test_dvc_pushes_to_s3_and_pulls_back_byte_identical(stack, pipeline):
     keys = stack.keys(DVC_BUCKET, "store/")
     files = sorted(p for p in (ws / "models" / DATASET).rglob("*") if p.is_file())
     images = sorted((ws / "data" / "raw" / DATASET).rglob("*.jpg"))
-    assert files and len(images) == 24
+    assert {"frozen.keras", "finetuned.keras", "candidate.json"} <= {p.name for p in files}
+    assert len(images) == 24
     assert len([k for k in keys if "/md5/" in k]) >= len(files) + len(images)
     # The remote lives only in the git-ignored config.local; no secret in any config.
     committed = (ws / ".dvc" / "config").read_text()
