@@ -55,10 +55,8 @@ def read_manifest(paths: DatasetPaths) -> pd.DataFrame:
     return frame
 
 
-def split_rows(
-    manifest: pd.DataFrame, split: str, classes: Sequence[str]
-) -> tuple[list[str], list[int], list[bool]]:
-    """Paths, class indices and needs-Pillow flags of the ``ok`` rows of ``split``."""
+def usable_rows(manifest: pd.DataFrame, split: str, classes: Sequence[str]) -> pd.DataFrame:
+    """The ``ok`` rows of ``split``; an error if there are none or a label is not a class."""
     rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")]
     if rows.empty:
         raise StageError(
@@ -71,6 +69,14 @@ def split_rows(
             f"manifest labels {unknown} are not in the dataset's classes {list(classes)}; fix "
             "datasets.<name>.classes in params.yaml or rerun validate"
         )
+    return rows
+
+
+def split_rows(
+    manifest: pd.DataFrame, split: str, classes: Sequence[str]
+) -> tuple[list[str], list[int], list[bool]]:
+    """Paths, class indices and needs-Pillow flags of the ``ok`` rows of ``split``."""
+    rows = usable_rows(manifest, split, classes)
     index = {name: i for i, name in enumerate(classes)}
     labels = [index[label] for label in rows["label"]]
     pillow = [needs_pillow(row) for row in rows.to_dict("records")]

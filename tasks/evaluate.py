@@ -210,22 +210,10 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def validation_frame(paths: DatasetPaths, classes: Sequence[str]) -> pd.DataFrame:
     """The manifest's usable validation rows, with ``label_index`` (position in ``classes``)."""
-    from tasks.data import read_manifest
+    from tasks.data import read_manifest, usable_rows
 
-    manifest = read_manifest(paths)
-    frame = manifest[(manifest["split"] == "validation") & (manifest["status"] == "ok")]
+    frame = usable_rows(read_manifest(paths), "validation", classes)
     frame = frame.sort_values("path", kind="stable").reset_index(drop=True)
-    if frame.empty:
-        raise StageError(
-            f"{paths.manifest} has no usable validation images (split=validation, status=ok); "
-            "check the dataset's layout.validation folder in params.yaml"
-        )
-    unknown = sorted(set(frame["label"]) - set(classes))
-    if unknown:
-        raise StageError(
-            f"validation labels {unknown} are not in datasets.{paths.dataset}.classes "
-            f"{list(classes)}; fix the classes in params.yaml or the dataset"
-        )
     frame["label_index"] = frame["label"].map({name: i for i, name in enumerate(classes)})
     return frame
 
