@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.atomic import write_json, write_text
-from tasks.config import Config, TrainConfig
+from tasks.config import AugmentationConfig, Config, TrainConfig
 from tasks.errors import StageError
 from tasks.paths import DatasetPaths
 
@@ -215,10 +215,40 @@ def _relative(paths: DatasetPaths, file: Path) -> str:
 # ---------------------------------------------------------------- phase 1
 
 
+def _splits(
+    manifest: Any,
+    paths: DatasetPaths,
+    classes: list[str],
+    size: int,
+    train: TrainConfig,
+    *,
+    shuffle: bool,
+    augment: AugmentationConfig | None,
+) -> tuple[Any, Any]:
+    """The training and validation datasets of a phase (augmentation on training only)."""
+    from tasks.data import make_dataset
+
+    def dataset(split: str, shuffle: bool, aug: AugmentationConfig | None) -> Any:
+        return make_dataset(
+            manifest,
+            paths.raw,
+            split,
+            classes,
+            size,
+            train.batch_size,
+            augment=aug,
+            shuffle=shuffle,
+            seed=train.seed,
+        )
+
+    validation = dataset("validation", False, None)
+    return dataset("train", shuffle, augment), validation
+
+
 def train_frozen(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 1: train the head on the frozen backbone; write ``frozen.keras``."""
     from tasks.backbones import get_backbone, resolve_weights
-    from tasks.data import count_rows, make_dataset, read_manifest
+    from tasks.data import count_rows, read_manifest
 
     started = time.perf_counter()
     train = cfg.train
@@ -254,21 +284,15 @@ def train_frozen(cfg: Config, paths: DatasetPaths) -> TrainResult:
     cached = use_feature_cache(train, images * per_image)
     augment = cfg.augmentation if train.augment else None
 
-    def dataset(split: str, shuffle: bool, aug: Any = None) -> tf.data.Dataset:
-        return make_dataset(
-            manifest,
-            paths.raw,
-            split,
-            classes,
-            size,
-            train.batch_size,
-            augment=aug,
-            shuffle=shuffle,
-            seed=train.seed,
-        )
-
-    val_images = dataset("validation", False)
-    train_images = dataset("train", not cached, None if cached else augment)
+    train_images, val_images = _splits(
+        manifest,
+        paths,
+        classes,
+        size,
+        train,
+        shuffle=not cached,
+        augment=None if cached else augment,
+    )
     params = {
         "backbone": train.backbone,
         "image_size": size,
@@ -407,7 +431,7 @@ def _weights_record(cfg: Config, backbone: str, size: int, paths: DatasetPaths) 
 
 def finetune(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 2: unfreeze the top blocks, train at a low rate; write the candidate record."""
-    from tasks.data import count_rows, make_dataset, read_manifest
+    from tasks.data import count_rows, read_manifest
 
     started = time.perf_counter()
     tune = cfg.finetune
@@ -444,22 +468,10 @@ def finetune(cfg: Config, paths: DatasetPaths) -> TrainResult:
     boundary = tune.unfreeze_from or get_backbone(backbone).unfreeze_from
     augment = cfg.augmentation if tune.augment else None
 
-    def dataset(split: str, shuffle: bool, aug: Any = None) -> tf.data.Dataset:
-        return make_dataset(
-            manifest,
-            paths.raw,
-            split,
-            classes,
-            size,
-            cfg.train.batch_size,
-            augment=aug,
-            shuffle=shuffle,
-            seed=cfg.train.seed,
-        )
-
     weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
-    val_images = dataset("validation", False)
-    train_images = dataset("train", True, augment)
+    train_images, val_images = _splits(
+        manifest, paths, classes, size, cfg.train, shuffle=True, augment=augment
+    )
     compile_model(model, tune.optimizer, tune.learning_rate, len(classes))
     frozen_scores = _scores(model, val_images)
     unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
