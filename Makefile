@@ -25,7 +25,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 # SQLite Airflow DB in .airflow/; results: .workspaces/<ds>/reports/, reports/summary.md,
 # MLflow in mlflow/. One run's DAG conf: make run CONF='{"backbone": "vgg16"}'
 run: setup
-	$(PY) -m tasks.airflow_local run $(if $(CONF),--conf '$(CONF)') $(SET_ARGS)
+	$(PY) -m tasks.dev.airflow_local run $(if $(CONF),--conf '$(CONF)') $(SET_ARGS)
 
 test: setup stack-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -34,12 +34,14 @@ test: setup stack-deps
 stack-deps:
 	@bash tests/deploy/install_stack_deps.sh
 
+# ruff, then the import contracts of pyproject.toml (the layers in docs/architecture.md).
 lint: setup
 	$(VENV)/bin/ruff check tasks dags tests
 	$(VENV)/bin/ruff format --check tasks dags tests
+	$(VENV)/bin/lint-imports
 
 bench: setup
-	$(PY) -m tasks.bench
+	$(PY) -m tasks.dev.bench
 
 clean:
 	rm -rf .pytest_cache .ruff_cache
@@ -49,9 +51,9 @@ clean:
 # MLflow UI on http://127.0.0.1:5000. Log in as `admin` with the password in
 # .airflow/simple_auth_manager_passwords.json.generated (printed on first start).
 airflow: setup
-	AIRFLOW_PORT=$(AIRFLOW_PORT) $(PY) -m tasks.airflow_local standalone
+	AIRFLOW_PORT=$(AIRFLOW_PORT) $(PY) -m tasks.dev.airflow_local standalone
 
 # No internet, no GPU: generated archives served from 127.0.0.1, tiny params, offline
 # weights, the same DAGs; everything under .demo/. Ends by printing where to look.
 demo: setup
-	$(PY) -m tasks.demo
+	$(PY) -m tasks.dev.demo

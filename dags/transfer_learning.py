@@ -1,6 +1,6 @@
 """Transfer-learning DAGs: one per dataset in params.yaml, plus a cross-dataset summary.
 
-Wiring only; every task calls one function of ``tasks.workspace`` / ``tasks.summary``.
+Wiring only; every task calls one function of ``tasks.orchestration``.
 
 ``transfer_learning__<dataset>``::
 
@@ -11,7 +11,7 @@ Wiring only; every task calls one function of ``tasks.workspace`` / ``tasks.summ
   ``dvc repro --single-item <stage>@<dataset>`` in the dataset's own workspace
   (``.workspaces/<dataset>``; shared DVC cache and MLflow store), so DVC skips
   unchanged stages and the workspace's dvc.lock stays meaningful;
-- ``prepare`` validates the run conf (see ``tasks.workspace.CONF_KEYS``) and
+- ``prepare`` validates the run conf (see ``tasks.orchestration.runconf.CONF_KEYS``) and
   writes the workspace's params.yaml; ``push`` runs ``dvc push`` and updates the
   dataset's model Asset;
 - a new dataset in params.yaml is a new DAG, with no code.
@@ -20,7 +20,7 @@ Wiring only; every task calls one function of ``tasks.workspace`` / ``tasks.summ
 and writes ``reports/summary.md`` / ``.json`` (champion per dataset).
 
 Parse-time configuration (environment, never Airflow Variables):
-``TASKS_PROJECT``/``TASKS_PARAMS``/``TASKS_STATE_DIR`` (see tasks/workspace.py);
+``TASKS_PROJECT``/``TASKS_PARAMS``/``TASKS_STATE_DIR`` (see tasks/orchestration/project.py);
 ``TASKS_GPU_BACKEND`` = ``local`` (default) | ``kubernetes`` | ``docker`` for the
 GPU stages ``TASKS_GPU_STAGES`` (default ``train,finetune``); ``TASKS_GPU_POOL``
 (default ``gpu``, sized by ``schedule.gpus``); ``TASKS_GPU_QUEUE`` (Celery
@@ -35,10 +35,7 @@ kubernetes/docker providers are imported only when their backend is chosen.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,75 +43,15 @@ from typing import Any
 from airflow.sdk import DAG, Asset, AssetAny, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from tasks.config import Config, ConfigError
-from tasks.workspace import CONF_KEYS, DAG_PREFIX, SUMMARY_DAG_ID, Project
+from tasks.config import Config
+from tasks.errors import ConfigError
+from tasks.orchestration.backends import Backend, docker_stage, kubernetes_stage
+from tasks.orchestration.dvc import NO_RETRY_STAGES
+from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
+from tasks.orchestration.runconf import CONF_KEYS
 
 TAG = "transfer-learning"
-GPU_BACKENDS = ("local", "kubernetes", "docker")
 START = datetime(2025, 1, 1, tzinfo=UTC)
-# A failed validation (or a bad conf) is deterministic: retrying cannot help.
-NO_RETRY_STAGES = frozenset({"prepare", "validate"})
-# Network-bound stages retry even on a user-fixable (exit 2) error: a source may come back.
-NETWORK_STAGES = frozenset({"download", "push"})
-
-
-@dataclass(frozen=True)
-class Backend:
-    """Where the GPU stages run, read from the environment at parse time."""
-
-    kind: str = "local"
-    gpu_stages: frozenset[str] = frozenset({"train", "finetune"})
-    pool: str = "gpu"
-    queue: str | None = None
-    image: str = "transfer-learning-trainer:latest"
-    gpus_per_task: int = 1
-    namespace: str = "default"
-    pvc: str = "transfer-learning-project"
-    node_selector: Mapping[str, str] | None = None
-    tolerations: tuple[Mapping[str, str], ...] = ()
-    docker_url: str = "unix://var/run/docker.sock"
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Backend:
-        env = os.environ if environ is None else environ
-        kind = env.get("TASKS_GPU_BACKEND", "local").strip() or "local"
-        if kind not in GPU_BACKENDS:
-            raise ConfigError(
-                f"TASKS_GPU_BACKEND={kind!r} is not allowed; use one of: {', '.join(GPU_BACKENDS)}"
-            )
-        stages = env.get("TASKS_GPU_STAGES", "train,finetune")
-        celery = "CeleryExecutor" in env.get("AIRFLOW__CORE__EXECUTOR", "")
-        return cls(
-            kind=kind,
-            gpu_stages=frozenset(s.strip() for s in stages.split(",") if s.strip()),
-            pool=env.get("TASKS_GPU_POOL", "gpu"),
-            queue=env.get("TASKS_GPU_QUEUE") or ("gpu" if celery else None),
-            image=env.get("TASKS_TRAINER_IMAGE", cls.image),
-            gpus_per_task=int(env.get("TASKS_GPUS_PER_TASK", "1")),
-            namespace=env.get("TASKS_K8S_NAMESPACE", cls.namespace),
-            pvc=env.get("TASKS_K8S_PVC", cls.pvc),
-            node_selector=_json_env(
-                env, "TASKS_K8S_NODE_SELECTOR", {"nvidia.com/gpu.present": "true"}
-            ),
-            tolerations=tuple(
-                _json_env(
-                    env,
-                    "TASKS_K8S_TOLERATIONS",
-                    [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                )
-            ),
-            docker_url=env.get("TASKS_DOCKER_URL", cls.docker_url),
-        )
-
-
-def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
-    text = env.get(name)
-    if not text:
-        return default
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise ConfigError(f"{name}: is not valid JSON (got {text!r})") from None
 
 
 def model_asset(project: Project, dataset: str) -> Asset:
@@ -127,7 +64,7 @@ def model_asset(project: Project, dataset: str) -> Asset:
 
 def _prepare_callable(project: Project, dataset: str) -> Any:
     def prepare_workspace() -> dict[str, Any]:
-        from tasks.workspace import prepare_workspace
+        from tasks.orchestration.workspace import prepare_workspace
 
         dag_run = get_current_context()["dag_run"]
         try:
@@ -141,12 +78,13 @@ def _prepare_callable(project: Project, dataset: str) -> Any:
 
 def _stage_callable(project: Project, dataset: str, stage: str) -> Any:
     def run_dvc_stage() -> dict[str, Any]:
-        from tasks.workspace import StageFailed, run_stage
+        from tasks.errors import StageFailed
+        from tasks.orchestration.dvc import run_stage, should_retry
 
         try:
             return run_stage(project, dataset, stage).xcom()
         except StageFailed as error:
-            if stage in NO_RETRY_STAGES or (not error.retryable and stage not in NETWORK_STAGES):
+            if not should_retry(stage, error):
                 raise AirflowFailException(str(error)) from None
             raise
 
@@ -155,7 +93,7 @@ def _stage_callable(project: Project, dataset: str, stage: str) -> Any:
 
 def _push_callable(project: Project, dataset: str, leaves: list[str]) -> Any:
     def push_to_remote() -> dict[str, Any]:
-        from tasks.workspace import push_outputs
+        from tasks.orchestration.dvc import push_outputs
 
         result = push_outputs(project, dataset).xcom()
         context = get_current_context()
@@ -171,89 +109,11 @@ def _push_callable(project: Project, dataset: str, leaves: list[str]) -> Any:
 
 def _summary_callable(project: Project) -> Any:
     def summarize_champions() -> dict[str, Any]:
-        from tasks.summary import write_summary
+        from tasks.orchestration.summary import write_summary
 
         return write_summary(project).xcom()
 
     return summarize_champions
-
-
-# --- GPU backends ----------------------------------------------------------------
-
-
-def _pod_env(project: Project) -> dict[str, str]:
-    env = {
-        "TASKS_PROJECT": str(project.root),
-        "TASKS_STATE_DIR": str(project.state),
-        "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
-        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
-        "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
-        "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
-    }
-    for name in ("MLFLOW_TRACKING_URI", "KERAS_HOME"):
-        if os.environ.get(name):
-            env[name] = os.environ[name]
-    return env
-
-
-def _kubernetes_stage(
-    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
-) -> Any:
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from kubernetes.client import models as k8s
-
-    gpus = str(backend.gpus_per_task)
-    return KubernetesPodOperator(
-        task_id=stage,
-        name=f"{dataset}-{stage}".replace("_", "-"),
-        namespace=backend.namespace,
-        image=backend.image,
-        cmds=["python", "-m", "tasks", "dvc-stage", stage, dataset],
-        arguments=["--result-json", "/airflow/xcom/return.json"],
-        env_vars=_pod_env(project),
-        container_resources=k8s.V1ResourceRequirements(
-            limits={"nvidia.com/gpu": gpus}, requests={"nvidia.com/gpu": gpus}
-        ),
-        node_selector=dict(backend.node_selector or {}),
-        tolerations=[k8s.V1Toleration(**item) for item in backend.tolerations],
-        volumes=[
-            k8s.V1Volume(
-                name="project",
-                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                    claim_name=backend.pvc
-                ),
-            )
-        ],
-        volume_mounts=[k8s.V1VolumeMount(name="project", mount_path=str(project.root))],
-        labels={"app": "transfer-learning", "dataset": dataset, "stage": stage},
-        do_xcom_push=True,
-        get_logs=True,
-        on_finish_action="delete_pod",
-        **task_args,
-    )
-
-
-def _docker_stage(
-    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
-) -> Any:
-    from airflow.providers.docker.operators.docker import DockerOperator
-    from docker.types import DeviceRequest, Mount
-
-    return DockerOperator(
-        task_id=stage,
-        image=backend.image,
-        command=["python", "-m", "tasks", "dvc-stage", stage, dataset, "--result-json", "-"],
-        environment=_pod_env(project),
-        device_requests=[DeviceRequest(count=backend.gpus_per_task, capabilities=[["gpu"]])],
-        mounts=[Mount(target=str(project.root), source=str(project.root), type="bind")],
-        working_dir=str(project.root),
-        user=f"{os.getuid()}:{os.getgid()}",
-        docker_url=backend.docker_url,
-        auto_remove="success",
-        mount_tmp_dir=False,
-        do_xcom_push=True,
-        **task_args,
-    )
 
 
 # --- the factory -------------------------------------------------------------------
@@ -334,9 +194,9 @@ def build_dataset_dag(
                 if backend.queue and backend.kind == "local":
                     args["queue"] = backend.queue
             if stage in backend.gpu_stages and backend.kind == "kubernetes":
-                stage_tasks[stage] = _kubernetes_stage(project, dataset, stage, backend, **args)
+                stage_tasks[stage] = kubernetes_stage(project, dataset, stage, backend, **args)
             elif stage in backend.gpu_stages and backend.kind == "docker":
-                stage_tasks[stage] = _docker_stage(project, dataset, stage, backend, **args)
+                stage_tasks[stage] = docker_stage(project, dataset, stage, backend, **args)
             else:
                 stage_tasks[stage] = task(
                     _stage_callable(project, dataset, stage),

@@ -46,7 +46,7 @@ COPY --chown=airflow:0 --chmod=0755 docker/dvc-remote.sh docker/airflow-entrypoi
 RUN uv pip install --no-cache --no-deps -e . \
     && chmod -R g+rwX /opt/airflow/project
 
-# Where the DAGs find the pipeline (tasks/workspace.py) and where the shared state
+# Where the DAGs find the pipeline (tasks/orchestration/project.py) and where the shared state
 # (per-dataset workspaces, DVC cache, reports) lives: mount one volume there.
 ENV AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/project/dags \
     AIRFLOW__CORE__LOAD_EXAMPLES=false \

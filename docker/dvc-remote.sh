@@ -6,7 +6,7 @@
 # `dvc push` / `dvc pull` here use the team's bucket. Idempotent: the Airflow
 # image's entrypoint runs it at every container start; run it by hand in a
 # checkout to share its outputs. The per-dataset workspaces that the DAGs run in
-# read the same variables (tasks/workspace.py), so they need no extra step.
+# read the same variables (tasks/orchestration/workspace.py), so they need no extra step.
 #
 #   TASKS_DVC_REMOTE     s3://bucket/path; unset: keep the project's default remote
 #   AWS_ENDPOINT_URL_S3  S3-compatible endpoint (MinIO: http://minio:9000); unset for

@@ -1,15 +1,14 @@
-"""``python -m tasks <stage> <dataset>``: the one command behind each DVC stage and Airflow task.
+"""``python -m tasks <command>``: the one command behind each DVC stage and Airflow task.
 
-The CLI parses, loads the config (with ``--set`` overrides) and calls a typed
-step function; step modules are imported only when their command runs, so
-``tasks --help`` stays instant.
+Each pipeline stage is the module of the same name in ``tasks.steps``, called
+through its ``run(cfg, paths)``. A command imports its step module only when
+it runs, so ``tasks --help`` stays instant and a stage process loads only the
+code that stage runs (which is what its ``dvc.yaml`` deps list).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import os
 import sys
@@ -17,28 +16,90 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, load_config
-from tasks.errors import StageError
+from tasks.config import Config, env_overrides, load_config
+from tasks.errors import ConfigError, StageError
 from tasks.paths import DatasetPaths
 
-# stage -> (module, function, help). The function is called as fn(cfg, paths, **options).
-DATASET_STAGES: dict[str, tuple[str, str, str]] = {
-    "download": ("tasks.download", "download", "fetch, verify and extract the dataset archive"),
-    "validate": ("tasks.validate", "validate", "build the image manifest and run the expectations"),
-    "train": ("tasks.train", "train_frozen", "phase 1: train the head on a frozen backbone"),
-    "finetune": ("tasks.train", "finetune", "phase 2: fine-tune the top blocks at a low rate"),
-    "evaluate": ("tasks.evaluate", "evaluate", "score the candidate model and draw the plots"),
-    "register": ("tasks.registry", "register", "log, register and gate the model (@champion)"),
-}
+StageCommand = Callable[[Config, DatasetPaths, argparse.Namespace], Any]
 
 
-def _stage_options(name: str, parser: argparse.ArgumentParser) -> None:
-    if name == "download":
-        parser.add_argument(
-            "--offline",
-            action="store_true",
-            help="use only what is already on disk; never touch the network",
-        )
+# ---------------------------------------------------------------- the stages
+
+
+def download(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
+    """fetch, verify and extract the dataset archive"""
+    from tasks.steps import download
+
+    return download.run(cfg, paths, offline=args.offline)
+
+
+def validate(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
+    """build the image manifest and run the expectations"""
+    from tasks.steps import validate
+
+    return validate.run(cfg, paths)
+
+
+def train(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
+    """phase 1: train the head on a frozen backbone"""
+    from tasks.steps import train
+
+    return train.run(cfg, paths)
+
+
+def finetune(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
+    """phase 2: fine-tune the top blocks at a low rate"""
+    from tasks.steps import finetune
+
+    return finetune.run(cfg, paths)
+
+
+def evaluate(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
+    """score the candidate model and draw the plots"""
+    from tasks.steps import evaluate
+
+    return evaluate.run(cfg, paths)
+
+
+def register(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
+    """log, register and gate the model (@champion)"""
+    from tasks.steps import register
+
+    return register.run(cfg, paths)
+
+
+STAGES: tuple[StageCommand, ...] = (download, validate, train, finetune, evaluate, register)
+"""The pipeline's stages in order; each command's name is its step module's (and DVC stage's)."""
+
+
+# ---------------------------------------------------------------- other commands
+
+
+def predict(args: argparse.Namespace) -> Any:
+    from tasks.steps import predict
+
+    return predict.run(
+        args.model, args.inputs, out=args.out, batch_size=args.batch_size, classes=args.classes
+    )
+
+
+def datasets(args: argparse.Namespace) -> Any:
+    return "\n".join(load_config(args.params).datasets)
+
+
+def fetch_weights(args: argparse.Namespace) -> Any:
+    from tasks.ml.backbones import fetch_weights
+
+    return fetch_weights(args.backbone)
+
+
+def dvc_stage(args: argparse.Namespace) -> Any:
+    from tasks.orchestration.dvc import stage_command
+
+    return stage_command(args.stage, args.dataset, result_json=args.result_json)
+
+
+# ---------------------------------------------------------------- parsing
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -68,60 +129,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, _, text) in DATASET_STAGES.items():
-        stage = sub.add_parser(name, help=text, description=text)
-        stage.add_argument("dataset", help="a dataset name from params.yaml")
-        _common(stage)
-        _stage_options(name, stage)
+    for stage in STAGES:
+        text = (stage.__doc__ or "").strip()
+        command = sub.add_parser(stage.__name__, help=text, description=text)
+        command.add_argument("dataset", help="a dataset name from params.yaml")
+        _common(command)
+        command.set_defaults(stage_fn=stage)
+        if stage is download:
+            command.add_argument(
+                "--offline",
+                action="store_true",
+                help="use only what is already on disk; never touch the network",
+            )
 
-    predict = sub.add_parser("predict", help="classify images with a saved or registered model")
-    predict.add_argument("model", help="a .keras file or an MLflow URI (models:/NAME@champion)")
-    predict.add_argument("inputs", nargs="+", help="image files or folders")
-    predict.add_argument("--out", help="write the CSV here instead of stdout")
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument(
+    command = sub.add_parser("predict", help="classify images with a saved or registered model")
+    command.add_argument("model", help="a .keras file or an MLflow URI (models:/NAME@champion)")
+    command.add_argument("inputs", nargs="+", help="image files or folders")
+    command.add_argument("--out", help="write the CSV here instead of stdout")
+    command.add_argument("--batch-size", type=int, default=32)
+    command.add_argument(
         "--classes",
         help="comma-separated class names for a .keras file (default: classes.json beside it)",
     )
+    command.set_defaults(command_fn=predict)
 
-    datasets = sub.add_parser("datasets", help="print the dataset names in params.yaml")
-    datasets.add_argument("--params", default=os.environ.get("TASKS_PARAMS", "params.yaml"))
+    command = sub.add_parser("datasets", help="print the dataset names in params.yaml")
+    command.add_argument("--params", default=os.environ.get("TASKS_PARAMS", "params.yaml"))
+    command.set_defaults(command_fn=datasets)
 
-    weights = sub.add_parser(
+    command = sub.add_parser(
         "fetch-weights", help="pre-seed the Keras cache with a backbone's ImageNet weights"
     )
-    weights.add_argument("backbone")
+    command.add_argument("backbone")
+    command.set_defaults(command_fn=fetch_weights)
 
-    stage = sub.add_parser(
+    command = sub.add_parser(
         "dvc-stage",
         help="run one DVC stage in the dataset's Airflow workspace (what a GPU pod runs)",
     )
-    stage.add_argument("stage")
-    stage.add_argument("dataset")
-    stage.add_argument("--result-json", help="write the XCom result here ('-': print it)")
+    command.add_argument("stage")
+    command.add_argument("dataset")
+    command.add_argument("--result-json", help="write the XCom result here ('-': print it)")
+    command.set_defaults(command_fn=dvc_stage)
     return parser
-
-
-def env_overrides() -> list[str]:
-    """``$TASKS_SET``: a JSON list of KEY=VALUE overrides applied before ``--set``.
-
-    The Airflow DAGs set it for a run's conf overrides (already written into the
-    workspace's params.yaml), so every stage records them in MLflow.
-    """
-    text = os.environ.get("TASKS_SET", "").strip()
-    if not text:
-        return []
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        items = None
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ConfigError('$TASKS_SET: must be a JSON list of "key=value" strings')
-    return items
-
-
-def _call(module: str, function: str) -> Callable[..., Any]:
-    return getattr(importlib.import_module(module), function)
 
 
 def run(argv: Sequence[str] | None = None) -> Any:
@@ -131,30 +181,12 @@ def run(argv: Sequence[str] | None = None) -> Any:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command in DATASET_STAGES:
-        module, function, _ = DATASET_STAGES[args.command]
-        cfg = load_config(args.params, [*env_overrides(), *args.overrides])
-        cfg.dataset(args.dataset)
-        paths = DatasetPaths.of(args.dataset, Path(args.root))
-        options = {"offline": True} if getattr(args, "offline", False) else {}
-        return _call(module, function)(cfg, paths, **options)
-    if args.command == "predict":
-        return _call("tasks.predict", "predict_command")(
-            args.model,
-            args.inputs,
-            out=args.out,
-            batch_size=args.batch_size,
-            classes=args.classes,
-        )
-    if args.command == "datasets":
-        return "\n".join(load_config(args.params).datasets)
-    if args.command == "dvc-stage":
-        return _call("tasks.workspace", "stage_command")(
-            args.stage, args.dataset, result_json=args.result_json
-        )
-    if args.command == "fetch-weights":
-        return _call("tasks.backbones", "fetch_weights")(args.backbone)
-    raise AssertionError(args.command)
+    stage: StageCommand | None = getattr(args, "stage_fn", None)
+    if stage is None:
+        return args.command_fn(args)
+    cfg = load_config(args.params, [*env_overrides(), *args.overrides])
+    cfg.dataset(args.dataset)
+    return stage(cfg, DatasetPaths.of(args.dataset, Path(args.root)), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,9 @@ This module must stay cheap to import: Airflow's DAG processor imports it.
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +32,12 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.errors import ConfigError
+from tasks.io import SHA256_HEX
+
 DEFAULT_PARAMS = Path("params.yaml")
+SET_ENV = "TASKS_SET"
+"""JSON list of ``key=value`` overrides applied before ``--set`` (the DAGs set it per run)."""
 BACKBONES = (
     "mobilenet_v2",
     "inception_v3",
@@ -40,11 +48,6 @@ BACKBONES = (
 )
 SPLITS = ("train", "validation")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ConfigError(ValueError):
-    """A parameter problem, described in one line that names the key path."""
 
 
 class _Section(BaseModel):
@@ -109,7 +112,7 @@ class DatasetConfig(_Section):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, value: str | None) -> str | None:
-        if value is not None and not _SHA256.match(value.lower()):
+        if value is not None and not SHA256_HEX.match(value.lower()):
             raise ValueError("must be 64 hex characters (or null to trust on first use)")
         return value.lower() if value else value
 
@@ -369,7 +372,7 @@ def parse_config(
     """Validate a parameter mapping (plus ``--set`` overrides) into a Config."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, e.g. datasets:, train:")
-    raw = _deep_copy(raw)
+    raw = copy.deepcopy(raw)
     for assignment in overrides:
         apply_override(raw, assignment)
     raw.pop("overrides", None)
@@ -399,9 +402,19 @@ def load_config(
     return parse_config(raw, overrides, source=str(path))
 
 
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
+def env_overrides() -> list[str]:
+    """``$TASKS_SET``: a JSON list of KEY=VALUE overrides applied before ``--set``.
+
+    The Airflow DAGs set it for a run's conf overrides (already written into the
+    workspace's params.yaml), so every stage records them in MLflow.
+    """
+    text = os.environ.get(SET_ENV, "").strip()
+    if not text:
+        return []
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f'${SET_ENV}: must be a JSON list of "key=value" strings')
+    return items

@@ -1,4 +1,4 @@
-"""Where each stage reads and writes, per dataset (see ARCHITECTURE.md, data flow)."""
+"""Where each stage reads and writes, per dataset (docs/architecture.md, data flow)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,10 @@ new parent; later phases attach to the parent named in ``runs/train.json``
 Every run is tagged with its lineage: git commit, the DVC hashes of the data it
 read, the backbone, the Airflow dag/run ids when scheduled, and the ``--set``
 overrides. Param names are the same for every backbone and dataset.
+
+This is also the one place that knows where the store is (:func:`tracking_uri`),
+what the registered model and its aliases are called, and how a logged model
+is loaded back (:func:`load_logged_model`).
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tasks.atomic import write_json
-from tasks.config import Config
-from tasks.hashing import file_md5
+from tasks.config import Config, load_config
+from tasks.errors import ConfigError, StageError
+from tasks.io import file_md5, write_json
 from tasks.paths import DatasetPaths
 
 if TYPE_CHECKING:
+    import keras
     import mlflow
 
 PARENT_ENV = "TASKS_PARENT_RUN_ID"
@@ -45,12 +50,37 @@ AIRFLOW_ENV_TAGS = {
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 
 
-def tracking_uri(cfg: Config, root: Path) -> str:
-    """``$MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the embedded SQLite store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+"""Registry aliases: the served model, a refused candidate, the champion it replaced."""
+
+
+def tracking_uri(cfg: Config | None, root: str | Path = ".") -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the embedded SQLite store.
+
+    ``cfg`` None (commands outside a stage, such as ``predict``): the params
+    file ``$TASKS_PARAMS`` (default ``params.yaml``) is read if it exists.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{store_root(root) / 'mlflow' / 'mlflow.db'}"
+    if cfg is None:
+        params = Path(os.environ.get("TASKS_PARAMS", "params.yaml"))
+        try:
+            cfg = load_config(params) if params.is_file() else None
+        except ConfigError:
+            cfg = None
+    if cfg is not None and cfg.tracking.uri:
+        return cfg.tracking.uri
+    return f"sqlite:///{store_root(Path(root)) / 'mlflow' / 'mlflow.db'}"
+
+
+def store_exists(uri: str) -> bool:
+    """False only for an embedded SQLite store whose file is not there yet."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
+
+
+def registered_model_name(cfg: Config, dataset: str) -> str:
+    return f"{cfg.tracking.experiment_prefix}{dataset}-classifier"
 
 
 def store_root(root: Path) -> Path:
@@ -234,3 +264,56 @@ def phase_run(
         yield run
     record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
     write_json(paths.run_record(phase), record.__dict__)
+
+
+def load_logged_model(uri: str) -> tuple[keras.Model, dict[str, Any]]:
+    """Download and load the Keras model logged at ``uri`` (``models:/``, ``runs:/``, a folder).
+
+    Returns the model and its MLmodel ``metadata`` (``classes``, ``image_size``...).
+    A model that cannot be fetched or loaded is a StageError naming the store.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    import tasks.ml.model  # noqa: F401 - registers the custom layers the model may use
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        metadata = Model.load(str(local / "MLmodel")).metadata or {}
+        model = mlflow.tensorflow.load_model(str(local))
+    except (MlflowException, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StageError(
+            f"cannot load MLflow model {uri}: {first} (tracking store: "
+            f"{mlflow.get_tracking_uri()}; set MLFLOW_TRACKING_URI to the right one)"
+        ) from None
+    return model, dict(metadata)
+
+
+def epoch_logger(phase: str, offset: int) -> keras.callbacks.Callback:
+    """A Keras callback that logs ``loss``/``accuracy``/``val_*`` to MLflow per epoch
+    (step = global epoch) and keeps them as history rows in ``.rows``; ``offset`` is
+    the epochs of earlier phases.
+
+    Our own callback, not ``mlflow.tensorflow.autolog`` (which needs TensorBoard
+    and logs different names per setup).
+    """
+    import keras
+    import mlflow
+
+    from tasks.ml.training import METRICS
+
+    class EpochLogger(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[dict[str, Any]] = []
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            logs = logs or {}
+            step = offset + epoch + 1
+            values = {name: float(logs[name]) for name in METRICS if name in logs}
+            self.rows.append({"phase": phase, "epoch": step, **values})
+            mlflow.log_metrics(values, step=step)
+
+    return EpochLogger()

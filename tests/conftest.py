@@ -31,9 +31,9 @@ def write_params(tmp_path):
 def archive_server():
     """A loopback HTTP server for the whole session: ``archive_server.add(path, bytes, **faults)``.
 
-    Returns the URL; faults and the request log are per path (see tests/httpserver.py).
+    Returns the URL; faults and the request log are per path (see tasks/dev/httpserver.py).
     """
-    from tests.httpserver import ArchiveServer
+    from tasks.dev.httpserver import ArchiveServer
 
     with ArchiveServer() as server:
         yield server

@@ -1,6 +1,6 @@
-"""Tiny generated image datasets for the tests (the generator lives in ``tasks.synthetic``,
+"""Tiny generated image datasets for the tests (the generator lives in ``tasks.dev.synthetic``,
 which ``make demo`` uses too)."""
 
-from tasks.synthetic import LAYOUTS, make_archive, make_image, make_tree, tiny_params
+from tasks.dev.synthetic import LAYOUTS, make_archive, make_image, make_tree, tiny_params
 
 __all__ = ["LAYOUTS", "make_archive", "make_image", "make_tree", "tiny_params"]

@@ -1,6 +1,6 @@
 """A tiny model that follows the saved-model contract, and a workspace to score it in.
 
-Contract (see tasks.model): one end-to-end Keras model, raw 0-255 RGB in, the
+Contract (see tasks.ml.model): one end-to-end Keras model, raw 0-255 RGB in, the
 ``Preprocess`` layer, a nested functional sub-model named ``backbone`` called
 with ``training=False``, then a ``keras.Sequential`` named ``head``; two classes
 give ``Dense(1, sigmoid)`` = P(classes[1]). Only the backbone is a tiny conv
@@ -28,7 +28,7 @@ _CACHE: dict[str, dict[str, Path]] = {}
 def build_tiny_model(image_size: int = IMAGE_SIZE, n_classes: int = 2, seed: int = 0):
     import keras
 
-    from tasks.model import preprocess_layer
+    from tasks.ml.model import preprocess_layer
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from tasks.config import load_config
-from tasks.workspace import Project
+from tasks.orchestration.project import Project
 from tests.conftest import REPO
 
 DATASET = "cats_vs_dogs"
@@ -111,7 +111,7 @@ def test_local_backend_routes_gpu_stages_to_the_gpu_queue_under_celery():
 @pytest.mark.parametrize("name", ["TASKS_K8S_NODE_SELECTOR", "TASKS_K8S_TOLERATIONS"])
 def test_malformed_json_setting_is_a_one_line_error(name):
     from dags.transfer_learning import Backend
-    from tasks.config import ConfigError
+    from tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"{name}: is not valid JSON"):
         Backend.from_env({"TASKS_GPU_BACKEND": "kubernetes", name: "{pool: a100"})

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from tasks.config import load_config
-from tasks.workspace import CONF_KEYS, DAG_PREFIX, SUMMARY_DAG_ID
+from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID
+from tasks.orchestration.runconf import CONF_KEYS
 from tests.conftest import REPO
 
 DAGS = REPO / "dags"
@@ -120,7 +121,7 @@ def test_push_emits_the_model_asset_the_summary_dag_waits_for(dagbag):
 def test_a_new_dataset_is_a_new_dag_with_no_code(tmp_path):
     """Adding a dataset to params.yaml (nothing else) adds its DAG."""
     from dags.transfer_learning import build_dags
-    from tasks.workspace import Project
+    from tasks.orchestration.project import Project
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["datasets"]["flowers"] = {
@@ -146,7 +147,7 @@ def test_dag_files_read_no_airflow_variables():
 
 def test_bad_backend_is_a_one_line_parse_error():
     from dags.transfer_learning import Backend
-    from tasks.config import ConfigError
+    from tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"TASKS_GPU_BACKEND='slurm' is not allowed; use one of"):
         Backend.from_env({"TASKS_GPU_BACKEND": "slurm"})

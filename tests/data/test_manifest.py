@@ -8,7 +8,7 @@ import pytest
 
 from tasks.config import ValidateConfig
 from tasks.errors import StageError
-from tasks.manifest import (
+from tasks.ml.manifest import (
     COLUMNS,
     OK,
     QUARANTINED,

@@ -16,8 +16,9 @@ import yaml
 
 from tasks.cli import main
 from tasks.errors import StageError
-from tasks.manifest import COLUMNS, OK, QUARANTINED
-from tasks.validate import run_validation, validate
+from tasks.ml.manifest import COLUMNS, OK, QUARANTINED
+from tasks.steps import validate
+from tasks.steps.validate import run_validation
 from tests.data.images import (
     config_for,
     copy_over,
@@ -53,7 +54,7 @@ def clean(request, tmp_path_factory):
     paths, _ = make_raw(root, request.param)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        result = validate(config_for(request.param), paths)
+        result = validate.run(config_for(request.param), paths)
     return paths, result, root
 
 
@@ -121,7 +122,7 @@ def test_usable_conversions_pass(tree):
     write_converted(top / "train" / "cats" / "cats.1.jpg", "CMYK")
     write_converted(top / "train" / "dogs" / "dogs.0.jpg", "RGBA", "PNG")
     write_converted(top / "validation" / "dogs" / "dogs.0.jpg", "P", "PNG")
-    result = validate(config_for(), paths)
+    result = validate.run(config_for(), paths)
     assert result.passed and result.counts["ok"] == 18
 
 
@@ -207,7 +208,7 @@ def test_quarantine_within_budget_passes_and_is_listed(tree):
     paths, top = tree
     write_truncated_jpeg(top / "train" / "cats" / "cats.5.jpg")
     cfg = config_for(quarantine_budget=0.1, count_tolerance=0.2)
-    result = validate(cfg, paths)
+    result = validate.run(cfg, paths)
     path = "cats_and_dogs_filtered/train/cats/cats.5.jpg"
     assert result.passed and result.quarantined[0][0] == path
     manifest = pd.read_parquet(paths.manifest)
@@ -283,7 +284,7 @@ def test_failing_run_keeps_the_previous_manifest_and_writes_reports(dirty):
 def test_validate_raises_stage_error_naming_the_report(dirty):
     paths, _, _ = dirty
     with pytest.raises(StageError) as error:
-        validate(config_for(), paths)
+        validate.run(config_for(), paths)
     assert "data_docs/index.html" in str(error.value)
 
 

@@ -28,11 +28,11 @@ import pytest
 import requests
 import yaml
 
-from tasks.airflow_local import LocalAirflow, stage_seconds, stop_group
-from tasks.workspace import DAG_PREFIX, SUMMARY_DAG_ID, Project
+from tasks.dev.airflow_local import LocalAirflow, stage_seconds, stop_group
+from tasks.dev.httpserver import unused_port
+from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
 from tests.conftest import REPO
 from tests.datagen import make_archive, tiny_params
-from tests.httpserver import unused_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

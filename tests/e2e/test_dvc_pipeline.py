@@ -1,12 +1,17 @@
 """`dvc repro` end to end, in a temporary git copy of the project.
 
-Both datasets, generated archives served from 127.0.0.1, tiny params. Then:
-a no-op repro, a fine-tuning param change that reruns exactly finetune onward,
-and `dvc push` → fresh clone → `dvc pull` restoring the models byte for byte.
+Both datasets, generated archives served from 127.0.0.1, tiny params. The first
+repro traces every stage process's imports: each stage's dvc.yaml deps must
+cover every project module it ran. Then: a no-op repro, a code edit that
+reruns exactly the stages running that code, a fine-tuning param change that
+reruns exactly finetune onward, and `dvc push` → fresh clone → `dvc pull`
+restoring the models byte for byte.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import re
 import shutil
@@ -26,6 +31,56 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 PROJECT_FILES = ["tasks", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
 DATASETS = ("cats_vs_dogs", "ants_vs_bees")
 STAGES = ("download", "validate", "train", "finetune", "evaluate", "register")
+
+
+# Loaded by every Python process of the first repro (PYTHONPATH): a stage process
+# (`python -m tasks ...`) writes the project modules it imported when it exits.
+TRACER = """\
+import atexit, json, os, sys
+
+def _write_imports():
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is None or spec.name != "tasks.__main__":
+        return
+    root = os.getcwd()
+    files = sorted(
+        os.path.relpath(module.__file__, root)
+        for module in list(sys.modules.values())
+        if (getattr(module, "__name__", "") or "").split(".")[0] == "tasks"
+        and getattr(module, "__file__", None)
+    )
+    out = os.path.join(os.environ["TASKS_IMPORT_TRACE"], f"{os.getpid()}.json")
+    with open(out, "w") as handle:
+        json.dump({"argv": sys.argv[1:], "modules": files}, handle)
+
+if os.environ.get("TASKS_IMPORT_TRACE"):
+    atexit.register(_write_imports)
+"""
+
+
+def _no_code(path: Path) -> bool:
+    """A package ``__init__.py`` holding at most a docstring (nothing runs)."""
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def uncovered(modules: list[str], deps: list[str], root: Path) -> set[str]:
+    """The project modules a stage ran that none of its deps (file or folder) covers."""
+    missing = set()
+    for module in modules:
+        path = Path(module)
+        if path.name == "__init__.py" and _no_code(root / path):
+            continue
+        if not any(path == Path(dep) or Path(dep) in path.parents for dep in deps):
+            missing.add(module)
+    return missing
+
+
+def stage_deps(root: Path, stage: str, dataset: str) -> list[str]:
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())
+    deps = spec["stages"][stage]["do"]["deps"]
+    return [str(dep).replace("${key}", dataset) for dep in deps]
 
 
 def _env() -> dict[str, str]:
@@ -48,6 +103,10 @@ def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
 def dvc(cwd: Path, *args: str) -> str:
     proc = sh(cwd, sys.executable, "-m", "dvc", *args)
     return proc.stdout + proc.stderr
+
+
+def dvc_json(cwd: Path, *args: str) -> str:
+    return sh(cwd, sys.executable, "-m", "dvc", *args).stdout
 
 
 def ran(output: str) -> set[str]:
@@ -106,10 +165,31 @@ def project(tmp_path_factory, archive_server) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_repro(project):
+def import_traces(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("import-trace")
+    (folder / "site").mkdir()
+    (folder / "site" / "sitecustomize.py").write_text(TRACER)
+    (folder / "out").mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_repro(project, import_traces):
+    env = {
+        "PYTHONPATH": str(import_traces / "site"),
+        "TASKS_IMPORT_TRACE": str(import_traces / "out"),
+    }
     start = time.perf_counter()
-    output = dvc(project, "repro")
-    return output, time.perf_counter() - start
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=project,
+        env={**_env(), **env},
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode:
+        raise AssertionError(f"dvc repro failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result.stdout + result.stderr, time.perf_counter() - start
 
 
 def test_repro_runs_every_stage_for_both_datasets(project, first_repro):
@@ -135,6 +215,39 @@ def test_second_repro_is_a_noop(project, first_repro):
     assert ran(output) == set()
     assert skipped(output) == {f"{s}@{d}" for s in STAGES for d in DATASETS}
     print(f"\nno-op dvc repro: {seconds:.1f} s")
+
+
+def test_stage_deps_cover_every_module_the_stage_runs(project, first_repro, import_traces):
+    traces = [json.loads(f.read_text()) for f in (import_traces / "out").glob("*.json")]
+    seen = {(trace["argv"][0], trace["argv"][1]) for trace in traces}
+    assert seen == {(s, d) for s in STAGES for d in DATASETS}
+    for trace in traces:
+        stage, dataset = trace["argv"][:2]
+        assert f"tasks/steps/{stage}.py" in trace["modules"]
+        missing = uncovered(trace["modules"], stage_deps(project, stage, dataset), project)
+        assert not missing, (
+            f"{stage}@{dataset} runs {sorted(missing)}, which its deps in dvc.yaml do not "
+            "list: add them there, or `dvc repro` will serve stale results after an edit"
+        )
+    # The check has teeth: drop one module evaluate runs and it is named.
+    evaluate = next(t for t in traces if t["argv"][0] == "evaluate")
+    deps = [d for d in stage_deps(project, "evaluate", "x") if d != "tasks/ml/metrics.py"]
+    assert uncovered(evaluate["modules"], deps, project) == {"tasks/ml/metrics.py"}
+    # Precise: the download stage never loads the ML library.
+    download = next(t for t in traces if t["argv"][0] == "download")
+    assert not [m for m in download["modules"] if m.startswith("tasks/ml/")]
+
+
+def test_editing_the_metric_code_reruns_only_the_stages_that_score(project, first_repro):
+    metrics = project / "tasks" / "ml" / "metrics.py"
+    original = metrics.read_text()
+    metrics.write_text(original + "\n# an edit\n")
+    try:
+        status = json.loads(dvc_json(project, "status", "--json"))
+    finally:
+        metrics.write_text(original)
+    assert set(status) == {f"{s}@{d}" for s in ("evaluate", "register") for d in DATASETS}
+    assert json.loads(dvc_json(project, "status", "--json")) == {}
 
 
 def test_finetune_param_reruns_exactly_finetune_onward(project, first_repro):

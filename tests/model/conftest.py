@@ -1,7 +1,7 @@
 """Fixtures for the training tests: generated workspaces and offline-made backbone weights.
 
 ``offline_weights`` pretrains MobileNetV2 (32 px) on a generated source task once
-per test session (``tasks.backbones.make_offline_weights``): with random weights
+per test session (``tasks.dev.offline_weights.make_offline_weights``): with random weights
 the frozen features are collapsed and a head stays at chance, so the tiny
 end-to-end runs need a real weights file, made without the network.
 """
@@ -70,7 +70,7 @@ def make_workspace(
 
 def load_images(paths: DatasetPaths, split: str, size: int) -> np.ndarray:
     """The ``ok`` images of ``split`` as raw float32 0-255 RGB, resized like prediction does."""
-    from tasks.predict import read_image
+    from tasks.ml.images import read_image
 
     manifest = pd.read_parquet(paths.manifest)
     rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")]
@@ -89,7 +89,7 @@ def model_config(*overrides: str, dataset: str = "cats_vs_dogs", **sections: Any
 @pytest.fixture(scope="session")
 def offline_weights(tmp_path_factory) -> Path:
     """A MobileNetV2 ``.weights.h5`` pretrained offline at 32 px (made once per session)."""
-    from tasks.backbones import make_offline_weights
+    from tasks.dev.offline_weights import make_offline_weights
 
     path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
     return make_offline_weights("mobilenet_v2", path, image_size=MODEL_SIDE)

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tasks.artifacts import read_manifest
 from tasks.config import AugmentationConfig
-from tasks.data import make_dataset, read_manifest
 from tasks.errors import StageError
+from tasks.ml.pipeline import make_dataset
 from tasks.paths import DatasetPaths
 from tests.datagen import make_image
 from tests.model.conftest import make_workspace, manifest_rows, write_manifest

@@ -10,11 +10,15 @@ import pytest
 
 from tasks.config import parse_config
 from tasks.errors import StageError
-from tasks.evaluate import PLOTS, evaluate, gradcam
-from tasks.predict import read_image
+from tasks.ml.gradcam import gradcam
+from tasks.ml.images import read_image
+from tasks.steps import evaluate
 from tasks.tracking import read_record
 from tests.datagen import make_image, tiny_params
 from tests.tinymodel import make_workspace, tiny_models, use_candidate, write_history
+
+PLOTS = ("confusion_matrix", "roc_curve", "training_curves", "mistakes", "gradcam")
+"""Every figure a reviewer of an evaluate run looks at."""
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -42,12 +46,12 @@ def workspace(tmp_path, monkeypatch):
 def test_evaluate_scores_the_validation_split_and_logs_the_same_numbers(cfg, workspace, models):
     from mlflow.tracking import MlflowClient
 
-    from tasks.model import load_model
+    from tasks.artifacts import load_model
 
     paths = workspace
     use_candidate(paths, models["good"])
     write_history(paths)
-    result = evaluate(cfg, paths)
+    result = evaluate.run(cfg, paths)
 
     metrics = json.loads(paths.metrics.read_text())
     assert metrics["images"] == 11  # 12 validation images, one quarantined; no train rows
@@ -92,7 +96,7 @@ def test_evaluate_scores_the_validation_split_and_logs_the_same_numbers(cfg, wor
 def test_a_wrong_model_fills_the_mistakes_grid(cfg, workspace, models):
     paths = workspace
     use_candidate(paths, models["inverted"])
-    result = evaluate(cfg, paths)  # no history.csv: the curves figure says so, no failure
+    result = evaluate.run(cfg, paths)  # no history.csv: the curves figure says so, no failure
     assert result.metrics["accuracy"] <= 0.1
     assert result.metrics["log_loss"] > 0.7
     predictions = pd.read_csv(paths.predictions)
@@ -102,7 +106,7 @@ def test_a_wrong_model_fills_the_mistakes_grid(cfg, workspace, models):
 
 def test_gradcam_runs_the_model_in_pieces_and_finds_the_pattern(models):
     """A class pattern pasted in one quadrant of a grey image lights up that quadrant."""
-    from tasks.model import load_model
+    from tasks.artifacts import load_model
 
     model = load_model(models["good"])
     images, quadrants = [], []
@@ -135,18 +139,18 @@ def test_missing_inputs_are_named_with_the_stage_to_run(cfg, tmp_path):
     with pytest.raises(
         StageError, match=r"candidate.json not found; run `python -m tasks finetune"
     ):
-        evaluate(cfg, paths)
+        evaluate.run(cfg, paths)
     paths.models.mkdir(parents=True)
     paths.candidate.write_text('{"path": "models/cats_vs_dogs/gone.keras", "phase": "finetune"}')
     with pytest.raises(StageError, match="gone.keras .* is missing"):
-        evaluate(cfg, paths)
+        evaluate.run(cfg, paths)
     paths.candidate.write_text('{"phase": "finetune"}')
     with pytest.raises(StageError, match="not a candidate record with a 'path'"):
-        evaluate(cfg, paths)
+        evaluate.run(cfg, paths)
     (paths.models / "finetuned.keras").write_bytes(b"not read: the manifest check comes first")
     paths.candidate.write_text('{"path": "models/cats_vs_dogs/finetuned.keras"}')
     paths.manifest.unlink()
     with pytest.raises(StageError, match="run `python -m tasks validate cats_vs_dogs` first"):
-        evaluate(cfg, paths)
+        evaluate.run(cfg, paths)
     assert paths.metrics.read_text() == '{"accuracy": 0.5}\n'  # the old output is untouched
     assert not paths.plots.exists()

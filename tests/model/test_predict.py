@@ -13,8 +13,8 @@ import pytest
 from tasks.cli import main
 from tasks.config import parse_config
 from tasks.errors import StageError
-from tasks.predict import predict_command, read_image
-from tasks.registry import register
+from tasks.ml.images import read_image
+from tasks.steps import predict, register
 from tests.datagen import tiny_params
 from tests.tinymodel import make_workspace, tiny_models, use_candidate
 
@@ -35,7 +35,7 @@ def store(tmp_path_factory):
             tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}),
             ["tracking.artifact_location=artifacts"],
         )
-        assert register(cfg, paths).promoted
+        assert register.run(cfg, paths).promoted
         yield paths, models
     import mlflow
 
@@ -70,7 +70,7 @@ def keras_model(store, tmp_path):
 
 
 def direct_probabilities(model_file, files):
-    from tasks.model import load_model
+    from tasks.artifacts import load_model
 
     model = load_model(model_file)
     batch = np.stack([read_image(f, (32, 32)) for f in files]).astype(np.float32)
@@ -80,7 +80,7 @@ def direct_probabilities(model_file, files):
 def test_predict_from_a_keras_file_agrees_with_model_predict(keras_model, images, tmp_path):
     folder, files = images
     out = tmp_path / "out" / "predictions.csv"
-    assert predict_command(str(keras_model), [str(folder)], out=str(out), batch_size=3) is None
+    assert predict.run(str(keras_model), [str(folder)], out=str(out), batch_size=3) is None
     table = pd.read_csv(out)
     assert list(table.columns) == [
         "path",
@@ -106,7 +106,7 @@ def test_predict_from_the_registry_agrees_with_the_keras_file(
 ):
     _, files = images
     out = tmp_path / "registry.csv"
-    predict_command(URI, [str(f) for f in files], out=str(out), batch_size=32)
+    predict.run(URI, [str(f) for f in files], out=str(out), batch_size=32)
     table = pd.read_csv(out)
     assert {"prob_cats", "prob_dogs"} <= set(table.columns)  # class names from the model's metadata
     np.testing.assert_allclose(
@@ -155,12 +155,12 @@ def test_class_names_of_a_keras_file_come_from_params_or_are_indices(
     model.parent.mkdir(parents=True)
     shutil.copy(models["good"], model)
 
-    predict_command(str(model), [str(files[0])], out="indices.csv")
+    predict.run(str(model), [str(files[0])], out="indices.csv")
     assert {"prob_class_0", "prob_class_1"} <= set(pd.read_csv("indices.csv").columns)
     assert "no class names" in capsys.readouterr().err
 
     write_params(tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}))
-    predict_command(str(model), [str(files[0])], out="named.csv")
+    predict.run(str(model), [str(files[0])], out="named.csv")
     assert pd.read_csv("named.csv")["predicted"].tolist() == ["cats"]
 
 
@@ -168,16 +168,16 @@ def test_bad_arguments_are_one_line_errors(registry, images, tmp_path):
     _, models = registry
     folder, files = images
     with pytest.raises(StageError, match="--batch-size must be at least 1"):
-        predict_command(str(models["good"]), [str(folder)], batch_size=0)
+        predict.run(str(models["good"]), [str(folder)], batch_size=0)
     with pytest.raises(StageError, match="predicts 2 classes but 3 class names"):
-        predict_command(str(models["good"]), [str(folder)], classes="a,b,c")
+        predict.run(str(models["good"]), [str(folder)], classes="a,b,c")
     with pytest.raises(StageError, match="model nothere.keras not found"):
-        predict_command("nothere.keras", [str(folder)])
+        predict.run("nothere.keras", [str(folder)])
     (tmp_path / "broken.keras").write_bytes(b"not a zip")
     with pytest.raises(StageError, match="cannot load model .*broken.keras"):
-        predict_command(str(tmp_path / "broken.keras"), [str(folder)])
+        predict.run(str(tmp_path / "broken.keras"), [str(folder)])
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="no images .* under folder"):
-        predict_command(str(models["good"]), [str(tmp_path / "empty")])
+        predict.run(str(models["good"]), [str(tmp_path / "empty")])
     with pytest.raises(StageError, match="cannot load MLflow model models:/nope@champion"):
-        predict_command("models:/nope@champion", [str(files[0])])
+        predict.run("models:/nope@champion", [str(files[0])])

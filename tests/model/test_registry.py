@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tasks.config import parse_config
-from tasks.registry import register, registered_model_name
-from tasks.tracking import read_record
+from tasks.steps import register
+from tasks.tracking import read_record, registered_model_name
 from tests.datagen import tiny_params
 from tests.tinymodel import make_workspace, swap_validation_labels, tiny_models, use_candidate
 
@@ -37,7 +37,7 @@ def config(*overrides: str):
 
 def gate(paths, model_file, *overrides: str):
     use_candidate(paths, model_file)
-    return register(config(*overrides), paths)
+    return register.run(config(*overrides), paths)
 
 
 def aliases():

@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from tasks.backbones import BACKBONES, is_batch_norm, unfreeze_top_blocks
-from tasks.model import ModelSpec, build_model, load_model, save_model
+from tasks.artifacts import load_model, save_model
+from tasks.ml.backbones import BACKBONES, is_batch_norm, unfreeze_top_blocks
+from tasks.ml.model import ModelSpec, build_model
 
 SIZES = {
     "mobilenet_v2": 32,
@@ -126,7 +127,7 @@ def test_a_saved_model_loads_in_a_fresh_process(tmp_path):
     save_model(model, tmp_path / "m.keras")
     script = (
         "import sys, numpy as np, keras\n"
-        "import tasks.model\n"
+        "import tasks.ml.model\n"
         "folder = sys.argv[1]\n"
         "model = keras.saving.load_model(folder + '/m.keras')\n"
         "got = np.asarray(model(np.load(folder + '/x.npy'), training=False))\n"
@@ -167,7 +168,8 @@ def test_weights_files_load_into_the_backbone(name, kind, tmp_path):
     import keras
     from keras.src.legacy.saving import legacy_h5_format
 
-    from tasks.backbones import WeightsSource, sha256_file
+    from tasks.io import sha256_file
+    from tasks.ml.backbones import WeightsSource
 
     entry = BACKBONES[name]
     constructor = getattr(keras.applications, entry.constructor)
@@ -203,8 +205,8 @@ def test_weights_files_load_into_the_backbone(name, kind, tmp_path):
 def test_a_weights_file_for_another_backbone_is_refused(tmp_path):
     import keras
 
-    from tasks.backbones import WeightsSource, build_backbone
     from tasks.errors import StageError
+    from tasks.ml.backbones import WeightsSource, build_backbone
 
     file = tmp_path / "vgg.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.backbones import sha256_file
 from tasks.errors import StageError
-from tasks.tracking import file_md5, read_record
-from tasks.train import METRICS, choose_candidate, finetune, train_frozen
+from tasks.io import file_md5, sha256_file
+from tasks.ml.training import METRICS, choose_candidate
+from tasks.steps import finetune, train
+from tasks.tracking import read_record
 from tests.model.conftest import load_images, make_workspace, model_config
 
 pytestmark = pytest.mark.slow
@@ -38,14 +39,14 @@ def test_train_then_finetune_learns_and_is_tracked(tmp_path, offline_weights, tr
         train={"weights": str(offline_weights)},
     )
 
-    frozen = train_frozen(cfg, paths)
+    frozen = train.run(cfg, paths)
     assert frozen.feature_cache
     assert frozen.val_accuracy >= 0.8, frozen
     assert paths.frozen_model.is_file()
     head_params = frozen.trainable_params
     assert 0 < head_params < frozen.total_params / 100
 
-    tuned = finetune(cfg, paths)
+    tuned = finetune.run(cfg, paths)
     assert tuned.trainable_params > head_params
     assert paths.finetuned_model.is_file()
 
@@ -102,7 +103,7 @@ def test_train_then_finetune_learns_and_is_tracked(tmp_path, offline_weights, tr
     assert sorted(steps) == [frozen.epochs_run + 1, frozen.epochs_run + 2]
 
     # fine-tuning that makes things worse is reported, and the frozen model stays the candidate
-    wrecked = finetune(
+    wrecked = finetune.run(
         model_config(
             "finetune.epochs=1",
             "finetune.optimizer=sgd",
@@ -125,16 +126,16 @@ def test_cached_features_train_the_same_model_as_end_to_end(tmp_path, offline_we
     """Phase 1 on cached features = phase 1 through the backbone on every step."""
     import keras
 
-    from tasks.model import load_model
+    from tasks.artifacts import load_model
 
     paths = make_workspace(tmp_path, {"train": 12, "validation": 6})
     settings = dict(
         train={"weights": str(offline_weights), "head": {"dropout": 0.0}},
     )
     common = ("train.epochs=3", "train.optimizer=adam", "train.learning_rate=0.003")
-    cached = train_frozen(model_config(*common, "train.feature_cache=on", **settings), paths)
+    cached = train.run(model_config(*common, "train.feature_cache=on", **settings), paths)
     cached_model = load_model(paths.frozen_model)
-    direct = train_frozen(model_config(*common, "train.feature_cache=off", **settings), paths)
+    direct = train.run(model_config(*common, "train.feature_cache=off", **settings), paths)
     direct_model = load_model(paths.frozen_model)
     assert cached.feature_cache and not direct.feature_cache
 
@@ -177,7 +178,7 @@ def test_choose_candidate_prefers_the_lower_validation_loss():
 def test_finetune_without_frozen_model_says_run_train_first(tmp_path, tracking):
     paths = make_workspace(tmp_path, {"train": 2, "validation": 2})
     with pytest.raises(StageError, match=r"frozen\.keras not found; run `python -m tasks train"):
-        finetune(model_config(), paths)
+        finetune.run(model_config(), paths)
 
 
 def test_missing_manifest_says_run_validate_first(tmp_path, tracking):
@@ -185,7 +186,7 @@ def test_missing_manifest_says_run_validate_first(tmp_path, tracking):
 
     paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
     with pytest.raises(StageError, match=r"run `python -m tasks validate cats_vs_dogs` first"):
-        train_frozen(model_config(), paths)
+        train.run(model_config(), paths)
     assert not paths.frozen_model.exists()
 
 
@@ -196,7 +197,7 @@ def test_imagenet_weights_missing_offline_names_the_file(tmp_path, tracking, mon
         train={"backbone": "inception_v3", "image_size": None, "weights": "imagenet"}
     )
     with pytest.raises(StageError) as error:
-        train_frozen(cfg, paths)
+        train.run(cfg, paths)
     message = str(error.value)
     assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(tmp_path / "keras" / "models") in message

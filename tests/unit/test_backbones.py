@@ -6,7 +6,11 @@ import hashlib
 
 import pytest
 
-from tasks.backbones import (
+from tasks.config import BACKBONES as CONFIG_BACKBONES
+from tasks.config import HeadConfig
+from tasks.dev.offline_weights import source_task
+from tasks.errors import ConfigError, StageError
+from tasks.ml.backbones import (
     BACKBONES,
     HeadSpec,
     boundary_index,
@@ -15,11 +19,7 @@ from tasks.backbones import (
     get_backbone,
     keras_cache_dir,
     resolve_weights,
-    source_task,
 )
-from tasks.config import BACKBONES as CONFIG_BACKBONES
-from tasks.config import ConfigError, HeadConfig
-from tasks.errors import StageError
 
 
 def test_one_entry_per_configurable_backbone_with_the_issue_defaults():
@@ -131,7 +131,7 @@ def test_local_files_resolve_under_the_workspace_then_the_current_folder(tmp_pat
 def test_unknown_fine_tune_boundary_lists_nearby_layer_names():
     import keras
 
-    from tasks.backbones import build_backbone
+    from tasks.ml.backbones import build_backbone
 
     base = build_backbone("vgg16", 32)
     assert isinstance(base, keras.Model) and base.name == "backbone"

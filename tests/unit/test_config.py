@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.config import BACKBONES, ConfigError, load_config, parse_config
+from tasks.config import BACKBONES, load_config, parse_config
+from tasks.errors import ConfigError
 from tests.conftest import REPO
 from tests.datagen import tiny_params
 

@@ -19,12 +19,13 @@ import pytest
 
 from tasks.cli import main
 from tasks.config import Config, parse_config
-from tasks.download import DownloadResult, download, partial_path
+from tasks.dev.httpserver import LOGIN_PAGE, ArchiveServer, unused_port
 from tasks.errors import StageError
 from tasks.paths import DatasetPaths
+from tasks.steps import download
+from tasks.steps.download import DownloadResult, partial_path
 from tests.conftest import REPO
 from tests.datagen import LAYOUTS, make_archive, tiny_params
-from tests.httpserver import LOGIN_PAGE, ArchiveServer, unused_port
 
 pytestmark = pytest.mark.network
 
@@ -81,8 +82,8 @@ def test_downloads_verifies_extracts_and_records(server, zips, ws, dataset, capl
     cfg = config(url, dataset, overrides=("train.epochs=3",))
     paths = DatasetPaths.of(dataset, ws)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.download"):
-        result = download(cfg, paths)
+    with caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+        result = download.run(cfg, paths)
 
     layout = LAYOUTS[dataset]
     assert isinstance(result, DownloadResult)
@@ -112,10 +113,10 @@ def test_downloads_verifies_extracts_and_records(server, zips, ws, dataset, capl
 def test_second_call_is_skipped_without_touching_the_server(server, zips, ws):
     url = server.add("/a.zip", zips[DS])
     cfg, paths = config(url), DatasetPaths.of(DS, ws)
-    first = download(cfg, paths)
+    first = download.run(cfg, paths)
     before = server.count()
     started = time.monotonic()
-    again = download(cfg, paths)
+    again = download.run(cfg, paths)
     assert time.monotonic() - started < 0.5
     assert server.count() == before == 1
     assert again.skipped and not first.skipped
@@ -127,9 +128,9 @@ def test_archive_on_disk_with_a_known_hash_is_reextracted_without_the_network(se
     """DVC deletes data/raw/<ds> before rerunning the stage; the archive is still good."""
     url = server.add("/a.zip", zips[DS])
     cfg, paths = config(url), DatasetPaths.of(DS, ws)
-    download(cfg, paths)
+    download.run(cfg, paths)
     shutil.rmtree(paths.raw)
-    result = download(cfg, paths)
+    result = download.run(cfg, paths)
     assert server.count() == 1
     assert not result.skipped and result.source == str(paths.archive)
     assert (tree(paths) / "train" / "cats").is_dir()
@@ -137,7 +138,7 @@ def test_archive_on_disk_with_a_known_hash_is_reextracted_without_the_network(se
 
 def test_503_twice_then_ok_retries_with_backoff(server, zips, ws):
     url = server.add("/a.zip", zips[DS], statuses=[503, 503])
-    result = download(config(url), DatasetPaths.of(DS, ws))
+    result = download.run(config(url), DatasetPaths.of(DS, ws))
     assert [r.status for r in server.requests_for("/a.zip")] == [503, 503, 200]
     assert result.sha256 == sha(zips[DS])
 
@@ -146,7 +147,7 @@ def test_503_twice_then_ok_retries_with_backoff(server, zips, ws):
 def test_retry_after_is_honoured(server, zips, ws, status):
     url = server.add("/a.zip", zips[DS], statuses=[status], retry_after="1")
     cfg = config(url, overrides=("download.max_backoff_seconds=5",))
-    download(cfg, DatasetPaths.of(DS, ws))
+    download.run(cfg, DatasetPaths.of(DS, ws))
     first, second = server.requests_for("/a.zip")
     assert (first.status, second.status) == (status, 200)
     # backoff_seconds is 0.01: only Retry-After explains a one-second wait.
@@ -156,7 +157,7 @@ def test_retry_after_is_honoured(server, zips, ws, status):
 def test_retry_after_is_capped_by_max_backoff(server, zips, ws):
     url = server.add("/a.zip", zips[DS], statuses=[429], retry_after="30")
     cfg = config(url, overrides=("download.max_backoff_seconds=0.2",))
-    download(cfg, DatasetPaths.of(DS, ws))
+    download.run(cfg, DatasetPaths.of(DS, ws))
     first, second = server.requests_for("/a.zip")
     assert 0.15 <= second.time - first.time < 5
 
@@ -164,7 +165,7 @@ def test_retry_after_is_capped_by_max_backoff(server, zips, ws):
 def test_endless_503_gives_up_after_the_configured_attempts(server, zips, ws):
     url = server.add("/a.zip", zips[DS], statuses=[503] * 10)
     with pytest.raises(StageError, match="cannot reach any source") as error:
-        download(config(url), DatasetPaths.of(DS, ws))
+        download.run(config(url), DatasetPaths.of(DS, ws))
     assert len(server.requests_for("/a.zip")) == 3  # download.retries in tiny_params
     assert "HTTP 503" in str(error.value) and url in str(error.value)
 
@@ -174,7 +175,7 @@ def test_dropped_connection_is_resumed_with_a_range_request(server, zips, ws):
     half = len(body) // 2
     url = server.add("/a.zip", body, drop_after=half)
     paths = DatasetPaths.of(DS, ws)
-    result = download(config(url), paths)
+    result = download.run(config(url), paths)
     first, second = server.requests_for("/a.zip")
     assert first.header("Range") is None
     assert second.header("Range") == f"bytes={half}-"
@@ -189,7 +190,7 @@ def test_repeated_drops_that_make_progress_do_not_use_up_the_retries(server, zip
     quarter = len(body) // 4 + 1
     url = server.add("/a.zip", body, drop_after=quarter, drops=10)
     paths = DatasetPaths.of(DS, ws)
-    download(config(url, overrides=("download.retries=2",)), paths)
+    download.run(config(url, overrides=("download.retries=2",)), paths)
     ranges = [r.header("Range") for r in server.requests_for("/a.zip")]
     assert ranges == [None] + [f"bytes={quarter * n}-" for n in (1, 2, 3)]
     assert paths.archive.read_bytes() == body
@@ -199,7 +200,7 @@ def test_a_server_that_ignores_range_restarts_from_zero(server, zips, ws):
     body = zips[DS]
     url = server.add("/a.zip", body, drop_after=len(body) // 3, ignore_range=True)
     paths = DatasetPaths.of(DS, ws)
-    result = download(config(url), paths)
+    result = download.run(config(url), paths)
     first, second = server.requests_for("/a.zip")
     assert second.header("Range") == f"bytes={len(body) // 3}-"
     assert second.status == 200
@@ -215,7 +216,7 @@ def test_a_stale_partial_of_another_version_is_replaced(server, zips, ws):
     part.parent.mkdir(parents=True)
     part.write_bytes(b"PK" + b"old version" * 50)
     Path(f"{part}.json").write_text(json.dumps({"url": url, "etag": '"old"'}))
-    download(config(url), paths)
+    download.run(config(url), paths)
     (request,) = server.requests_for("/a.zip")
     assert request.header("If-Range") == '"old"' and request.status == 200
     assert paths.archive.read_bytes() == body
@@ -228,7 +229,7 @@ def test_a_complete_partial_is_used_when_the_server_answers_416(server, zips, ws
     part = partial_path(paths)
     part.parent.mkdir(parents=True)
     part.write_bytes(body)
-    result = download(config(url), paths)
+    result = download.run(config(url), paths)
     assert [r.status for r in server.requests_for("/a.zip")] == [416]
     assert result.sha256 == sha(body) and paths.archive.read_bytes() == body
 
@@ -243,7 +244,7 @@ def test_one_changed_byte_fails_the_pinned_sha256(server, zips, ws):
     url = server.add("/a.zip", bad)
     paths = DatasetPaths.of(DS, ws)
     with pytest.raises(StageError) as error:
-        download(config(url, sha256=sha(good)), paths)
+        download.run(config(url, sha256=sha(good)), paths)
     message = str(error.value)
     assert "sha256 mismatch" in message and "\n" not in message
     assert sha(good) in message and sha(bad) in message
@@ -256,12 +257,12 @@ def test_one_changed_byte_fails_against_the_trust_on_first_use_record(server, zi
     good, bad = zips[DS], corrupt(zips[DS])
     url = server.add("/a.zip", good)
     paths = DatasetPaths.of(DS, ws)
-    download(config(url), paths)
+    download.run(config(url), paths)
     server.add("/a.zip", bad)
     shutil.rmtree(paths.raw)
     paths.archive.unlink()
     with pytest.raises(StageError) as error:
-        download(config(url), paths)
+        download.run(config(url), paths)
     message = str(error.value)
     assert sha(good) in message and sha(bad) in message
     assert f"delete {paths.known_hashes}" in message and "params.yaml" in message
@@ -272,7 +273,7 @@ def test_an_html_login_page_is_refused(server, ws):
     url = server.add_login_page("/login.zip")
     paths = DatasetPaths.of(DS, ws)
     with pytest.raises(StageError, match="HTML page") as error:
-        download(config(url), paths)
+        download.run(config(url), paths)
     assert "cannot reach" not in str(error.value)
     assert not paths.raw.exists() and not partial_path(paths).exists()
 
@@ -280,13 +281,13 @@ def test_an_html_login_page_is_refused(server, ws):
 def test_an_html_page_sent_as_octet_stream_is_refused(server, ws):
     url = server.add("/page.zip", LOGIN_PAGE, content_type="application/octet-stream")
     with pytest.raises(StageError, match="HTML page"):
-        download(config(url), DatasetPaths.of(DS, ws))
+        download.run(config(url), DatasetPaths.of(DS, ws))
 
 
 def test_a_wrong_content_type_is_refused(server, zips, ws):
     url = server.add("/a.zip", zips[DS], content_type="application/json")
     with pytest.raises(StageError, match="content type 'application/json'"):
-        download(config(url), DatasetPaths.of(DS, ws))
+        download.run(config(url), DatasetPaths.of(DS, ws))
 
 
 def test_a_body_shorter_than_the_configured_size_is_refused(server, zips, ws):
@@ -294,14 +295,14 @@ def test_a_body_shorter_than_the_configured_size_is_refused(server, zips, ws):
     url = server.add("/a.zip", body[:-100])
     paths = DatasetPaths.of(DS, ws)
     with pytest.raises(StageError, match=f"{len(body) - 100} bytes but .*size: {len(body)}"):
-        download(config(url, size=len(body)), paths)
+        download.run(config(url, size=len(body)), paths)
     assert not paths.raw.exists()
 
 
 def test_a_truncated_body_without_length_is_not_a_zip(server, zips, ws):
     url = server.add("/a.zip", zips[DS][:-100], send_length=False)
     with pytest.raises(StageError, match="not a zip archive"):
-        download(config(url), DatasetPaths.of(DS, ws))
+        download.run(config(url), DatasetPaths.of(DS, ws))
 
 
 def test_a_file_that_is_not_a_zip_is_refused(server, ws):
@@ -309,13 +310,13 @@ def test_a_file_that_is_not_a_zip_is_refused(server, ws):
         "/a.zip", b"\x1f\x8b\x08" + bytes(200), content_type="application/octet-stream"
     )
     with pytest.raises(StageError, match="not a zip archive"):
-        download(config(url), DatasetPaths.of(DS, ws))
+        download.run(config(url), DatasetPaths.of(DS, ws))
 
 
 def test_an_unsafe_archive_writes_nothing_and_keeps_the_previous_copy(server, zips, ws, tmp_path):
     good = zips[DS]
     paths = DatasetPaths.of(DS, ws)
-    download(config(server.add("/good.zip", good)), paths)
+    download.run(config(server.add("/good.zip", good)), paths)
     kept = files_under(paths.raw)
 
     evil_zip = tmp_path / "evil.zip"
@@ -331,7 +332,7 @@ def test_an_unsafe_archive_writes_nothing_and_keeps_the_previous_copy(server, zi
     url = server.add("/evil.zip", evil_zip.read_bytes())
 
     with pytest.raises(StageError, match="unsafe archive entry") as error:
-        download(config(url), paths)
+        download.run(config(url), paths)
     assert "\n" not in str(error.value)
     assert files_under(paths.raw) == kept
     assert not any(p.name in ("escaped.txt", "absolute-escape.txt") for p in tmp_path.rglob("*"))
@@ -352,12 +353,12 @@ def corrupt_last_member(body: bytes) -> bytes:
 
 def test_a_failure_midway_through_extraction_keeps_the_previous_copy(server, zips, ws):
     paths = DatasetPaths.of(DS, ws)
-    download(config(server.add("/good.zip", zips[DS])), paths)
+    download.run(config(server.add("/good.zip", zips[DS])), paths)
     kept = files_under(paths.raw)
     paths.known_hashes.unlink()
     url = server.add("/broken.zip", corrupt_last_member(zips[DS]))
     with pytest.raises(StageError, match="not a readable zip archive"):
-        download(config(url), paths)
+        download.run(config(url), paths)
     assert files_under(paths.raw) == kept
     assert [p.name for p in paths.raw.parent.iterdir()] == [DS]
 
@@ -368,9 +369,9 @@ def test_an_interrupted_fetch_is_resumed_by_the_next_run(server, zips, ws):
     paths = DatasetPaths.of(DS, ws)
     once = config(url, overrides=("download.retries=1",))
     with pytest.raises(StageError, match="cannot reach any source"):
-        download(once, paths)
+        download.run(once, paths)
     assert partial_path(paths).read_bytes() == body[:1000]
-    download(once, paths)
+    download.run(once, paths)
     assert [r.header("Range") for r in server.requests_for("/a.zip")] == [None, "bytes=1000-"]
     assert paths.archive.read_bytes() == body
 
@@ -379,7 +380,7 @@ def test_a_killed_run_leaves_the_previous_copy_and_the_next_run_resumes(
     server, zips, ws, write_params, tmp_path
 ):
     paths = DatasetPaths.of(DS, ws)
-    download(config(server.add("/v1.zip", zips[DS])), paths)
+    download.run(config(server.add("/v1.zip", zips[DS])), paths)
     kept = files_under(paths.raw)
     paths.known_hashes.unlink()  # the upstream changed: v2 will be trusted on first use
     v2 = make_archive(tmp_path / "v2.zip", DS, COUNTS, size=16, seed=3).read_bytes()
@@ -402,7 +403,7 @@ def test_a_killed_run_leaves_the_previous_copy_and_the_next_run_resumes(
     assert files_under(paths.raw) == kept
 
     server.add("/v2.zip", v2)  # same bytes and ETag, no throttle
-    result = download(config(url), paths)
+    result = download.run(config(url), paths)
     last = server.requests_for("/v2.zip")[-1]
     assert last.header("Range") == f"bytes={received}-" and last.status == 206
     assert result.sha256 == sha(v2) and paths.archive.read_bytes() == v2
@@ -414,7 +415,7 @@ def test_a_missing_split_folder_is_named(server, zips, ws):
     cfg = config(url, layout={"root": "hymenoptera_data", "train": "train", "validation": "valid"})
     paths = DatasetPaths.of(DS, ws)
     with pytest.raises(StageError, match="no hymenoptera_data/valid/") as error:
-        download(cfg, paths)
+        download.run(cfg, paths)
     assert "hymenoptera_data/val" in str(error.value)  # what was found instead
     assert not paths.raw.exists() and not paths.known_hashes.exists()
 
@@ -426,7 +427,7 @@ def test_file_urls_and_plain_paths_are_sources(zips, ws, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for n, source in enumerate([archive.as_uri(), str(archive), "mirror/cats.zip"]):
         paths = DatasetPaths.of(DS, ws / str(n))
-        result = download(config(source), paths)
+        result = download.run(config(source), paths)
         assert result.source == source and result.sha256 == sha(zips[DS])
         assert (tree(paths) / "validation" / "dogs").is_dir()
 
@@ -438,8 +439,8 @@ def test_mirrors_are_tried_in_order_after_url(server, zips, ws, tmp_path, caplog
     local.write_bytes(zips[DS])
     later = server.add("/later.zip", zips[DS])
     cfg = config(missing, mirrors=[dead, local.as_uri(), later])
-    with caplog.at_level(logging.WARNING, logger="tasks.download"):
-        result = download(cfg, DatasetPaths.of(DS, ws))
+    with caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+        result = download.run(cfg, DatasetPaths.of(DS, ws))
     assert result.source == local.as_uri()
     assert [r.status for r in server.requests_for("/gone.zip")] == [404]
     assert server.requests_for("/later.zip") == []
@@ -453,7 +454,7 @@ def test_offline_with_nothing_on_disk_says_where_to_put_the_archive(server, zips
     url = server.add("/a.zip", zips[DS])
     paths = DatasetPaths.of(DS, ws)
     with pytest.raises(StageError, match="offline") as error:
-        download(config(url), paths, offline=True)
+        download.run(config(url), paths, offline=True)
     assert str(paths.archive) in str(error.value)
     assert server.count() == 0
 
@@ -465,9 +466,9 @@ def test_offline_uses_an_archive_already_on_disk(zips, ws, how):
     paths.archive.write_bytes(zips[DS])
     url = f"http://127.0.0.1:{unused_port()}/never.zip"
     if how == "argument":
-        result = download(config(url), paths, offline=True)
+        result = download.run(config(url), paths, offline=True)
     else:
-        result = download(config(url, overrides=("download.offline=true",)), paths)
+        result = download.run(config(url, overrides=("download.offline=true",)), paths)
     assert result.source == str(paths.archive) and not result.skipped
     assert paths.known_hashes.read_text().split()[0] == sha(zips[DS])
     assert (tree(paths) / "train" / "dogs").is_dir()
@@ -476,9 +477,9 @@ def test_offline_uses_an_archive_already_on_disk(zips, ws, how):
 def test_offline_with_a_verified_tree_is_skipped(server, zips, ws):
     url = server.add("/a.zip", zips[DS])
     paths = DatasetPaths.of(DS, ws)
-    download(config(url), paths)
+    download.run(config(url), paths)
     paths.archive.unlink()
-    result = download(config(url), paths, offline=True)
+    result = download.run(config(url), paths, offline=True)
     assert result.skipped and server.count() == 1
 
 
@@ -487,7 +488,7 @@ def test_offline_with_a_broken_archive_names_it(ws):
     paths.archive.parent.mkdir(parents=True)
     paths.archive.write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(StageError, match="unusable.*not a zip") as error:
-        download(config("file:///nowhere.zip"), paths, offline=True)
+        download.run(config("file:///nowhere.zip"), paths, offline=True)
     assert str(paths.archive) in str(error.value)
 
 
@@ -496,7 +497,7 @@ def test_two_concurrent_downloads_fetch_once(server, zips, ws):
     cfg, paths = config(url), DatasetPaths.of(DS, ws)
     results: list[DownloadResult] = []
     threads = [
-        threading.Thread(target=lambda: results.append(download(cfg, paths))) for _ in range(2)
+        threading.Thread(target=lambda: results.append(download.run(cfg, paths))) for _ in range(2)
     ]
     for thread in threads:
         thread.start()
@@ -533,8 +534,8 @@ def test_cli_downloads_and_prints_the_summary(server, zips, write_params, ws, ca
 
 def test_a_changed_url_is_fetched_again_and_trusted_on_its_own_first_use(archive_server, tmp_path):
     from tasks.config import parse_config
-    from tasks.download import download
     from tasks.paths import DatasetPaths
+    from tasks.steps import download
     from tests.datagen import make_archive, tiny_params
 
     first = make_archive(tmp_path / "a.zip", "cats_vs_dogs", seed=1)
@@ -542,8 +543,8 @@ def test_a_changed_url_is_fetched_again_and_trusted_on_its_own_first_use(archive
     url_a = archive_server.add("/changed-url-a.zip", first.read_bytes())
     url_b = archive_server.add("/changed-url-b.zip", second.read_bytes())
     paths = DatasetPaths.of("cats_vs_dogs", tmp_path / "ws")
-    result_a = download(parse_config(tiny_params({"cats_vs_dogs": url_a})), paths)
-    result_b = download(parse_config(tiny_params({"cats_vs_dogs": url_b})), paths)
+    result_a = download.run(parse_config(tiny_params({"cats_vs_dogs": url_a})), paths)
+    result_b = download.run(parse_config(tiny_params({"cats_vs_dogs": url_b})), paths)
     assert not result_b.skipped
     assert result_b.sha256 != result_a.sha256
     assert archive_server.count("/changed-url-b.zip") >= 1

@@ -11,7 +11,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tasks.config import parse_config
-from tasks.download import (
+from tasks.errors import StageError
+from tasks.paths import DatasetPaths
+from tasks.steps.download import (
     SourceFailed,
     _progress,
     _retry_after,
@@ -21,8 +23,6 @@ from tasks.download import (
     local_source,
     member_target,
 )
-from tasks.errors import StageError
-from tasks.paths import DatasetPaths
 from tests.datagen import make_archive, tiny_params
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import StageError
-from tasks.evaluate import (
+from tasks.ml.metrics import (
     class_probabilities,
     classification_metrics,
     confident_mistakes,
@@ -17,7 +17,7 @@ from tasks.evaluate import (
     roc_auc,
     roc_points,
 )
-from tasks.registry import gate_verdict
+from tasks.steps.register import gate_verdict
 
 
 def test_sigmoid_column_becomes_two_class_probabilities():

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from tasks.config import parse_config
+from tasks.io import file_md5
 from tasks.paths import DatasetPaths
-from tasks.tracking import file_md5, flat_params, phase_run, read_record, tracking_uri
+from tasks.tracking import flat_params, phase_run, read_record, tracking_uri
 from tests.datagen import tiny_params
 
 

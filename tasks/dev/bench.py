@@ -1,0 +1,308 @@
+"""``make bench``: wall time, images/s and validation accuracy of both training phases,
+our way next to the tutorial way, on generated data with offline-made weights.
+
+Our way is the pipeline itself (``tasks.steps.train.run`` then
+``tasks.steps.finetune.run``): manifest-driven ``tf.data``, phase 1 on cached backbone
+features (augmentation off), phase 2 from the registry's named boundary with
+augmentation. The tutorial way (TensorFlow's "Transfer learning and fine-tuning"):
+``image_dataset_from_directory``, augmentation layers inside the model, the frozen
+base run on every step of phase 1, then fine-tuning from layer 100. Both use the
+same backbone weights (made offline, no download), head, optimizer settings,
+augmentation (the ``augmentation:`` section), image size, batch size and epoch
+counts; early stopping is off so every epoch runs. As in the tutorial, its
+datasets are not cached (every epoch decodes the files again).
+
+images/s counts training images per second of the phase's wall time (data
+loading, feature extraction, validation and saving included).
+
+    python -m tasks.dev.bench [--backbone mobilenet_v2] [--image-size 160] [--images 2000]
+                          [--val-images 500] [--epochs 10] [--finetune-epochs 3]
+                          [--tutorial-freeze-bn] [--skip-tutorial]
+
+The default epochs (10 + 3, not the tutorial's 10 + 10) keep the whole comparison
+under 10 minutes on 2 CPU cores; fine-tuning costs the same per epoch both ways.
+
+Everything lands under ``--state`` (default ``.bench/``); data and weights are
+reused between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import Config, parse_config
+from tasks.errors import ConfigError, StageError
+from tasks.paths import DatasetPaths
+
+DATASET = "cats_vs_dogs"
+PRETRAIN_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Row:
+    phase: str
+    way: str
+    epochs: int
+    images: int
+    seconds: float
+    val_accuracy: float
+
+    @property
+    def rate(self) -> float:
+        return self.images * self.epochs / self.seconds if self.seconds else 0.0
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'phase':<22} {'way':<34} {'epochs':>6} {'wall s':>8} {'images/s':>9} {'val acc':>8}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(
+            f"{row.phase:<22} {row.way:<34} {row.epochs:>6} {row.seconds:>8.1f} "
+            f"{row.rate:>9.1f} {row.val_accuracy:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def make_data(state: Path, train_images: int, val_images: int, side: int) -> DatasetPaths:
+    """A generated cats_vs_dogs tree under ``state`` and its manifest (validate's own code)."""
+    import pandas as pd
+
+    from tasks.dev.synthetic import make_tree, tiny_params
+    from tasks.ml.manifest import build_manifest, scan_raw
+
+    counts = {"train": train_images // 2, "validation": val_images // 2}
+    name = f"data-{counts['train']}-{counts['validation']}-{side}"
+    paths = DatasetPaths.of(DATASET, state / name)
+    cfg = parse_config(tiny_params({DATASET: "file:///unused.zip"}, counts))
+    if not paths.manifest.is_file():
+        make_tree(paths.raw, DATASET, counts, side, seed=11)
+        frame = build_manifest(scan_raw(paths.raw, cfg.dataset(DATASET)), cfg.validation)
+        paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(frame).to_parquet(paths.manifest, index=False)
+    return paths
+
+
+def bench_config(args: argparse.Namespace, weights: Path, counts: dict[str, int]) -> Config:
+    from tasks.dev.synthetic import tiny_params
+
+    patience = max(args.epochs, args.finetune_epochs)
+    params = tiny_params(
+        {DATASET: "file:///unused.zip"},
+        counts,
+        train={
+            "backbone": args.backbone,
+            "image_size": args.image_size,
+            "weights": str(weights),
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "early_stopping_patience": patience,
+        },
+        finetune={"epochs": args.finetune_epochs, "early_stopping_patience": patience},
+        tracking={"experiment_prefix": "bench-"},
+    )
+    return parse_config(params)
+
+
+def ours(cfg: Config, paths: DatasetPaths, train_images: int) -> list[Row]:
+    from tasks.steps import finetune, train
+
+    started = time.perf_counter()
+    frozen = train.run(cfg, paths)
+    frozen_s = time.perf_counter() - started
+    started = time.perf_counter()
+    tuned = finetune.run(cfg, paths)
+    tuned_s = time.perf_counter() - started
+    boundary = cfg.finetune.unfreeze_from or "registry boundary"
+    return [
+        Row(
+            "frozen base (head)",
+            "ours: cached features" if frozen.feature_cache else "ours: end to end",
+            frozen.epochs_run,
+            train_images,
+            frozen_s,
+            _last_val_accuracy(paths, "train"),
+        ),
+        Row(
+            "fine-tune top blocks",
+            f"ours: {boundary}, BN frozen",
+            tuned.epochs_run,
+            train_images,
+            tuned_s,
+            _last_val_accuracy(paths, "finetune"),
+        ),
+    ]
+
+
+def _last_val_accuracy(paths: DatasetPaths, phase: str) -> float:
+    import pandas as pd
+
+    history = pd.read_csv(paths.history if phase == "finetune" else paths.phase_history("train"))
+    return float(history.loc[history["phase"] == phase, "val_accuracy"].iloc[-1])
+
+
+def tutorial(
+    cfg: Config,
+    paths: DatasetPaths,
+    weights: Path,
+    train_images: int,
+    freeze_batch_norm: bool = False,
+) -> list[Row]:
+    """The TensorFlow tutorial's recipe, on the same data, weights and settings.
+
+    As in the tutorial, fine-tuning leaves the BatchNormalization layers of
+    ``layers[100:]`` trainable (their gamma/beta) unless ``freeze_batch_norm``.
+    """
+    import keras
+    import tensorflow as tf
+
+    from tasks.ml.backbones import WeightsSource, build_backbone, get_backbone
+    from tasks.ml.model import build_head, compile_model, preprocess_layer
+    from tasks.ml.pipeline import augmentation_layers
+
+    train = cfg.train
+    entry = get_backbone(train.backbone)
+    size = entry.resolve_size(train.image_size)
+    top = next(paths.raw.iterdir())
+    keras.utils.set_random_seed(train.seed)
+
+    def folder(split: str, shuffle: bool) -> tf.data.Dataset:
+        return keras.utils.image_dataset_from_directory(
+            top / split,
+            image_size=(size, size),
+            batch_size=train.batch_size,
+            shuffle=shuffle,
+            seed=train.seed,
+            verbose=False,
+        ).prefetch(tf.data.AUTOTUNE)
+
+    rows = []
+    started = time.perf_counter()
+    train_ds, val_ds = folder("train", True), folder("validation", False)
+    base = build_backbone(train.backbone, size, WeightsSource("file", weights))
+    base.trainable = False
+    augment = keras.Sequential(augmentation_layers(cfg.augmentation, train.seed))
+    inputs = keras.Input((size, size, 3))
+    x = preprocess_layer(entry.preprocess)(augment(inputs))
+    x = base(x, training=False)
+    head = build_head(entry.head, tuple(base.output.shape[1:]), 2)
+    model = keras.Model(inputs, head(x))
+    compile_model(model, train.optimizer, train.learning_rate, 2)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=train.epochs, verbose=0)
+    rows.append(
+        Row(
+            "frozen base (head)",
+            "tutorial: base + aug every step",
+            train.epochs,
+            train_images,
+            time.perf_counter() - started,
+            history.history["val_accuracy"][-1],
+        )
+    )
+
+    started = time.perf_counter()
+    base.trainable = True
+    for layer in base.layers[:100]:
+        layer.trainable = False
+    if freeze_batch_norm:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    tune = cfg.finetune
+    compile_model(model, tune.optimizer, tune.learning_rate, 2)
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=train.epochs + tune.epochs,
+        initial_epoch=train.epochs,
+        verbose=0,
+    )
+    rows.append(
+        Row(
+            "fine-tune top blocks",
+            "tutorial: layers[100:]" + (", BN frozen" if freeze_batch_norm else ""),
+            tune.epochs,
+            train_images,
+            time.perf_counter() - started,
+            history.history["val_accuracy"][-1],
+        )
+    )
+    return rows
+
+
+def run(args: argparse.Namespace) -> str:
+    from tasks.dev.offline_weights import make_offline_weights
+    from tasks.ml.backbones import get_backbone
+
+    state = Path(args.state).resolve()
+    entry = get_backbone(args.backbone)
+    args.image_size = entry.resolve_size(args.image_size)
+    weights = state / "weights" / f"{args.backbone}_{PRETRAIN_SIZE}.weights.h5"
+    started = time.perf_counter()
+    if not weights.is_file():
+        print(f"bench: pretraining offline weights for {args.backbone} ...", flush=True)
+        make_offline_weights(args.backbone, weights, image_size=max(PRETRAIN_SIZE, entry.min_size))
+    weights_s = time.perf_counter() - started
+    paths = make_data(state, args.images, args.val_images, args.image_size)
+    counts = {"train": args.images // 2, "validation": args.val_images // 2}
+    cfg = bench_config(args, weights, counts)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
+    from tasks.tracking import use_experiment
+
+    use_experiment(cfg, paths)  # create the store before the clock starts
+    print(
+        f"bench: {args.backbone} at {args.image_size} px, {2 * counts['train']} training and "
+        f"{2 * counts['validation']} validation images, batch {args.batch_size}, epochs "
+        f"{args.epochs} + {args.finetune_epochs}, {os.cpu_count()} CPU cores "
+        f"(offline weights: {weights_s:.0f} s)",
+        flush=True,
+    )
+    train_images = 2 * counts["train"]
+    rows: list[Row] = []
+    if not args.skip_tutorial:
+        rows += tutorial(cfg, paths, weights, train_images, args.tutorial_freeze_bn)
+    rows += ours(cfg, paths, train_images)
+    rows.sort(key=lambda row: (row.phase != "frozen base (head)", row.way))
+    total = {}
+    for row in rows:
+        way = row.way.split(":")[0]
+        total[way] = total.get(way, 0.0) + row.seconds
+    summary = ", ".join(f"{way} {seconds:.0f} s" for way, seconds in total.items())
+    return f"{table(rows)}\n\ntotal wall time: {summary}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.dev.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--image-size", type=int, default=None, help="px (default: backbone's)")
+    parser.add_argument("--images", type=int, default=2000, help="training images")
+    parser.add_argument("--val-images", type=int, default=500, help="validation images")
+    parser.add_argument("--epochs", type=int, default=10, help="phase 1 epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="phase 2 epochs")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--state", default=".bench", help="where data, weights and runs go")
+    parser.add_argument("--skip-tutorial", action="store_true", help="time our way only")
+    parser.add_argument(
+        "--tutorial-freeze-bn",
+        action="store_true",
+        help="freeze BatchNormalization in the tutorial's fine-tuning too",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        print(run(args))
+    except (ConfigError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

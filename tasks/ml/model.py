@@ -1,0 +1,211 @@
+"""The saved model: ONE end-to-end Keras model, raw 0-255 RGB in, probabilities out.
+
+Layout (what evaluate, Grad-CAM, predict and the registry rely on)::
+
+    image (H, W, 3) 0-255  ->  Preprocess (the backbone's preprocess_input, a layer)
+                           ->  "backbone": nested functional keras.applications model,
+                               called with training=False (BatchNorm in inference mode)
+                           ->  "head": keras.Sequential (pooling, [Dense relu], Dropout, Dense)
+
+Two classes end in ``Dense(1, sigmoid)`` = P(classes[1]); more in ``Dense(n, softmax)``.
+
+Importing this module registers the custom layer, so ``keras.saving.load_model``
+works in a fresh process after ``import tasks.ml.model`` (``tasks.artifacts.load_model``
+does both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import keras
+
+from tasks.errors import StageError
+from tasks.ml.backbones import BACKBONES, HeadSpec, WeightsSource, build_backbone, get_backbone
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+MODES = ("tf", "caffe", "torch", "none")
+
+
+@keras.saving.register_keras_serializable(package="tasks")
+class Preprocess(keras.layers.Layer):
+    """``keras.applications.<net>.preprocess_input`` as a serializable layer.
+
+    ``tf``: scale to [-1, 1] (MobileNetV2, InceptionV3, Xception); ``caffe``: RGB to
+    BGR minus the ImageNet mean (VGG16, ResNet50); ``torch``: [0, 1] then ImageNet
+    mean/std; ``none``: the backbone rescales itself (EfficientNet).
+    """
+
+    def __init__(self, mode: str = "tf", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"Preprocess mode {mode!r}; use one of {MODES}")
+        self.mode = mode
+
+    def call(self, inputs: Any) -> Any:
+        from keras import ops
+
+        x = ops.cast(inputs, "float32")
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "caffe":
+            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR, "float32")
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_TORCH_MEAN, "float32")
+            std = ops.convert_to_tensor(_TORCH_STD, "float32")
+            return (x / 255.0 - mean) / std
+        return x
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "mode": self.mode}
+
+
+def preprocess_layer(mode: str, name: str = "preprocess") -> Preprocess:
+    return Preprocess(mode, name=name)
+
+
+def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], n_classes: int) -> keras.Sequential:
+    """The ``head`` Sequential, built for backbone features of ``feature_shape``."""
+    if n_classes < 2:
+        raise StageError(f"need at least 2 classes to train a classifier, got {n_classes}")
+    layers: list[Any] = [keras.Input(shape=tuple(feature_shape), name="features")]
+    layers.append(
+        keras.layers.GlobalAveragePooling2D(name="pool")
+        if spec.pooling == "avg"
+        else keras.layers.Flatten(name="flatten")
+    )
+    if spec.dense_units:
+        layers.append(keras.layers.Dense(spec.dense_units, activation="relu", name="hidden"))
+    layers.append(keras.layers.Dropout(spec.dropout, name="dropout"))
+    if n_classes == 2:
+        layers.append(keras.layers.Dense(1, activation="sigmoid", name="probability"))
+    else:
+        layers.append(keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
+    return keras.Sequential(layers, name="head")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    backbone: str
+    image_size: int
+    head: HeadSpec
+    n_classes: int
+
+
+def build_model(spec: ModelSpec, weights: WeightsSource | None = None) -> keras.Model:
+    """The end-to-end classifier with a frozen backbone (phase 1's starting point)."""
+    entry = get_backbone(spec.backbone)
+    inputs = keras.Input((spec.image_size, spec.image_size, 3), name="image")
+    x = preprocess_layer(entry.preprocess)(inputs)
+    base = build_backbone(spec.backbone, spec.image_size, weights)
+    base.trainable = False
+    features = base(x, training=False)
+    head = build_head(spec.head, tuple(base.output.shape[1:]), spec.n_classes)
+    return keras.Model(inputs, head(features), name=f"{spec.backbone}_classifier")
+
+
+def backbone_name(model: keras.Model, default: str | None = None) -> str:
+    """Which registry backbone a saved model was built on (from its name)."""
+    for name in BACKBONES:
+        if model.name == f"{name}_classifier":
+            return name
+    if default is None:
+        raise StageError(f"model {model.name!r} was not built by tasks.model; retrain it")
+    return default
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """Raw images -> backbone features, sharing the end-to-end model's layers."""
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    x = model.get_layer("preprocess")(inputs)
+    return keras.Model(inputs, model.get_layer("backbone")(x, training=False), name="features")
+
+
+def loss_for(n_classes: int) -> str:
+    return "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
+
+
+def n_outputs(model: keras.Model) -> int:
+    width = int(model.output_shape[-1])
+    return 2 if width == 1 else width
+
+
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    factories = {
+        "rmsprop": keras.optimizers.RMSprop,
+        "adam": keras.optimizers.Adam,
+        "sgd": keras.optimizers.SGD,
+    }
+    return factories[name](learning_rate=learning_rate)
+
+
+def compile_model(model: keras.Model, optimizer: str, learning_rate: float, n_classes: int) -> None:
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate),
+        loss=loss_for(n_classes),
+        metrics=["accuracy"],
+    )
+
+
+def count_params(weights: list[Any]) -> int:
+    return int(sum(int(keras.ops.size(w)) for w in weights))
+
+
+def parameter_counts(model: keras.Model) -> dict[str, int]:
+    """Trainable and total parameter counts (the numbers logged with every run)."""
+    trainable = count_params(model.trainable_weights)
+    total = count_params(model.weights)
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def model_image_size(model: keras.Model) -> tuple[int, int]:
+    """(height, width) of the model's image input."""
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[2]):
+        raise StageError(f"the model's input shape {shape} is not (batch, height, width, 3)")
+    return int(shape[1]), int(shape[2])
+
+
+def predict_rows(
+    model: keras.Model,
+    frame: pd.DataFrame,
+    raw_root: Path,
+    classes: Sequence[str],
+    batch_size: int,
+) -> np.ndarray:
+    """(images, classes) probabilities for the rows of ``frame`` (files under ``raw_root``).
+
+    Images come through the training input pipeline (``tasks.ml.pipeline.make_dataset``),
+    so they are decoded and resized exactly as in training; rows keep their order.
+    """
+    from tasks.ml.metrics import class_probabilities
+    from tasks.ml.pipeline import make_dataset
+
+    height, width = model_image_size(model)
+    if height != width:
+        raise StageError(f"the model's input is {height}x{width}; the pipeline makes square images")
+    dataset = make_dataset(
+        frame,
+        Path(raw_root),
+        "validation",
+        classes,
+        height,
+        batch_size,
+        augment=None,
+        shuffle=False,
+        seed=0,
+    )
+    outputs = model.predict(dataset.map(lambda images, labels: images), verbose=0)
+    return class_probabilities(outputs, len(classes))

@@ -1,0 +1,216 @@
+"""The input pipeline: validated manifest rows -> batched ``tf.data`` of (images, labels).
+
+Images are float32 0-255 RGB of shape (size, size, 3) (the model preprocesses
+them itself); labels are class indices (position in ``classes``). Any format
+the manifest accepted decodes to RGB: grayscale, RGBA, palette, 16-bit, PNG
+files named .jpg (TensorFlow sniffs the content), and, through Pillow, what
+TensorFlow cannot decode (CMYK JPEGs, TIFF, WebP, ...). Decoded images are
+resized (bilinear, antialiased, like Pillow's resize at prediction time),
+rounded to uint8 and cached in memory, so later epochs skip decoding.
+Augmentation (flip, rotation, zoom, translation) runs on training batches only,
+seeded: the same seed gives the same batches, each epoch a fresh draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.config import AugmentationConfig, TrainConfig
+from tasks.errors import StageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import tensorflow as tf
+
+_TF_FORMATS = {"JPEG", "PNG", "GIF", "BMP"}
+_TF_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
+
+
+def usable_rows(manifest: pd.DataFrame, split: str, classes: Sequence[str]) -> pd.DataFrame:
+    """The ``ok`` rows of ``split``; an error if there are none or a label is not a class."""
+    rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")]
+    if rows.empty:
+        raise StageError(
+            f"the manifest has no usable {split!r} images (status ok); check the data and "
+            "rerun validate"
+        )
+    unknown = sorted(set(rows["label"]) - set(classes))
+    if unknown:
+        raise StageError(
+            f"manifest labels {unknown} are not in the dataset's classes {list(classes)}; fix "
+            "datasets.<name>.classes in params.yaml or rerun validate"
+        )
+    return rows
+
+
+def split_rows(
+    manifest: pd.DataFrame, split: str, classes: Sequence[str]
+) -> tuple[list[str], list[int], list[bool]]:
+    """Paths, class indices and needs-Pillow flags of the ``ok`` rows of ``split``."""
+    rows = usable_rows(manifest, split, classes)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index[label] for label in rows["label"]]
+    pillow = [needs_pillow(row) for row in rows.to_dict("records")]
+    return list(rows["path"].astype(str)), labels, pillow
+
+
+def needs_pillow(row: dict[str, Any]) -> bool:
+    """True where TensorFlow would fail or differ from Pillow (by manifest format and mode)."""
+    fmt, mode = row.get("format"), row.get("mode")
+    if isinstance(fmt, str) and fmt and fmt.upper() not in _TF_FORMATS:
+        return True
+    return isinstance(mode, str) and bool(mode) and mode not in _TF_MODES
+
+
+def _pillow_decode(path: bytes) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path.decode()) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(path: tf.Tensor, pillow: tf.Tensor) -> tf.Tensor:
+    """One file -> uint8 RGB (H, W, 3), with TensorFlow or (``pillow`` true) Pillow."""
+    import tensorflow as tf
+
+    def with_tf() -> tf.Tensor:
+        contents = tf.io.read_file(path)
+        return tf.cond(
+            tf.io.is_jpeg(contents),
+            # the accurate IDCT, as Pillow (and so prediction) decodes
+            lambda: tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: tf.io.decode_image(
+                contents, channels=3, dtype=tf.uint8, expand_animations=False
+            ),
+        )
+
+    def with_pillow() -> tf.Tensor:
+        return tf.numpy_function(_pillow_decode, [path], tf.uint8, stateful=False)
+
+    image = tf.cond(pillow, with_pillow, with_tf)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def augmentation_layers(aug: AugmentationConfig, seed: int) -> list[Any]:
+    """The Keras preprocessing layers ``aug`` asks for, each seeded from ``seed``."""
+    import keras
+
+    layers: list[Any] = []
+    if aug.flip != "none":
+        layers.append(keras.layers.RandomFlip(aug.flip, seed=seed))
+    if aug.rotation > 0:
+        layers.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed + 1))
+    if aug.zoom > 0:
+        layers.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed + 2))
+    if aug.translation > 0:
+        layers.append(
+            keras.layers.RandomTranslation(
+                aug.translation, aug.translation, fill_mode="reflect", seed=seed + 3
+            )
+        )
+    return layers
+
+
+def make_dataset(
+    manifest_df: pd.DataFrame,
+    raw_root: Path,
+    split: str,
+    classes: Sequence[str],
+    image_size: int,
+    batch_size: int,
+    *,
+    augment: AugmentationConfig | None,
+    shuffle: bool,
+    seed: int,
+) -> tf.data.Dataset:
+    """Batches of (float32 0-255 RGB images (size, size, 3), int labels) of ``split``.
+
+    Decoding runs in parallel and is cached; ``shuffle`` reshuffles every epoch
+    (seeded); ``augment`` applies the configured random layers to each batch.
+    """
+    import tensorflow as tf
+
+    files, labels, pillow = split_rows(manifest_df, split, classes)
+    root = str(Path(raw_root))
+    full = [f"{root}/{name}" for name in files]
+    missing = [name for name in full[:1000] if not Path(name).is_file()]
+    if missing:
+        raise StageError(
+            f"{len(missing)} manifest file(s) missing under {root}, e.g. {missing[0]}; rerun "
+            "download and validate so the manifest matches data/raw"
+        )
+
+    def load(path: tf.Tensor, label: tf.Tensor, use_pillow: tf.Tensor) -> Any:
+        image = decode_image(path, use_pillow)
+        image = tf.image.resize(image, (image_size, image_size), antialias=True)
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(full), tf.constant(labels, tf.int32), tf.constant(pillow))
+    )
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+    if shuffle:
+        ds = ds.shuffle(len(full), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    layers = augmentation_layers(augment, seed) if augment is not None else []
+    if layers:
+
+        def augment_batch(x: tf.Tensor, y: tf.Tensor) -> Any:
+            for layer in layers:
+                x = layer(x, training=True)
+            return tf.clip_by_value(x, 0.0, 255.0), y
+
+        # Sequential on purpose: the seeded layers draw from one generator state, and
+        # parallel calls would draw in whatever order they run (unrepeatable under load).
+        # Each call is a whole batch, vectorised, and prefetch overlaps it with training.
+        ds = ds.map(augment_batch)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def count_rows(manifest_df: pd.DataFrame, split: str) -> int:
+    return int(((manifest_df["split"] == split) & (manifest_df["status"] == "ok")).sum())
+
+
+def feature_dataset(
+    features: Any, labels: Any, batch_size: int, shuffle: bool, seed: int
+) -> tf.data.Dataset:
+    """Batches of cached backbone features, shuffled exactly like :func:`make_dataset`."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((features, labels))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def phase_datasets(
+    manifest_df: pd.DataFrame,
+    raw_root: Path,
+    classes: Sequence[str],
+    image_size: int,
+    train: TrainConfig,
+    *,
+    shuffle: bool,
+    augment: AugmentationConfig | None,
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """The training and validation datasets of a phase (augmentation on training only)."""
+
+    def dataset(split: str, shuffle: bool, aug: AugmentationConfig | None) -> tf.data.Dataset:
+        return make_dataset(
+            manifest_df,
+            raw_root,
+            split,
+            classes,
+            image_size,
+            train.batch_size,
+            augment=aug,
+            shuffle=shuffle,
+            seed=train.seed,
+        )
+
+    return dataset("train", shuffle, augment), dataset("validation", False, None)

@@ -1,0 +1,154 @@
+"""The two-phase recipe's building blocks: Keras models and datasets in, fitted models out.
+
+Phase 1 trains the head on a frozen backbone, on cached backbone features when
+the images do not change between epochs (:func:`use_feature_cache`); phase 2
+unfreezes the top blocks (``tasks.ml.backbones.unfreeze_top_blocks``) and
+trains end to end at a low rate. :func:`choose_candidate` then keeps whichever
+phase's model did better on validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.config import TrainConfig
+from tasks.errors import StageError
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+"""What every epoch records, in both phases."""
+FEATURE_CACHE_LIMIT = 4 << 30
+"""Bytes of cached features above which ``feature_cache: auto`` trains end to end."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a phase did (printed by the CLI)."""
+
+    phase: str
+    dataset: str
+    model: Path
+    backbone: str
+    image_size: int
+    epochs_run: int
+    best_epoch: int
+    val_loss: float
+    val_accuracy: float
+    trainable_params: int
+    total_params: int
+    seconds: float
+    run_id: str
+    feature_cache: bool = False
+    unfrozen_layers: int = 0
+    candidate: str | None = None
+    note: str = ""
+
+    def __str__(self) -> str:
+        label = {"train": "phase 1 (frozen base)", "finetune": "phase 2 (fine-tuning)"}
+        lines = [
+            f"{self.dataset}: {label.get(self.phase, self.phase)} with {self.backbone} at "
+            f"{self.image_size} px -> {self.model}",
+            f"  epochs run {self.epochs_run} (best: global epoch {self.best_epoch}), "
+            f"val_loss {self.val_loss:.4f}, val_accuracy {self.val_accuracy:.4f}",
+            f"  trainable parameters {self.trainable_params:,} of {self.total_params:,}"
+            + (
+                f" ({self.unfrozen_layers} backbone layers unfrozen)"
+                if self.unfrozen_layers
+                else ""
+            )
+            + (", head trained on cached features" if self.feature_cache else ""),
+            f"  {self.seconds:.1f} s, MLflow run {self.run_id}",
+        ]
+        if self.candidate:
+            lines.append(f"  candidate: {self.candidate} ({self.note})")
+        return "\n".join(lines)
+
+
+def use_feature_cache(train: TrainConfig, feature_bytes: int) -> bool:
+    """Whether phase 1 fits the head on cached features.
+
+    With the base frozen and no augmentation, the backbone maps each image to
+    the same features every epoch, so they are computed once. ``auto`` falls
+    back to end-to-end training when augmenting or when the features would take
+    more than :data:`FEATURE_CACHE_LIMIT` bytes; ``off`` always trains end to end.
+    """
+    if train.feature_cache == "off":
+        return False
+    if train.augment:
+        if train.feature_cache == "on":
+            raise StageError(
+                "train.feature_cache=on needs train.augment=false (augmented images give new "
+                "features every epoch); set feature_cache to auto or off, or augment to false"
+            )
+        return False
+    if train.feature_cache == "auto" and feature_bytes > FEATURE_CACHE_LIMIT:
+        log.info("features would take %.1f GB; training end to end instead", feature_bytes / 1e9)
+        return False
+    return True
+
+
+def feature_bytes(model: keras.Model, images: int) -> int:
+    """Memory the backbone's float32 features of ``images`` images would take."""
+    per_image = 4
+    for dim in model.get_layer("backbone").output.shape[1:]:
+        per_image *= int(dim)
+    return images * per_image
+
+
+def early_stopping(patience: int) -> keras.callbacks.Callback:
+    """Stop when validation loss stops improving, and keep the best epoch's weights."""
+    import keras
+
+    return keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True
+    )
+
+
+def extract_features(
+    extractor: keras.Model, dataset: tf.data.Dataset
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of every batch of ``dataset``, in order."""
+    import numpy as np
+
+    features = extractor.predict(dataset, verbose=0)
+    labels = np.concatenate([y.numpy() for _, y in dataset])
+    return features, labels
+
+
+def validation_scores(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
+    """``val_loss`` and ``val_accuracy`` of a compiled model on ``dataset``."""
+    values = model.evaluate(dataset, verbose=0, return_dict=True)
+    return {"val_loss": float(values["loss"]), "val_accuracy": float(values["accuracy"])}
+
+
+def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The history row with the lowest validation loss."""
+    return min(rows, key=lambda row: row.get("val_loss", float("inf")))
+
+
+def choose_candidate(
+    frozen: dict[str, float], finetuned: dict[str, float] | None
+) -> tuple[str, str]:
+    """``("finetune" | "train", reason)``: the phase whose model has the lower val_loss."""
+    if finetuned is None:
+        return "train", "fine-tuning ran 0 epochs (finetune.epochs=0); the frozen model is kept"
+    if math.isfinite(finetuned["val_loss"]) and finetuned["val_loss"] < frozen["val_loss"]:
+        return "finetune", (
+            f"fine-tuning lowered val_loss from {frozen['val_loss']:.4f} to "
+            f"{finetuned['val_loss']:.4f}"
+        )
+    return "train", (
+        f"fine-tuning did not beat the frozen model on validation: val_loss "
+        f"{finetuned['val_loss']:.4f} vs {frozen['val_loss']:.4f}; the frozen model is the "
+        "candidate"
+    )

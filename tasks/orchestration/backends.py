@@ -1,0 +1,166 @@
+"""Where the GPU stages run: the worker itself, a Kubernetes pod, or a Docker container.
+
+:class:`Backend` is read from the environment when Airflow parses the DAGs
+(``TASKS_GPU_BACKEND`` = ``local`` | ``kubernetes`` | ``docker``, and the knobs
+below); :func:`kubernetes_stage` and :func:`docker_stage` build the operator
+that runs ``python -m tasks dvc-stage <stage> <dataset>`` in the trainer image
+with the GPUs requested. The kubernetes and docker providers are imported only
+when their backend is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.errors import ConfigError
+from tasks.orchestration.project import Project
+
+GPU_BACKENDS = ("local", "kubernetes", "docker")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the GPU stages run, read from the environment at parse time."""
+
+    kind: str = "local"
+    gpu_stages: frozenset[str] = frozenset({"train", "finetune"})
+    pool: str = "gpu"
+    queue: str | None = None
+    image: str = "transfer-learning-trainer:latest"
+    gpus_per_task: int = 1
+    namespace: str = "default"
+    pvc: str = "transfer-learning-project"
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, str], ...] = ()
+    docker_url: str = "unix://var/run/docker.sock"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Backend:
+        env = os.environ if environ is None else environ
+        kind = env.get("TASKS_GPU_BACKEND", "local").strip() or "local"
+        if kind not in GPU_BACKENDS:
+            raise ConfigError(
+                f"TASKS_GPU_BACKEND={kind!r} is not allowed; use one of: {', '.join(GPU_BACKENDS)}"
+            )
+        stages = env.get("TASKS_GPU_STAGES", "train,finetune")
+        celery = "CeleryExecutor" in env.get("AIRFLOW__CORE__EXECUTOR", "")
+        return cls(
+            kind=kind,
+            gpu_stages=frozenset(s.strip() for s in stages.split(",") if s.strip()),
+            pool=env.get("TASKS_GPU_POOL", "gpu"),
+            queue=env.get("TASKS_GPU_QUEUE") or ("gpu" if celery else None),
+            image=env.get("TASKS_TRAINER_IMAGE", cls.image),
+            gpus_per_task=int(env.get("TASKS_GPUS_PER_TASK", "1")),
+            namespace=env.get("TASKS_K8S_NAMESPACE", cls.namespace),
+            pvc=env.get("TASKS_K8S_PVC", cls.pvc),
+            node_selector=_json_env(
+                env, "TASKS_K8S_NODE_SELECTOR", {"nvidia.com/gpu.present": "true"}
+            ),
+            tolerations=tuple(
+                _json_env(
+                    env,
+                    "TASKS_K8S_TOLERATIONS",
+                    [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                )
+            ),
+            docker_url=env.get("TASKS_DOCKER_URL", cls.docker_url),
+        )
+
+
+def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{name}: is not valid JSON (got {text!r})") from None
+
+
+def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{name}: is not valid JSON (got {text!r})") from None
+
+
+def pod_env(project: Project) -> dict[str, str]:
+    env = {
+        "TASKS_PROJECT": str(project.root),
+        "TASKS_STATE_DIR": str(project.state),
+        "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
+        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
+        "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
+        "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
+    }
+    for name in ("MLFLOW_TRACKING_URI", "KERAS_HOME"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def kubernetes_stage(
+    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
+) -> Any:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    gpus = str(backend.gpus_per_task)
+    return KubernetesPodOperator(
+        task_id=stage,
+        name=f"{dataset}-{stage}".replace("_", "-"),
+        namespace=backend.namespace,
+        image=backend.image,
+        cmds=["python", "-m", "tasks", "dvc-stage", stage, dataset],
+        arguments=["--result-json", "/airflow/xcom/return.json"],
+        env_vars=pod_env(project),
+        container_resources=k8s.V1ResourceRequirements(
+            limits={"nvidia.com/gpu": gpus}, requests={"nvidia.com/gpu": gpus}
+        ),
+        node_selector=dict(backend.node_selector or {}),
+        tolerations=[k8s.V1Toleration(**item) for item in backend.tolerations],
+        volumes=[
+            k8s.V1Volume(
+                name="project",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                    claim_name=backend.pvc
+                ),
+            )
+        ],
+        volume_mounts=[k8s.V1VolumeMount(name="project", mount_path=str(project.root))],
+        labels={"app": "transfer-learning", "dataset": dataset, "stage": stage},
+        do_xcom_push=True,
+        get_logs=True,
+        on_finish_action="delete_pod",
+        **task_args,
+    )
+
+
+def docker_stage(
+    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
+) -> Any:
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.types import DeviceRequest, Mount
+
+    return DockerOperator(
+        task_id=stage,
+        image=backend.image,
+        command=["python", "-m", "tasks", "dvc-stage", stage, dataset, "--result-json", "-"],
+        environment=pod_env(project),
+        device_requests=[DeviceRequest(count=backend.gpus_per_task, capabilities=[["gpu"]])],
+        mounts=[Mount(target=str(project.root), source=str(project.root), type="bind")],
+        working_dir=str(project.root),
+        user=f"{os.getuid()}:{os.getgid()}",
+        docker_url=backend.docker_url,
+        auto_remove="success",
+        mount_tmp_dir=False,
+        do_xcom_push=True,
+        **task_args,
+    )

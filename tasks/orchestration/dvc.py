@@ -1,0 +1,245 @@
+"""The DVC runner: each stage task runs ``dvc repro`` in its dataset's workspace.
+
+:func:`run_stage` runs ``dvc repro --single-item <stage>@<ds>`` in the
+workspace (``tasks.orchestration.workspace``), so DVC skips an unchanged stage
+and the workspace's ``dvc.lock`` records exactly the params, code and data
+each output was built from; :func:`push_outputs` (a DAG's last task) runs
+``dvc push``. A failure is a :class:`StageFailed` with the stage command's own
+one-line error and whether a retry could help (:func:`should_retry`).
+
+Per-run overrides reach each stage command through ``$TASKS_SET`` so MLflow
+records them in the ``overrides`` tag.
+
+Imported when Airflow parses the DAG files: standard library and base modules only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import StageFailed
+from tasks.io import write_json
+from tasks.orchestration.project import Project
+from tasks.orchestration.stage_graph import read_stage_graph
+from tasks.orchestration.workspace import RUN_RECORD, read_run_record, stage_env
+
+log = logging.getLogger(__name__)
+
+NO_RETRY_STAGES = frozenset({"prepare", "validate"})
+"""A failed validation (or a bad conf) is deterministic: retrying cannot help."""
+NETWORK_STAGES = frozenset({"download", "push"})
+"""Network-bound stages retry even on a user-fixable (exit 2) error: a source may come back."""
+
+
+def should_retry(stage: str, error: StageFailed) -> bool:
+    """Whether Airflow should try ``stage`` again after ``error`` (else fail the task now)."""
+    if stage in NO_RETRY_STAGES:
+        return False
+    return error.retryable or stage in NETWORK_STAGES
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one stage task hands to XCom: small values only."""
+
+    stage: str
+    dataset: str
+    ran: bool
+    seconds: float
+    workspace: str
+    restored: bool = False
+    """Not run: DVC's run cache (shared by all workspaces) held outputs for these inputs."""
+    outputs: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def xcom(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        state = "unchanged, skipped"
+        if self.ran:
+            state = "ran"
+        elif self.restored:
+            state = "restored from the run cache"
+        text = f"{self.stage}@{self.dataset}: {state} in {self.seconds:.1f} s"
+        if self.run_id:
+            text += f"; MLflow run {self.run_id}"
+        if self.metrics:
+            text += "; " + ", ".join(f"{k}={v}" for k, v in self.metrics.items())
+        return text
+
+
+def _dvc(ws: Path, args: Sequence[str], overrides: Sequence[str]) -> tuple[int, list[str]]:
+    """Run ``dvc <args>`` in ``ws``, echoing its output to the log; returns (code, lines)."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    log.info("$ %s  (in %s)", " ".join(["dvc", *args]), ws)
+    lines: list[str] = []
+    with subprocess.Popen(
+        cmd,
+        cwd=ws,
+        env=stage_env(overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            lines.append(line)
+            log.info("%s", line)
+        code = proc.wait()
+    return code, lines
+
+
+_EXIT = re.compile(r"exited with (-?\d+)")
+
+
+def _failure(stage: str, dataset: str, lines: list[str]) -> StageFailed:
+    """The one-line reason, and whether trying again could help.
+
+    The stage command's own ``error:`` line (exit 2) is user-fixable: no retry.
+    A command that crashed otherwise (killed, out of memory) may pass on a
+    retry; so may DVC failing to take its lock. Other DVC errors (missing
+    params, a broken dvc.yaml) are deterministic.
+    """
+    text = "\n".join(lines)
+    exits = _EXIT.findall(text)
+    user_errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    if user_errors:
+        return StageFailed(f"{stage}@{dataset}: {user_errors[-1]}", retryable=False)
+    dvc_errors = [line for line in lines if line.startswith("ERROR")]
+    reason = dvc_errors[-1] if dvc_errors else (lines[-1] if lines else "no output")
+    if exits:
+        retryable = exits[-1] != "2"
+    else:
+        retryable = "lock" in reason.lower() or not dvc_errors
+    return StageFailed(f"{stage}@{dataset} failed: {reason}", retryable=retryable)
+
+
+def _small(payload: Any, limit: int = 24) -> dict[str, Any]:
+    """Top-level scalars of a JSON object (what XCom may carry)."""
+    if not isinstance(payload, dict):
+        return {}
+    small = {}
+    for key, value in payload.items():
+        if isinstance(value, bool | int | float) or value is None:
+            small[key] = value
+        elif isinstance(value, str) and len(value) <= 200:
+            small[key] = value
+        if len(small) >= limit:
+            break
+    return small
+
+
+def run_stage(project: Project, dataset: str, stage: str) -> StageResult:
+    """``dvc repro --single-item <stage>@<dataset>`` in the dataset's workspace.
+
+    Raises :class:`StageFailed` with the stage command's one-line error.
+    """
+    ws = project.workspace(dataset)
+    record = read_run_record(ws)
+    spec = read_stage_graph(ws / "dvc.yaml", dataset).stage(stage)
+    start = time.perf_counter()
+    code, lines = _dvc(ws, ["repro", "--single-item", spec.target], record.get("overrides", []))
+    seconds = round(time.perf_counter() - start, 2)
+    if code:
+        raise _failure(stage, dataset, lines)
+    ran = any(f"Running stage '{spec.target}'" in line for line in lines)
+    restored = any(f"Stage '{spec.target}' is cached" in line for line in lines)
+    metrics: dict[str, Any] = {}
+    for path in spec.metrics:
+        target = ws / path
+        if target.is_file():
+            metrics.update(_small(json.loads(target.read_text())))
+    run = _run_ids(ws / "reports" / dataset / "runs" / f"{stage}.json")
+    result = StageResult(
+        stage=stage,
+        dataset=dataset,
+        ran=ran,
+        seconds=seconds,
+        workspace=str(ws),
+        restored=restored,
+        outputs=list(spec.outputs),
+        run_id=run.get("run_id"),
+        parent_run_id=run.get("parent_run_id"),
+        metrics=metrics,
+    )
+    _record_stage(ws, result)
+    log.info("%s", result)
+    return result
+
+
+def _run_ids(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return _small(json.loads(path.read_text()))
+    except json.JSONDecodeError:
+        return {}
+
+
+def _record_stage(ws: Path, result: StageResult) -> None:
+    record = read_run_record(ws)
+    record.setdefault("stages", {})[result.stage] = {"ran": result.ran, "seconds": result.seconds}
+    write_json(ws / RUN_RECORD, record)
+
+
+def stage_command(stage: str, dataset: str, result_json: str | None = None) -> str | StageResult:
+    """``python -m tasks dvc-stage``: what a GPU pod or container runs.
+
+    ``result_json`` writes the XCom value there (KubernetesPodOperator reads
+    ``/airflow/xcom/return.json``); ``-`` prints it as the last line instead.
+    """
+    result = run_stage(Project.from_env(), dataset, stage)
+    payload = json.dumps(result.xcom(), sort_keys=True)
+    if result_json == "-":
+        return payload
+    if result_json:
+        Path(result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(result_json).write_text(payload)
+    return result
+
+
+@dataclass(frozen=True)
+class PushResult:
+    dataset: str
+    workspace: str
+    pushed: int
+    seconds: float
+
+    def xcom(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"dvc push ({self.dataset}): {self.pushed} file(s) sent in {self.seconds:.1f} s"
+
+
+_PUSHED = re.compile(r"(\d+) files? pushed")
+
+
+def push_outputs(project: Project, dataset: str) -> PushResult:
+    """``dvc push`` the workspace's outputs (to the project's remote, or ``TASKS_DVC_REMOTE``)."""
+    ws = project.workspace(dataset)
+    read_run_record(ws)
+    start = time.perf_counter()
+    code, lines = _dvc(ws, ["push"], ())
+    if code:
+        raise _failure("push", dataset, lines)
+    found = _PUSHED.findall("\n".join(lines))
+    result = PushResult(
+        dataset, str(ws), int(found[-1]) if found else 0, round(time.perf_counter() - start, 2)
+    )
+    log.info("%s", result)
+    return result

@@ -1,0 +1,89 @@
+"""Where the pipeline's code, parameters and run state live, and what Airflow calls things.
+
+Locations come from the environment (read by :meth:`Project.from_env`):
+``TASKS_PROJECT`` (the checkout with ``dvc.yaml``, ``tasks/`` and ``.dvc/``),
+``TASKS_PARAMS`` (the params file, default ``<project>/params.yaml``),
+``TASKS_STATE_DIR`` (holds ``.workspaces/``, ``mlflow/`` and
+``reports/summary.*``; default the project) and ``TASKS_DVC_REMOTE`` (a remote
+URL that replaces the project's default remote).
+
+Imported when Airflow parses the DAG files: standard library, ``yaml`` and
+``tasks.config`` only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import Config, load_config
+from tasks.orchestration.stage_graph import StageGraph, read_stage_graph
+
+DAG_PREFIX = "transfer_learning__"
+"""Airflow DAG ids: ``<prefix><dataset>`` per dataset, ``<prefix>summary`` for the report."""
+SUMMARY_DAG_ID = f"{DAG_PREFIX}summary"
+
+
+@dataclass(frozen=True)
+class Project:
+    """Where the pipeline's code, parameters and run state live."""
+
+    root: Path
+    params: Path
+    state: Path
+    remote: str | None = None
+
+    @classmethod
+    def from_env(
+        cls, root: str | Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> Project:
+        env = os.environ if environ is None else environ
+        base = Path(root or env.get("TASKS_PROJECT") or Path.cwd()).resolve()
+        params = Path(env.get("TASKS_PARAMS") or "params.yaml")
+        state = Path(env.get("TASKS_STATE_DIR") or base)
+        return cls(
+            root=base,
+            params=params if params.is_absolute() else base / params,
+            state=state if state.is_absolute() else base / state,
+            remote=env.get("TASKS_DVC_REMOTE") or None,
+        )
+
+    @property
+    def dvc_yaml(self) -> Path:
+        return self.root / "dvc.yaml"
+
+    @property
+    def workspaces(self) -> Path:
+        return self.state / ".workspaces"
+
+    def workspace(self, dataset: str) -> Path:
+        return self.workspaces / dataset
+
+    @property
+    def mlflow_dir(self) -> Path:
+        """The shared embedded MLflow store (``mlflow.db`` + ``artifacts/``)."""
+        return self.state / "mlflow"
+
+    @property
+    def reports(self) -> Path:
+        """Cross-dataset reports (``summary.md``/``summary.json``)."""
+        return self.state / "reports"
+
+    def load_config(self) -> Config:
+        return load_config(self.params)
+
+    def stage_graph(self, dataset: str) -> StageGraph:
+        return read_stage_graph(self.dvc_yaml, dataset)
+
+    def model_file(self, dataset: str) -> Path:
+        """The file whose update is the DAG's Airflow Asset: the candidate model record."""
+        return self.workspace(dataset) / "models" / dataset / "candidate.json"
+
+    def asset_uri(self, dataset: str) -> str:
+        return self.model_file(dataset).as_uri()
+
+    @staticmethod
+    def asset_name(dataset: str) -> str:
+        return f"{DAG_PREFIX}{dataset}.model"

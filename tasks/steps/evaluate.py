@@ -1,0 +1,211 @@
+"""``evaluate``: score the candidate model on the validation split and draw the figures.
+
+Reads ``models/<ds>/candidate.json`` (which model fine-tuning passed on), the
+manifest's ``validation`` rows with status ``ok``, and ``reports/<ds>/history.csv``.
+Writes (each atomically):
+
+- ``reports/<ds>/metrics.json``: accuracy, macro precision/recall/F1, ROC AUC,
+  log loss, expected calibration error (10 bins), per-class precision/recall/F1
+  and the confusion matrix (DVC metrics; definitions in ``tasks.ml.metrics``);
+- ``reports/<ds>/predictions.csv``: one row per validation image (DVC confusion plot);
+- ``reports/<ds>/plots/``: confusion matrix, ROC curve, training curves of both
+  phases, the most confident mistakes, Grad-CAM overlays.
+
+The same numbers and files go to the ``evaluate`` child run in MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tasks.artifacts import labelled_rows, load_model, read_candidate, read_history
+from tasks.config import Config
+from tasks.io import atomic_path, file_md5, write_json, write_text
+from tasks.paths import DatasetPaths
+
+if TYPE_CHECKING:
+    import keras
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    dataset: str
+    model: str
+    images: int
+    metrics: dict[str, Any]
+    plots: tuple[str, ...]
+    run_id: str
+
+    def __str__(self) -> str:
+        m = self.metrics
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+        lines = [
+            f"evaluate {self.dataset}: {self.model} on {self.images} validation images",
+            f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  roc_auc {auc}"
+            f"  log_loss {m['log_loss']:.4f}  ece {m['ece']:.4f}",
+        ]
+        for name, values in m["per_class"].items():
+            lines.append(
+                f"  {name}: precision {values['precision']:.4f}  recall {values['recall']:.4f}"
+                f"  f1 {values['f1']:.4f}  (n={values['support']})"
+            )
+        lines.append(f"  plots: {', '.join(self.plots)}  (MLflow run {self.run_id})")
+        return "\n".join(lines)
+
+
+def _spread(count: int, limit: int) -> list[int]:
+    if limit <= 0 or count == 0:
+        return []
+    return sorted(set(np.linspace(0, count - 1, min(limit, count)).round().astype(int).tolist()))
+
+
+def draw_plots(
+    cfg: Config,
+    paths: DatasetPaths,
+    model: keras.Model,
+    frame: pd.DataFrame,
+    probs: np.ndarray,
+    metrics: dict[str, Any],
+    classes: Sequence[str],
+    folder: Path,
+) -> list[Path]:
+    """Write every evaluation PNG into ``folder``; returns their paths."""
+    from tasks.ml import plots
+    from tasks.ml.gradcam import feature_map_size, gradcam
+    from tasks.ml.images import read_image
+    from tasks.ml.metrics import confident_mistakes
+    from tasks.ml.model import model_image_size
+
+    y_true = frame["label_index"].to_numpy()
+    y_pred = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    size = model_image_size(model)
+    files = [paths.raw / p for p in frame["path"]]
+    written = [
+        plots.confusion_matrix(
+            np.array(metrics["confusion_matrix"]["matrix"]),
+            classes,
+            folder / "confusion_matrix.png",
+        ),
+        plots.roc_curves(y_true, probs, classes, folder / "roc_curve.png"),
+    ]
+    history, why = read_history(paths)
+    written.append(plots.training_curves(history, folder / "training_curves.png", why))
+
+    wrong = confident_mistakes(y_true, probs, cfg.evaluate.mistakes)
+    written.append(
+        plots.image_grid(
+            [read_image(files[i], size) for i in wrong],
+            [
+                f"{classes[y_true[i]]} → {classes[y_pred[i]]} ({confidence[i]:.2f})\n"
+                f"{Path(frame['path'][i]).name}"
+                for i in wrong
+            ],
+            folder / "mistakes.png",
+            title=f"Most confident mistakes (actual → predicted, confidence); "
+            f"{int((y_pred != y_true).sum())} of {len(y_true)} wrong",
+            empty=(
+                "no mistakes: every validation image was classified correctly"
+                if (y_pred == y_true).all()
+                else "mistakes not drawn (evaluate.mistakes is 0)"
+            ),
+        )
+    )
+
+    chosen = _spread(len(files), cfg.evaluate.gradcam_images)
+    images = [read_image(files[i], size) for i in chosen]
+    heatmaps, note, titles = None, "evaluate.gradcam_images is 0", []
+    if images:
+        heatmaps, cam_probs = gradcam(model, np.stack(images))
+        note = "" if heatmaps is not None else "the backbone's output is not a spatial map"
+        titles = [
+            f"actual {classes[y_true[i]]}\npredicted {classes[p.argmax()]} ({p.max():.2f})"
+            for i, p in zip(chosen, cam_probs, strict=True)
+        ]
+    written.append(
+        plots.gradcam_overlays(
+            images,
+            None if heatmaps is None else list(heatmaps),
+            titles,
+            folder / "gradcam.png",
+            note,
+            feature_map=feature_map_size(model),
+        )
+    )
+    return written
+
+
+def predictions_csv(frame: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]) -> str:
+    """One row per image: path, actual, predicted, confidence, prob_<class>..."""
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {
+            "path": frame["path"],
+            "actual": frame["label"],
+            "predicted": [classes[i] for i in probs.argmax(axis=1)],
+            "confidence": probs.max(axis=1).round(6),
+        }
+    )
+    for i, name in enumerate(classes):
+        table[f"prob_{name}"] = probs[:, i].round(6)
+    return table.to_csv(index=False)
+
+
+def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
+    """Score the candidate on the validation split; write metrics, predictions and plots."""
+    import mlflow
+
+    from tasks.ml.metrics import classification_metrics, flat_metrics
+    from tasks.ml.model import predict_rows
+    from tasks.tracking import phase_run
+
+    classes = cfg.dataset(paths.dataset).classes
+    model_path, record = read_candidate(paths)
+    frame = labelled_rows(paths, "validation", classes)
+    model = load_model(model_path)
+    probs = predict_rows(model, frame, paths.raw, classes, cfg.train.batch_size)
+    metrics = classification_metrics(frame["label_index"].to_numpy(), probs, classes)
+    relative = model_path.relative_to(paths.root).as_posix()
+    report = {
+        "model": relative,
+        "phase": record.get("phase"),
+        **metrics,
+    }
+
+    with atomic_path(paths.plots) as staging:
+        staging.mkdir(parents=True)
+        drawn = draw_plots(cfg, paths, model, frame, probs, metrics, classes, staging)
+        names = tuple(p.name for p in drawn)
+    write_text(paths.predictions, predictions_csv(frame, probs, classes))
+    write_json(paths.metrics, report)
+
+    with phase_run(cfg, paths, "evaluate") as run:
+        mlflow.set_tags(
+            {
+                "model.path": relative,
+                "model.phase": str(record.get("phase")),
+                "model.md5": file_md5(model_path),
+            }
+        )
+        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_artifact(str(paths.metrics))
+        mlflow.log_artifact(str(paths.predictions))
+        mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
+    return EvaluationResult(
+        dataset=paths.dataset,
+        model=relative,
+        images=len(frame),
+        metrics=metrics,
+        plots=names,
+        run_id=run.info.run_id,
+    )

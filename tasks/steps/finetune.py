@@ -1,0 +1,219 @@
+"""``finetune``: phase 2 of the recipe, the top blocks at a low learning rate.
+
+Loads ``frozen.keras``, unfreezes the backbone's named top blocks
+(``finetune.unfreeze_from`` or the registry's boundary; every
+BatchNormalization layer stays frozen and in inference mode), recompiles at a
+low rate and trains with augmentation (``finetune.augment``).
+
+Writes ``models/<ds>/finetuned.keras``, the history of both phases
+(``reports/<ds>/history.csv``, epochs numbered globally, and
+``reports/<ds>/history/curves.png``) and ``models/<ds>/candidate.json``: the
+better of the two models on validation loss, with both scores and the reason.
+When fine-tuning does not help, it says so and the frozen model is the candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from tasks.artifacts import (
+    history_frame,
+    load_model,
+    read_manifest,
+    read_phase_history,
+    relative,
+    save_model,
+    write_history,
+)
+from tasks.config import Config
+from tasks.errors import StageError
+from tasks.io import file_md5, write_json
+from tasks.paths import DatasetPaths
+
+if TYPE_CHECKING:
+    import keras
+
+    from tasks.ml.training import TrainResult
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
+    """Phase 2: unfreeze the top blocks, train at a low rate; write the candidate record."""
+    import keras
+    import mlflow
+
+    from tasks.ml.backbones import get_backbone, unfreeze_top_blocks
+    from tasks.ml.model import backbone_name, compile_model, parameter_counts
+    from tasks.ml.pipeline import count_rows, phase_datasets
+    from tasks.ml.training import TrainResult, best_epoch, early_stopping, validation_scores
+    from tasks.tracking import epoch_logger, phase_run
+
+    # Load the frozen-base model and score it before anything changes
+    started = time.perf_counter()
+    tune = cfg.finetune
+    classes = cfg.dataset(paths.dataset).classes
+    manifest = read_manifest(paths)
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = _frozen_model(paths, len(classes))
+    backbone = backbone_name(model, default=cfg.train.backbone)
+    size = int(model.input_shape[1])
+    boundary = tune.unfreeze_from or get_backbone(backbone).unfreeze_from
+    augment = cfg.augmentation if tune.augment else None
+    weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
+    train_images, val_images = phase_datasets(
+        manifest, paths.raw, classes, size, cfg.train, shuffle=True, augment=augment
+    )
+    compile_model(model, tune.optimizer, tune.learning_rate, len(classes))
+    frozen_scores = validation_scores(model, val_images)
+
+    # Unfreeze the top blocks (BatchNorm stays frozen) and recompile
+    unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
+    compile_model(model, tune.optimizer, tune.learning_rate, len(classes))
+    counts = parameter_counts(model)
+    previous = read_phase_history(paths, "train")
+    offset = int(previous["epoch"].max()) if len(previous) else 0
+    params = {
+        "backbone": backbone,
+        "image_size": size,
+        "weights_source": weights_description,
+        "epochs": tune.epochs,
+        "optimizer": tune.optimizer,
+        "learning_rate": tune.learning_rate,
+        "batch_size": cfg.train.batch_size,
+        "augment": bool(augment),
+        "feature_cache": False,
+        "unfreeze_from": boundary,
+        "unfrozen_layers": len(unfrozen),
+        "train_images": count_rows(manifest, "train"),
+        "validation_images": count_rows(manifest, "validation"),
+        **counts,
+    }
+    tags = {
+        "frozen_model.md5": file_md5(paths.frozen_model),
+        "weights.sha256": weights_sha,
+        "weights.description": weights_description,
+        "unfreeze_from": boundary,
+    }
+
+    with phase_run(cfg, paths, "finetune") as run:
+        # Fit, save, choose the candidate, record
+        mlflow.log_params(params)
+        mlflow.set_tags(tags)
+        logger = epoch_logger("finetune", offset=offset)
+        finetuned_scores = None
+        if tune.epochs:
+            model.fit(
+                train_images,
+                validation_data=val_images,
+                epochs=tune.epochs,
+                callbacks=[early_stopping(tune.early_stopping_patience), logger],
+                verbose=0,
+                shuffle=False,
+            )
+            finetuned_scores = validation_scores(model, val_images)
+        save_model(model, paths.finetuned_model)
+        record = _write_candidate(paths, frozen_scores, finetuned_scores)
+        _record_phase(paths, previous.to_dict("records") + logger.rows, record)
+    final = finetuned_scores or frozen_scores
+    return TrainResult(
+        phase="finetune",
+        dataset=paths.dataset,
+        model=paths.finetuned_model,
+        backbone=backbone,
+        image_size=size,
+        epochs_run=len(logger.rows),
+        best_epoch=int(best_epoch(logger.rows)["epoch"]) if logger.rows else offset,
+        val_loss=final["val_loss"],
+        val_accuracy=final["val_accuracy"],
+        trainable_params=counts["trainable_params"],
+        total_params=counts["total_params"],
+        seconds=time.perf_counter() - started,
+        run_id=run.info.run_id,
+        unfrozen_layers=len(unfrozen),
+        candidate=f"{record['path']} ({record['phase']})",
+        note=record["reason"],
+    )
+
+
+def _frozen_model(paths: DatasetPaths, n_classes: int) -> keras.Model:
+    """Phase 1's model, checked to predict this dataset's classes."""
+    from tasks.ml.model import n_outputs
+
+    if not paths.frozen_model.is_file():
+        raise StageError(
+            f"{paths.frozen_model} not found; run `python -m tasks train {paths.dataset}` first"
+        )
+    model = load_model(paths.frozen_model)
+    if n_outputs(model) != n_classes:
+        raise StageError(
+            f"{paths.frozen_model} predicts {n_outputs(model)} classes but the dataset has "
+            f"{n_classes}; rerun `python -m tasks train {paths.dataset}`"
+        )
+    return model
+
+
+def _weights_record(cfg: Config, backbone: str, size: int, paths: DatasetPaths) -> tuple[str, str]:
+    """The phase-1 weights source and sha256, where they can still be found (else 'unavailable')."""
+    from tasks.ml.backbones import resolve_weights
+
+    try:
+        source = resolve_weights(cfg.train.weights, backbone, size, paths.root)
+    except StageError:
+        return f"{cfg.train.weights} (not found at fine-tuning time)", "unavailable"
+    return source.description, source.sha256
+
+
+def _write_candidate(
+    paths: DatasetPaths, frozen: dict[str, float], finetuned: dict[str, float] | None
+) -> dict[str, Any]:
+    """Choose the better phase's model and write ``candidate.json`` saying which and why."""
+    from tasks.ml.training import choose_candidate
+
+    phase, reason = choose_candidate(frozen, finetuned)
+    chosen = paths.finetuned_model if phase == "finetune" else paths.frozen_model
+    if phase == "train":
+        log.warning("%s", reason)
+    record = {
+        "path": relative(paths, chosen),
+        "phase": phase,
+        "reason": reason,
+        "train": {"path": relative(paths, paths.frozen_model), **frozen},
+        "finetune": {
+            "path": relative(paths, paths.finetuned_model),
+            **(finetuned or {"val_loss": None, "val_accuracy": None}),
+        },
+        **(finetuned if phase == "finetune" and finetuned else frozen),
+    }
+    write_json(paths.candidate, record)
+    return record
+
+
+def _record_phase(paths: DatasetPaths, rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    """Both phases' history and curves; the candidate choice and the model's lineage in MLflow."""
+    import mlflow
+
+    png = paths.reports / "history" / "curves.png"
+    write_history(history_frame(rows), paths.history, png)
+    phase = record["phase"]
+    frozen = {k: v for k, v in record["train"].items() if k != "path"}
+    finetuned = {k: v for k, v in record["finetune"].items() if k != "path" and v is not None}
+    metrics = {f"frozen_{k}": v for k, v in frozen.items()}
+    metrics |= {f"finetuned_{k}": v for k, v in finetuned.items()}
+    metrics["finetune_improved"] = float(phase == "finetune")
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags(
+        {
+            "model.path": relative(paths, paths.finetuned_model),
+            "model.md5": file_md5(paths.finetuned_model),
+            "candidate.phase": phase,
+            "candidate.path": record["path"],
+            "candidate.reason": record["reason"],
+            "finetune.improved": str(phase == "finetune").lower(),
+        }
+    )
+    mlflow.log_artifact(str(paths.history), artifact_path="history")
+    mlflow.log_artifact(str(png), artifact_path="history")
+    mlflow.log_artifact(str(paths.candidate))

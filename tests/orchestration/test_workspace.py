@@ -1,0 +1,259 @@
+"""What the DAG tasks call (workspaces, the DVC runner) on a toy DVC pipeline: real dvc, no Airflow.
+
+The toy project has the real params.yaml schema and a two-stage ``foreach``
+pipeline whose command is a tiny script, so each ``dvc repro`` takes a second.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+
+import pytest
+import yaml
+
+from tasks.errors import ConfigError, StageError, StageFailed
+from tasks.orchestration.dvc import push_outputs, run_stage
+from tasks.orchestration.project import Project
+from tasks.orchestration.runconf import conf_overrides
+from tasks.orchestration.workspace import prepare_workspace, read_run_record
+from tests.datagen import tiny_params
+
+DATASETS = ("cats_vs_dogs", "ants_vs_bees")
+
+STEP = """\
+import json, os, sys
+from pathlib import Path
+
+stage, ds = sys.argv[1], sys.argv[2]
+if os.environ.get("TOY_FAIL") == stage:
+    print("error: the toy stage refuses; set TOY_FAIL= to fix", file=sys.stderr)
+    sys.exit(2)
+if os.environ.get("TOY_CRASH") == stage:
+    raise MemoryError("toy out of memory")
+out = Path("out") / ds
+out.mkdir(parents=True, exist_ok=True)
+if stage == "first":
+    (out / "first.txt").write_text(os.environ.get("TASKS_SET", "[]") + "\\n" + ds)
+else:
+    (out / "model.bin").write_bytes(os.urandom(64))
+    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "detail": {"a": 1}}))
+    runs = Path("reports") / ds / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "second.json").write_text(json.dumps({"run_id": "r-123", "parent_run_id": "p-9"}))
+"""
+
+DVC_YAML = """\
+stages:
+  first:
+    foreach: ${datasets}
+    do:
+      cmd: python step.py first ${key}
+      deps:
+        - step.py
+      params:
+        - train.epochs
+      outs:
+        - out/${key}/first.txt
+  second:
+    foreach: ${datasets}
+    do:
+      cmd: python step.py second ${key}
+      deps:
+        - out/${key}/first.txt
+        - step.py
+      outs:
+        - out/${key}/model.bin
+        - reports/${key}/runs/second.json:
+            cache: false
+      metrics:
+        - out/${key}/metrics.json:
+            cache: false
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Project:
+    root = tmp_path / "project"
+    (root / ".dvc").mkdir(parents=True)
+    (root / ".dvc" / "config").write_text(
+        textwrap.dedent(
+            """\
+            [core]
+                remote = local
+                autostage = true
+            ['remote "local"']
+                url = ../remote
+            """
+        )
+    )
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "step.py").write_text(STEP)
+    sources = {ds: f"http://127.0.0.1:9/{ds}.zip" for ds in DATASETS}
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(sources), sort_keys=False))
+    # Not the embedded SQLite store: prepare then leaves MLflow alone.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    for name in ("TASKS_PARAMS", "TASKS_ROOT", "TASKS_SET", "TOY_FAIL", "TOY_CRASH"):
+        monkeypatch.delenv(name, raising=False)
+    return Project.from_env(root, environ={})
+
+
+def test_friendly_conf_keys_map_to_dotted_params():
+    conf = {"backbone": "vgg16", "finetune_epochs": 5, "mirrors": ["file:///srv/m.zip"]}
+    assert conf_overrides(conf, "ants_vs_bees") == (
+        "train.backbone=vgg16",
+        "finetune.epochs=5",
+        'datasets.ants_vs_bees.mirrors=["file:///srv/m.zip"]',
+    )
+    # Values keep their JSON type through the CLI's YAML parse ("7" stays a string).
+    assert conf_overrides(
+        {"set": {"train.epochs": 3, "train.weights": "none", "train.seed": "7"}}, "x"
+    ) == ("train.epochs=3", "train.weights=none", 'train.seed="7"')
+    assert conf_overrides({"set": ["train.epochs=3"]}, "x") == ("train.epochs=3",)
+    assert conf_overrides(None, "x") == () == conf_overrides({}, "x")
+
+
+def test_unknown_conf_key_is_a_one_line_error_listing_the_keys():
+    with pytest.raises(ConfigError) as error:
+        conf_overrides({"backbon": "vgg16"}, "x")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("run conf: unknown key 'backbon'; use one of: backbone,")
+    with pytest.raises(ConfigError, match='"set" must map dotted keys'):
+        conf_overrides({"set": 3}, "x")
+
+
+def test_prepare_writes_the_run_params_into_the_workspace_only(project):
+    before = project.params.read_text()
+    prepared = prepare_workspace(
+        project, "cats_vs_dogs", {"finetune_epochs": 4, "set": {"train.epochs": 3}}, run_id="r1"
+    )
+    ws = project.workspace("cats_vs_dogs")
+    assert prepared.workspace == str(ws)
+    assert prepared.overrides == ("finetune.epochs=4", "train.epochs=3")
+    assert project.params.read_text() == before
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert params["train"]["epochs"] == 3 and params["finetune"]["epochs"] == 4
+    # Defaults are written out, so DVC can track every key a stage lists.
+    assert params["tracking"]["experiment_prefix"] == ""
+    assert params["augmentation"]["flip"] == "horizontal"
+    assert (ws / "dvc.yaml").read_text() == DVC_YAML
+    assert (ws / "step.py").read_text() == STEP
+    local = (ws / ".dvc" / "config.local").read_text()
+    assert "no_scm = true" in local
+    assert f"dir = {project.root / '.dvc' / 'cache'}" in local
+    assert f"url = {project.root / 'remote'}" in local
+    assert (ws / "mlflow").resolve() == project.mlflow_dir.resolve()
+    record = read_run_record(ws)
+    assert record["overrides"] == ["finetune.epochs=4", "train.epochs=3"]
+    assert record["run_id"] == "r1"
+
+
+def test_bad_conf_fails_prepare_with_one_line_and_leaves_the_workspace(project):
+    prepare_workspace(project, "cats_vs_dogs", {"finetune_epochs": 4})
+    ws = project.workspace("cats_vs_dogs")
+    params_before = (ws / "params.yaml").read_text()
+    with pytest.raises(ConfigError) as error:
+        prepare_workspace(project, "cats_vs_dogs", {"backbone": "resnet"})
+    message = str(error.value)
+    assert message.startswith("run conf: train.backbone: 'resnet' is not allowed; use one of:")
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match=r"run conf: train.epochs: .*greater than 0"):
+        prepare_workspace(project, "cats_vs_dogs", {"set": {"train.epochs": 0}})
+    assert (ws / "params.yaml").read_text() == params_before
+    assert read_run_record(ws)["overrides"] == ["finetune.epochs=4"]
+
+
+def test_stage_runs_once_then_is_skipped_until_its_params_change(project):
+    ws = project.workspace("cats_vs_dogs")
+    prepare_workspace(project, "cats_vs_dogs")
+    first = run_stage(project, "cats_vs_dogs", "first")
+    assert first.ran and first.outputs == ["out/cats_vs_dogs/first.txt"]
+    second = run_stage(project, "cats_vs_dogs", "second")
+    assert second.ran
+    assert second.metrics == {"accuracy": 0.75}  # nested values stay out of XCom
+    assert (second.run_id, second.parent_run_id) == ("r-123", "p-9")
+    assert json.dumps(second.xcom())  # XCom-serialisable
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"first@cats_vs_dogs", "second@cats_vs_dogs"}
+    assert lock["stages"]["first@cats_vs_dogs"]["params"]["params.yaml"] == {"train.epochs": 2}
+
+    prepare_workspace(project, "cats_vs_dogs")
+    assert not run_stage(project, "cats_vs_dogs", "first").ran
+    prepare_workspace(project, "cats_vs_dogs", {"epochs": 5})
+    rerun = run_stage(project, "cats_vs_dogs", "first")
+    assert rerun.ran
+    # The stage command sees the overrides (to record them in MLflow).
+    written = (ws / "out" / "cats_vs_dogs" / "first.txt").read_text().splitlines()[0]
+    assert json.loads(written) == ["train.epochs=5"]
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert lock["stages"]["first@cats_vs_dogs"]["params"]["params.yaml"] == {"train.epochs": 5}
+    stages = read_run_record(ws)["stages"]
+    assert set(stages) == {"first"} and stages["first"]["seconds"] > 0
+    # Back to the file's params: DVC's run cache restores the earlier outputs, no rerun.
+    prepare_workspace(project, "cats_vs_dogs")
+    back = run_stage(project, "cats_vs_dogs", "first")
+    assert (back.ran, back.restored) == (False, True)
+    assert "restored from the run cache" in str(back)
+
+
+def test_user_error_is_not_retryable_and_a_crash_is(project, monkeypatch):
+    prepare_workspace(project, "ants_vs_bees")
+    monkeypatch.setenv("TOY_FAIL", "first")
+    with pytest.raises(StageFailed) as error:
+        run_stage(project, "ants_vs_bees", "first")
+    assert str(error.value) == ("first@ants_vs_bees: the toy stage refuses; set TOY_FAIL= to fix")
+    assert error.value.retryable is False
+    monkeypatch.setenv("TOY_FAIL", "")
+    monkeypatch.setenv("TOY_CRASH", "first")
+    with pytest.raises(StageFailed) as error:
+        run_stage(project, "ants_vs_bees", "first")
+    assert error.value.retryable is True
+    assert "exited with 1" in str(error.value)
+
+
+def test_stage_before_prepare_says_what_to_do(project):
+    with pytest.raises(StageError, match="run the DAG's prepare task first"):
+        run_stage(project, "cats_vs_dogs", "first")
+
+
+def test_two_datasets_run_at_once_and_push_to_one_remote(project):
+    """One workspace per dataset: no DVC lock contention, one shared cache and remote."""
+    for ds in DATASETS:
+        prepare_workspace(project, ds)
+    errors: list[BaseException] = []
+
+    def pipeline(ds: str) -> None:
+        try:
+            for stage in ("first", "second"):
+                assert run_stage(project, ds, stage).ran
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=pipeline, args=(ds,)) for ds in DATASETS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    cache = project.root / ".dvc" / "cache"
+    assert len([p for p in cache.rglob("*") if p.is_file()]) >= 4
+    assert not any((project.workspace(ds) / ".dvc" / "cache").exists() for ds in DATASETS)
+
+    pushed = push_outputs(project, "cats_vs_dogs")
+    assert pushed.pushed == 2  # first.txt and model.bin; uncached outputs stay local
+    remote = project.root / "remote"
+    assert len([p for p in remote.rglob("*") if p.is_file()]) == 2
+    assert push_outputs(project, "cats_vs_dogs").pushed == 0
+    assert push_outputs(project, "ants_vs_bees").pushed == 2
+
+
+def test_workspace_env_does_not_leak_the_callers_params(project, monkeypatch, tmp_path):
+    """A TASKS_PARAMS pointing elsewhere (e.g. make demo's) must not reach the stage."""
+    prepare_workspace(project, "cats_vs_dogs", {"epochs": 7})
+    monkeypatch.setenv("TASKS_PARAMS", str(tmp_path / "elsewhere.yaml"))
+    monkeypatch.setenv("TASKS_SET", '["train.epochs=1"]')
+    run_stage(project, "cats_vs_dogs", "first")
+    written = project.workspace("cats_vs_dogs") / "out" / "cats_vs_dogs" / "first.txt"
+    assert json.loads(written.read_text().splitlines()[0]) == ["train.epochs=7"]
