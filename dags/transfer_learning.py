@@ -4,16 +4,22 @@ Wiring only; every task calls one function of ``tasks.orchestration``.
 
 ``transfer_learning__<dataset>``::
 
-    prepare >> download >> validate >> train >> finetune >> evaluate >> register >> push
+    prepare >> download >> validate >> train >> finetune >> evaluate >> register
+            >> record >> finish
 
+- ``prepare`` validates the run conf (see ``tasks.orchestration.runconf.CONF_KEYS``),
+  brings the dataset's workspace (``.workspaces/<dataset>``, a git checkout of
+  the deployed commit) to that commit, writes its params.yaml and opens the
+  run's MLflow parent run;
 - one task per DVC stage, in dvc.yaml's order (read from dvc.yaml's deps and
   outs, so a new stage is a new task), each running
-  ``dvc repro --single-item <stage>@<dataset>`` in the dataset's own workspace
-  (``.workspaces/<dataset>``; shared DVC cache and MLflow store), so DVC skips
-  unchanged stages and the workspace's dvc.lock stays meaningful;
-- ``prepare`` validates the run conf (see ``tasks.orchestration.runconf.CONF_KEYS``) and
-  writes the workspace's params.yaml; ``push`` runs ``dvc push`` and updates the
-  dataset's model Asset;
+  ``dvc repro --single-item <stage>@<dataset>`` in the workspace (shared DVC
+  cache, run cache and MLflow store), so DVC skips unchanged stages;
+- ``record`` saves the run as a DVC experiment (``<dataset>-<run id>``), pushes
+  it to the project's git repository and its outputs to the DVC remote, and
+  updates the dataset's model Asset;
+- ``finish`` (whatever happened before it) ends the MLflow parent run with the
+  outcome: FINISHED with the experiment's name, or FAILED naming the task;
 - a new dataset in params.yaml is a new DAG, with no code.
 
 ``transfer_learning__summary`` runs whenever any dataset's model Asset updates
@@ -55,7 +61,7 @@ START = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def model_asset(project: Project, dataset: str) -> Asset:
-    """The dataset's model output: updated by the ``push`` task of its DAG."""
+    """The dataset's model output: updated by the ``record`` task of its DAG."""
     return Asset(name=project.asset_name(dataset), uri=project.asset_uri(dataset), group="model")
 
 
@@ -91,20 +97,39 @@ def _stage_callable(project: Project, dataset: str, stage: str) -> Any:
     return run_dvc_stage
 
 
-def _push_callable(project: Project, dataset: str, leaves: list[str]) -> Any:
-    def push_to_remote() -> dict[str, Any]:
-        from tasks.orchestration.dvc import push_outputs
+def _record_callable(project: Project, dataset: str, leaves: list[str]) -> Any:
+    def record_experiment() -> dict[str, Any]:
+        from tasks.orchestration.experiments import record_experiment
 
-        result = push_outputs(project, dataset).xcom()
+        result = record_experiment(project, dataset).xcom()
         context = get_current_context()
-        headline: dict[str, Any] = {"dataset": dataset, "dag_run_id": context["dag_run"].run_id}
+        headline: dict[str, Any] = {
+            "dataset": dataset,
+            "dag_run_id": context["dag_run"].run_id,
+            "experiment": result["name"],
+        }
         for value in context["ti"].xcom_pull(task_ids=leaves) or []:
             if isinstance(value, dict):
                 headline.update(value.get("metrics") or {})
         context["outlet_events"][model_asset(project, dataset)].extra = headline
         return {**result, "headline": headline}
 
-    return push_to_remote
+    return record_experiment
+
+
+def _finish_callable(project: Project, dataset: str, tasks_in_order: list[str]) -> Any:
+    def end_pipeline_run() -> dict[str, Any]:
+        from tasks.orchestration.experiments import finish_pipeline
+
+        ti = get_current_context()["ti"]
+        results = {name: ti.xcom_pull(task_ids=name) for name in tasks_in_order}
+        failed = next((name for name, value in results.items() if value is None), None)
+        outcome = finish_pipeline(project, dataset, results["prepare"], failed)
+        if failed:
+            raise AirflowFailException(outcome.message)
+        return outcome.xcom()
+
+    return end_pipeline_run
 
 
 def _summary_callable(project: Project) -> Any:
@@ -137,12 +162,16 @@ def _doc(project: Project, dataset: str, stages: list[str], backend: Backend) ->
     return f"""\
 ### Transfer learning: `{dataset}`
 
-`prepare` → {" → ".join(f"`{s}`" for s in stages)} → `push`
+`prepare` → {" → ".join(f"`{s}`" for s in stages)} → `record` → `finish`
 
-Each stage task runs `dvc repro --single-item <stage>@{dataset}` in the workspace
-`{ws}` (its own `dvc.lock`; unchanged stages are skipped), sharing the project's
-DVC cache and MLflow store. `push` sends the outputs to the DVC remote and updates
-the `{DAG_PREFIX}{dataset}.model` asset, which triggers `{SUMMARY_DAG_ID}`.
+The workspace `{ws}` is a git checkout of the deployed commit. Each stage task
+runs `dvc repro --single-item <stage>@{dataset}` there (unchanged stages are
+skipped or restored from the shared run cache), sharing the project's DVC cache
+and MLflow store. `record` saves the run as the DVC experiment
+`{dataset}-<run id>` (`dvc exp show` in the project lists it; `dvc exp apply` +
+`dvc pull` restores it), pushes its outputs to the DVC remote and updates the
+`{DAG_PREFIX}{dataset}.model` asset, which triggers `{SUMMARY_DAG_ID}`. `finish`
+ends the run's MLflow parent run with the outcome.
 GPU stages ({", ".join(sorted(backend.gpu_stages))}) run on the `{backend.kind}`
 backend in pool `{backend.pool}`.
 
@@ -164,7 +193,7 @@ MLflow experiment `{dataset}`, registered model `{dataset}-classifier`.
 def build_dataset_dag(
     project: Project, cfg: Config, dataset: str, backend: Backend | None = None
 ) -> DAG:
-    """The DAG of one dataset: prepare, one task per DVC stage, push."""
+    """The DAG of one dataset: prepare, one task per DVC stage, record, finish."""
     backend = backend or Backend.from_env()
     cfg.dataset(dataset)
     graph = project.stage_graph(dataset)
@@ -204,12 +233,19 @@ def build_dataset_dag(
                     multiple_outputs=False,
                     **args,
                 )().operator
-        push = task(
-            _push_callable(project, dataset, graph.leaves),
-            task_id="push",
+        record = task(
+            _record_callable(project, dataset, graph.leaves),
+            task_id="record",
             multiple_outputs=False,
             outlets=[asset],
-            **_retry_args(cfg, "push"),
+            **_retry_args(cfg, "record"),
+        )().operator
+        finish = task(
+            _finish_callable(project, dataset, ["prepare", *graph.names, "record"]),
+            task_id="finish",
+            multiple_outputs=False,
+            trigger_rule="all_done",
+            retries=0,
         )().operator
         for stage in graph.names:
             ups = graph.upstream[stage]
@@ -218,7 +254,8 @@ def build_dataset_dag(
             for up in sorted(ups):
                 stage_tasks[up] >> stage_tasks[stage]
         for leaf in graph.leaves:
-            stage_tasks[leaf] >> push
+            stage_tasks[leaf] >> record
+        record >> finish
     return dag
 
 

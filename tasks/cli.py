@@ -93,6 +93,29 @@ def fetch_weights(args: argparse.Namespace) -> Any:
     return fetch_weights(args.backbone)
 
 
+def pipeline_run(args: argparse.Namespace) -> Any:
+    """Start or end the MLflow parent run of one pipeline execution (the DAG's first and
+    last tasks call this in the dataset's workspace)."""
+    from tasks import tracking
+
+    cfg = load_config(args.params, env_overrides())
+    paths = DatasetPaths.of(args.dataset, Path(args.root))
+    if args.action == "start":
+        return tracking.start_pipeline_run(cfg, paths)
+    if not args.run_id:
+        raise ConfigError(
+            f"pipeline-run end: no run id; pass --run-id or set ${tracking.PARENT_ENV}"
+        )
+    tags = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"pipeline-run end: --tag {item!r}: write it as key=value")
+        tags[key] = value
+    tracking.end_pipeline_run(cfg, paths, args.run_id, args.status, tags)
+    return None
+
+
 def dvc_stage(args: argparse.Namespace) -> Any:
     from tasks.orchestration.dvc import stage_command
 
@@ -162,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("backbone")
     command.set_defaults(command_fn=fetch_weights)
+
+    command = sub.add_parser(
+        "pipeline-run", help="start or end the MLflow parent run of a pipeline execution"
+    )
+    command.add_argument("action", choices=["start", "end"])
+    command.add_argument("dataset")
+    _common(command)
+    command.add_argument(
+        "--run-id", default=os.environ.get("TASKS_PARENT_RUN_ID"), help="the parent run to end"
+    )
+    command.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    command.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    command.set_defaults(command_fn=pipeline_run)
 
     command = sub.add_parser(
         "dvc-stage",

@@ -29,8 +29,12 @@ class DatasetPaths:
 
     @property
     def download_record(self) -> Path:
-        """What was fetched from where, with its sha256 (inside ``raw``)."""
-        return self.raw / ".download.json"
+        """What was fetched from where, with its sha256 and time.
+
+        Outside ``raw``, so the cached tree holds the archive's files only and
+        the same archive always gets the same DVC hash.
+        """
+        return self.reports / "download.json"
 
     @property
     def known_hashes(self) -> Path:

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     import mlflow
 
 PARENT_ENV = "TASKS_PARENT_RUN_ID"
+"""Set by the orchestrator: the parent run a stage's child run belongs to."""
+STORE_ENV = "TASKS_STORE_ROOT"
+"""Set by the orchestrator: the folder holding the shared embedded store (``mlflow/``)."""
 AIRFLOW_ENV_TAGS = {
     "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
     "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
@@ -46,7 +49,12 @@ AIRFLOW_ENV_TAGS = {
     "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number",
     "DVC_EXP_NAME": "dvc.exp_name",
     "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev",
+    "TASKS_EXPERIMENT": "dvc.exp_name",
 }
+"""Environment the scheduler (or ``dvc exp run``) sets, and the run tag each becomes."""
+PARENT_TAG = "pipeline.parent"
+WORKSPACE_TAG = "tasks.workspace"
+END_REASON_TAG = "tasks.end_reason"
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 
 
@@ -88,8 +96,11 @@ def store_root(root: Path) -> Path:
 
     ``dvc exp run --temp`` and queued experiments run in a copy under
     ``<project>/.dvc/tmp/exps/``; their runs belong in the project's store, not
-    in the copy that DVC deletes afterwards.
+    in the copy that DVC deletes afterwards. A scheduled run's workspace is
+    told where the shared store is (``$TASKS_STORE_ROOT``).
     """
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV]).resolve()
     resolved = Path(root).resolve()
     parts = resolved.parts
     for index in range(len(parts) - 3):
@@ -161,6 +172,7 @@ def lineage_tags(cfg: Config, paths: DatasetPaths) -> dict[str, str]:
         "backbone": cfg.train.backbone,
         "weights.source": cfg.train.weights,
         "overrides": json.dumps(list(cfg.overrides)),
+        WORKSPACE_TAG: str(paths.root.resolve()),
     }
     if paths.manifest.exists():
         tags["data.manifest_md5"] = file_md5(paths.manifest)
@@ -207,17 +219,71 @@ def read_record(paths: DatasetPaths, phase: str) -> RunRecord | None:
     return RunRecord(**json.loads(path.read_text()))
 
 
-def _start_parent(cfg: Config, paths: DatasetPaths, experiment_id: str) -> str:
-    import mlflow
+def end_stale_runs(experiment_id: str, paths: DatasetPaths, reason: str, **tags: str) -> list[str]:
+    """End the RUNNING runs of this dataset and workspace that match ``tags`` as KILLED.
 
+    A stage killed mid-run (SIGKILL, out of memory, a preempted node) cannot end
+    its own run; the next attempt does, with ``reason`` as the tag
+    ``tasks.end_reason``. Returns the ids it ended.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    wanted = {"dataset": paths.dataset, WORKSPACE_TAG: str(paths.root.resolve()), **tags}
+    conditions = ["attributes.status = 'RUNNING'"]
+    conditions += [f"tags.`{key}` = '{value}'" for key, value in wanted.items()]
+    ended = []
+    for run in client.search_runs([experiment_id], " and ".join(conditions)):
+        client.set_tag(run.info.run_id, END_REASON_TAG, reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def start_pipeline_run(cfg: Config, paths: DatasetPaths) -> str:
+    """Open the parent run of one pipeline execution; it stays RUNNING until ended.
+
+    A parent this workspace left RUNNING (its pipeline never finished) is ended
+    as KILLED first.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    experiment_id = use_experiment(cfg, paths)
+    end_stale_runs(experiment_id, paths, "a new pipeline execution started", **{PARENT_TAG: "true"})
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with mlflow.start_run(
-        experiment_id=experiment_id,
+    run = mlflow.MlflowClient().create_run(
+        experiment_id,
         run_name=f"{paths.dataset}-{cfg.train.backbone}-{stamp}",
-        tags={**lineage_tags(cfg, paths), "pipeline.parent": "true"},
-    ) as parent:
-        mlflow.log_params(flat_params(cfg, paths.dataset))
-        return parent.info.run_id
+        tags={**lineage_tags(cfg, paths), PARENT_TAG: "true"},
+    )
+    params = [Param(key, str(value)) for key, value in flat_params(cfg, paths.dataset).items()]
+    mlflow.MlflowClient().log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def end_pipeline_run(
+    cfg: Config, paths: DatasetPaths, run_id: str, status: str, tags: dict[str, str] | None = None
+) -> None:
+    """End the parent run with ``status`` (FINISHED, FAILED or KILLED) and its final tags.
+
+    Child runs still RUNNING under it (a stage that died) end as KILLED.
+    """
+    from mlflow.tracking import MlflowClient
+
+    use_experiment(cfg, paths)
+    client = MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    parent = client.get_run(run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'",
+    )
+    for child in children:
+        client.set_tag(child.info.run_id, END_REASON_TAG, f"pipeline ended {status}")
+        client.set_terminated(child.info.run_id, "KILLED")
+    client.set_terminated(run_id, status)
 
 
 def _existing_parent(paths: DatasetPaths, experiment_id: str) -> str | None:
@@ -241,19 +307,30 @@ def _existing_parent(paths: DatasetPaths, experiment_id: str) -> str | None:
 
 @contextmanager
 def phase_run(
-    cfg: Config, paths: DatasetPaths, phase: str, *, new_parent: bool = False
+    cfg: Config,
+    paths: DatasetPaths,
+    phase: str,
+    *,
+    new_parent: bool = False,
+    last: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open the child run of ``phase`` under the pipeline's parent run.
 
-    ``new_parent=True`` (the ``train`` stage) starts a new pipeline execution.
-    On success the ids are written to ``paths.run_record(phase)``.
+    The parent is the orchestrator's (``$TASKS_PARENT_RUN_ID``, opened when the
+    DAG run started); without one, ``new_parent=True`` (the ``train`` stage)
+    opens a new pipeline execution and later phases attach to it, and
+    ``last=True`` (the ``register`` stage) ends it. A child run of the same
+    phase that a killed attempt left RUNNING is ended first. On success the
+    ids are written to ``paths.run_record(phase)``.
     """
     import mlflow
 
     experiment_id = use_experiment(cfg, paths)
-    parent = None if new_parent else _existing_parent(paths, experiment_id)
+    scheduled = bool(os.environ.get(PARENT_ENV))
+    parent = None if new_parent and not scheduled else _existing_parent(paths, experiment_id)
     if parent is None:
-        parent = _start_parent(cfg, paths, experiment_id)
+        parent = start_pipeline_run(cfg, paths)
+    end_stale_runs(experiment_id, paths, f"a new attempt of {phase} started", phase=phase)
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=phase,
@@ -264,6 +341,8 @@ def phase_run(
         yield run
     record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
     write_json(paths.run_record(phase), record.__dict__)
+    if last and not scheduled:
+        end_pipeline_run(cfg, paths, parent, "FINISHED")
 
 
 def load_logged_model(uri: str) -> tuple[keras.Model, dict[str, Any]]:

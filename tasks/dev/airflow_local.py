@@ -183,9 +183,31 @@ def where_to_look(project: Project, home: Path) -> str:
         f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
         f"sqlite:///{store / 'mlflow.db'} --port 5000   (then open http://127.0.0.1:5000)",
         f"  Airflow logs   {home / 'logs'}",
-        f"  DVC            cd {project.workspaces}/<dataset> && dvc status",
     ]
+    lines += experiments_to_restore(project, list(cfg.datasets))
     return "\n".join(lines)
+
+
+def experiments_to_restore(project: Project, datasets: Sequence[str]) -> list[str]:
+    """Each dataset's latest run as a DVC experiment, and the commands that restore it."""
+    lines = ["", "DVC experiments (one per DAG run; `dvc exp show` in the project lists them):"]
+    for ds in datasets:
+        path = project.workspace(ds) / RUN_RECORD
+        record = json.loads(path.read_text()) if path.exists() else {}
+        name = record.get("experiment")
+        if not name or not record.get("experiment_rev"):
+            lines.append(f"  {ds:<14} no recorded run yet")
+            continue
+        lines.append(f"  {ds:<14} {name}")
+        if record.get("git_remote"):
+            lines.append(
+                f"  {'':<14} restore: cd {record['git_remote']} && dvc exp apply {name}"
+                " && dvc pull   (in another clone: dvc exp pull origin first; README, Lineage)"
+            )
+        else:
+            ws = project.workspace(ds)
+            lines.append(f"  {'':<14} restore: cd {ws} && dvc exp apply {name} && dvc checkout")
+    return lines
 
 
 def print_timings(timings: Mapping[str, Mapping[str, float]]) -> None:

@@ -3,9 +3,10 @@
 :func:`run_stage` runs ``dvc repro --single-item <stage>@<ds>`` in the
 workspace (``tasks.orchestration.workspace``), so DVC skips an unchanged stage
 and the workspace's ``dvc.lock`` records exactly the params, code and data
-each output was built from; :func:`push_outputs` (a DAG's last task) runs
-``dvc push``. A failure is a :class:`StageFailed` with the stage command's own
-one-line error and whether a retry could help (:func:`should_retry`).
+each output was built from; :func:`push_outputs` runs ``dvc push`` (for the
+experiment record, ``tasks.orchestration.experiments``). A failure is a
+:class:`StageFailed` with the stage command's own one-line error and whether a
+retry could help (:func:`should_retry`).
 
 Per-run overrides reach each stage command through ``$TASKS_SET`` so MLflow
 records them in the ``overrides`` tag.
@@ -21,7 +22,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ from tasks.orchestration.workspace import RUN_RECORD, read_run_record, stage_env
 
 log = logging.getLogger(__name__)
 
-NO_RETRY_STAGES = frozenset({"prepare", "validate"})
-"""A failed validation (or a bad conf) is deterministic: retrying cannot help."""
-NETWORK_STAGES = frozenset({"download", "push"})
+NO_RETRY_STAGES = frozenset({"validate"})
+"""A failed validation is deterministic: retrying cannot help (a bad run conf fails
+``prepare`` without retries too)."""
+NETWORK_STAGES = frozenset({"download", "record"})
 """Network-bound stages retry even on a user-fixable (exit 2) error: a source may come back."""
 
 
@@ -80,15 +82,22 @@ class StageResult:
         return text
 
 
-def _dvc(ws: Path, args: Sequence[str], overrides: Sequence[str]) -> tuple[int, list[str]]:
-    """Run ``dvc <args>`` in ``ws``, echoing its output to the log; returns (code, lines)."""
+def dvc_command(
+    ws: Path, args: Sequence[str], record: Mapping[str, Any] | None = None
+) -> tuple[int, list[str]]:
+    """Run ``dvc <args>`` in ``ws``, echoing its output to the log; returns (code, lines).
+
+    ``record`` (the run record) gives the stage processes the run's overrides,
+    parent run, experiment name and store.
+    """
+    record = record or {}
     cmd = [sys.executable, "-m", "dvc", *args]
     log.info("$ %s  (in %s)", " ".join(["dvc", *args]), ws)
     lines: list[str] = []
     with subprocess.Popen(
         cmd,
         cwd=ws,
-        env=stage_env(overrides),
+        env=stage_env(record.get("overrides", []), record),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -106,7 +115,7 @@ def _dvc(ws: Path, args: Sequence[str], overrides: Sequence[str]) -> tuple[int, 
 _EXIT = re.compile(r"exited with (-?\d+)")
 
 
-def _failure(stage: str, dataset: str, lines: list[str]) -> StageFailed:
+def failure(stage: str, dataset: str, lines: list[str]) -> StageFailed:
     """The one-line reason, and whether trying again could help.
 
     The stage command's own ``error:`` line (exit 2) is user-fixable: no retry.
@@ -152,10 +161,10 @@ def run_stage(project: Project, dataset: str, stage: str) -> StageResult:
     record = read_run_record(ws)
     spec = read_stage_graph(ws / "dvc.yaml", dataset).stage(stage)
     start = time.perf_counter()
-    code, lines = _dvc(ws, ["repro", "--single-item", spec.target], record.get("overrides", []))
+    code, lines = dvc_command(ws, ["repro", "--single-item", spec.target], record)
     seconds = round(time.perf_counter() - start, 2)
     if code:
-        raise _failure(stage, dataset, lines)
+        raise failure(stage, dataset, lines)
     ran = any(f"Running stage '{spec.target}'" in line for line in lines)
     restored = any(f"Stage '{spec.target}' is cached" in line for line in lines)
     metrics: dict[str, Any] = {}
@@ -232,11 +241,11 @@ _PUSHED = re.compile(r"(\d+) files? pushed")
 def push_outputs(project: Project, dataset: str) -> PushResult:
     """``dvc push`` the workspace's outputs (to the project's remote, or ``TASKS_DVC_REMOTE``)."""
     ws = project.workspace(dataset)
-    read_run_record(ws)
+    record = read_run_record(ws)
     start = time.perf_counter()
-    code, lines = _dvc(ws, ["push"], ())
+    code, lines = dvc_command(ws, ["push"], record)
     if code:
-        raise _failure("push", dataset, lines)
+        raise failure("push", dataset, lines)
     found = _PUSHED.findall("\n".join(lines))
     result = PushResult(
         dataset, str(ws), int(found[-1]) if found else 0, round(time.perf_counter() - start, 2)

@@ -1,18 +1,30 @@
-"""One DVC workspace per dataset: where a scheduled run executes its stages.
+"""One workspace per dataset: a git checkout of the deployed commit, where a scheduled run works.
 
-:func:`prepare_workspace` (a DAG's first task) validates the run's conf, syncs
-the pipeline code into ``<state>/.workspaces/<ds>/`` and writes that
-workspace's ``params.yaml`` = the project's params file with the run's
-overrides applied. The stage tasks then run DVC there (``tasks.orchestration.dvc``).
+:func:`prepare_workspace` (a DAG's first task) validates the run's conf and
+brings ``<state>/.workspaces/<ds>/`` to the deployed commit:
+
+- the project a git checkout (the usual case): the workspace is a
+  ``git clone --shared`` of it, checked out (detached) at the project's
+  ``HEAD``; the run is later pushed back to it as a DVC experiment
+  (``tasks.orchestration.experiments``). Uncommitted edits in the project are
+  not part of the run (a warning says so): what runs is what git can restore.
+- the project not a git checkout (files baked into an image): the workspace
+  is a git repository of its own whose commits are snapshots of the project's
+  pipeline files; experiments stay there ("local-only").
+
+Then it writes the workspace's ``params.yaml`` = the project's params file with
+the run's overrides applied, for this dataset only (DVC sees the real values,
+and the experiment records them), points DVC at the project's shared cache and remote
+(``.dvc/config.local``), opens the run's MLflow parent run, and writes the run
+record (``.tasks-run.json``: dataset, overrides, Airflow run id, experiment
+name, baseline commit, parent run id).
 
 Why a workspace per dataset: ``dvc repro`` holds one lock per repository, so
 two dataset DAGs running in the project itself would fight over it (and over
-``params.yaml`` when their overrides differ). Each workspace is a small DVC
-repository of its own (``core.no_scm``; lineage still reads the project's git
-commit, since the workspace lies inside the checkout) that shares the
-project's DVC cache and remote through its ``.dvc/config.local`` and the
-project's MLflow store through a ``mlflow`` symlink. The checked-in
-``params.yaml`` is never modified.
+``params.yaml`` when their overrides differ). A DAG runs one run at a time
+(``max_active_runs=1``), so its workspace is reused: outputs stay between
+runs, and DVC's shared run cache restores any stage whose inputs are unchanged.
+The checked-in ``params.yaml`` is never modified.
 
 Imported when Airflow parses the DAG files: keep its top level to the standard
 library, ``yaml`` and the base modules.
@@ -21,7 +33,9 @@ library, ``yaml`` and the base modules.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,12 +54,22 @@ from tasks.orchestration.project import Project
 from tasks.orchestration.runconf import params_mapping, resolve_run_config
 from tasks.orchestration.stage_graph import StageGraph
 
+log = logging.getLogger(__name__)
+
 RUN_RECORD = ".tasks-run.json"
-"""The workspace's record of the current run: dataset, overrides, Airflow run id, stages."""
+"""The workspace's record of the current run (git-ignored)."""
+STORE_ENV = "TASKS_STORE_ROOT"
+"""Where a stage process finds the shared embedded MLflow store (``<state>/mlflow``)."""
+PARENT_ENV = "TASKS_PARENT_RUN_ID"
+"""The MLflow parent run of the pipeline execution a stage process belongs to."""
+EXPERIMENT_ENV = "TASKS_EXPERIMENT"
+"""The DVC experiment a stage process's run will be saved as (MLflow tag ``dvc.exp_name``)."""
 CODE_DIRS = ("tasks",)
-PROJECT_FILES = ("dvc.yaml", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore")
+SNAPSHOT_AUTHOR = ("tasks pipeline", "pipeline@localhost")
+_REF_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Variables that would point a stage command away from its workspace.
-_LOCATION_ENV = ("TASKS_PARAMS", "TASKS_ROOT", SET_ENV)
+_LOCATION_ENV = ("TASKS_PARAMS", "TASKS_ROOT", SET_ENV, STORE_ENV, PARENT_ENV, EXPERIMENT_ENV)
 
 
 @dataclass(frozen=True)
@@ -54,13 +78,19 @@ class Prepared:
     workspace: str
     overrides: tuple[str, ...]
     backbone: str
+    experiment: str
+    baseline: str
+    parent_run_id: str | None
 
     def xcom(self) -> dict[str, Any]:
         return {**asdict(self), "overrides": list(self.overrides)}
 
     def __str__(self) -> str:
         extra = f" with {', '.join(self.overrides)}" if self.overrides else ""
-        return f"workspace {self.workspace} ready for {self.dataset}{extra}"
+        return (
+            f"workspace {self.workspace} at {self.baseline[:10]} ready for {self.dataset}{extra}; "
+            f"experiment {self.experiment}"
+        )
 
 
 def prepare_workspace(
@@ -70,7 +100,7 @@ def prepare_workspace(
     *,
     run_id: str | None = None,
 ) -> Prepared:
-    """Validate ``conf`` and bring the dataset's workspace up to date for one run.
+    """Validate ``conf`` and bring the dataset's workspace to the deployed commit for one run.
 
     Raises :class:`ConfigError` (one line) on a bad params file or conf; the
     workspace is then left as it was.
@@ -78,12 +108,121 @@ def prepare_workspace(
     cfg = resolve_run_config(project, dataset, conf)
     overrides = tuple(cfg.overrides)
     ws = project.workspace(dataset)
+    remote, baseline = checkout_deployed(project, ws)
+    write_text(ws / "params.yaml", yaml.safe_dump(run_params(cfg, dataset), sort_keys=False))
+    _write_dvc_config(project, ws)
+    _init_tracking_store(project)
+    name = experiment_name(dataset, run_id)
+    record = {
+        "dataset": dataset,
+        "overrides": list(overrides),
+        "run_id": run_id,
+        "params_source": str(project.params),
+        "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "experiment": name,
+        "baseline": baseline,
+        "git_remote": remote,
+        "parent_run_id": None,
+        "store_root": str(project.state),
+        "stages": {},
+    }
+    write_json(ws / RUN_RECORD, record)
+    parent = pipeline_run(project, dataset, "start")
+    update_run_record(ws, parent_run_id=parent)
+    return Prepared(dataset, str(ws), overrides, cfg.train.backbone, name, baseline, parent)
+
+
+def run_params(cfg: Config, dataset: str) -> dict[str, Any]:
+    """The workspace's params.yaml: every parameter of the run, and only its own dataset.
+
+    With one dataset, ``foreach: ${datasets}`` makes only this DAG's stages, so
+    ``dvc status`` and ``dvc exp show`` in the workspace speak of this run alone.
+    """
+    params = params_mapping(cfg)
+    params["datasets"] = {dataset: params["datasets"][dataset]}
+    return params
+
+
+# --- git ----------------------------------------------------------------------
+
+
+def experiment_name(dataset: str, run_id: str | None) -> str:
+    """``<dataset>-<run id>`` with what git refuses in a ref name made ``-``."""
+    text = f"{dataset}-{run_id or 'manual'}"
+    return _REF_UNSAFE.sub("-", text).strip("-.").replace("..", "-")
+
+
+def git(repo: Path, *args: str) -> str:
+    """``git <args>`` in ``repo``; its stdout, stripped. A failure is a one-line StageError."""
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, env=_git_env())
+    if proc.returncode:
+        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise StageError(f"git {' '.join(args)} failed in {repo}: {tail}")
+    return proc.stdout.strip()
+
+
+def _git_env() -> dict[str, str]:
+    name, email = SNAPSHOT_AUTHOR
+    env = dict(os.environ)
+    for role in ("AUTHOR", "COMMITTER"):
+        env.setdefault(f"GIT_{role}_NAME", name)
+        env.setdefault(f"GIT_{role}_EMAIL", email)
+    return env
+
+
+def is_git_checkout(path: Path) -> bool:
+    proc = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True
+    )
+    return proc.returncode == 0 and Path(proc.stdout.strip()).resolve() == path.resolve()
+
+
+def checkout_deployed(project: Project, ws: Path) -> tuple[str | None, str]:
+    """Bring ``ws`` to the deployed commit; returns (git remote to push to or None, commit)."""
+    if is_git_checkout(project.root):
+        return str(project.root), _clone_at_head(project, ws)
+    log.warning(
+        "%s is not a git checkout: experiments stay in the workspace's own repository "
+        "(local-only); deploy a git checkout to share them",
+        project.root,
+    )
+    return None, _snapshot(project, ws)
+
+
+def _clone_at_head(project: Project, ws: Path) -> str:
+    head = git(project.root, "rev-parse", "HEAD")
+    if git(project.root, "status", "--porcelain", "--untracked-files=no"):
+        log.warning(
+            "%s has uncommitted changes; this run uses commit %s (commit them to run them)",
+            project.root,
+            head[:10],
+        )
+    if not (ws / ".git").exists():
+        if ws.exists() and any(ws.iterdir()):
+            raise StageError(
+                f"{ws} exists but is not a git checkout (a workspace from before runs were "
+                "experiments?); remove it and rerun"
+            )
+        ws.parent.mkdir(parents=True, exist_ok=True)
+        git(ws.parent, "clone", "--quiet", "--shared", "--no-checkout", str(project.root), ws.name)
+    else:
+        git(ws, "fetch", "--quiet", "origin")
+    git(ws, "checkout", "--quiet", "--force", "--detach", head)
+    git(ws, "reset", "--quiet", "--hard", head)
+    return head
+
+
+def _snapshot(project: Project, ws: Path) -> str:
+    """Commit the project's pipeline files into the workspace's own repository."""
     ws.mkdir(parents=True, exist_ok=True)
-    graph = project.stage_graph(dataset)
+    if not (ws / ".git").exists():
+        git(ws, "init", "--quiet")
+    graph = project.stage_graph(ws.name)
     for name in PROJECT_FILES:
         if (project.root / name).exists():
             write_text(ws / name, (project.root / name).read_text(encoding="utf-8"))
-    for name in sorted(set(CODE_DIRS) | _source_deps(project.root, graph)):
+    copied = sorted(set(CODE_DIRS) | _source_deps(project.root, graph) | {"params.yaml"})
+    for name in copied:
         source = project.root / name
         if source.is_dir():
             with atomic_path(ws / name) as tmp:
@@ -92,22 +231,23 @@ def prepare_workspace(
             (ws / name).parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(ws / name) as tmp:
                 shutil.copy2(source, tmp)
-    write_text(ws / "params.yaml", yaml.safe_dump(params_mapping(cfg), sort_keys=False))
-    _write_dvc_config(project, ws)
-    _link_mlflow(project, ws)
-    _init_tracking_store(cfg, ws, project)
-    write_json(
-        ws / RUN_RECORD,
-        {
-            "dataset": dataset,
-            "overrides": list(overrides),
-            "run_id": run_id,
-            "params_source": str(project.params),
-            "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "stages": {},
-        },
+    config = project.root / ".dvc" / "config"
+    (ws / ".dvc").mkdir(exist_ok=True)
+    write_text(ws / ".dvc" / "config", config.read_text() if config.exists() else "")
+    tracked = [*PROJECT_FILES, *copied, ".dvc/config"]
+    git(ws, "add", "--all", "--", *[name for name in tracked if (ws / name).exists()])
+    if git(ws, "status", "--porcelain", "--untracked-files=no") or not _has_commits(ws):
+        git(ws, "commit", "--quiet", "--allow-empty", "-m", f"snapshot of {project.root}")
+    return git(ws, "rev-parse", "HEAD")
+
+
+def _has_commits(ws: Path) -> bool:
+    return (
+        subprocess.run(
+            ["git", "rev-parse", "--verify", "HEAD"], cwd=ws, capture_output=True
+        ).returncode
+        == 0
     )
-    return Prepared(dataset, str(ws), overrides, cfg.train.backbone)
 
 
 def _source_deps(root: Path, graph: StageGraph) -> set[str]:
@@ -120,6 +260,9 @@ def _source_deps(root: Path, graph: StageGraph) -> set[str]:
         if first in CODE_DIRS or (root / dep).exists():
             top.add(first if first in CODE_DIRS else dep)
     return top
+
+
+# --- DVC and MLflow -----------------------------------------------------------
 
 
 def _dvc_configs(root: Path) -> Any:
@@ -140,12 +283,9 @@ def _local_url(url: str, base: Path) -> str:
 
 
 def _write_dvc_config(project: Project, ws: Path) -> None:
-    """The project's DVC config, with the shared cache and absolute remote paths."""
+    """``.dvc/config.local``: the project's shared cache, its remotes with absolute paths."""
     from configobj import ConfigObj
 
-    (ws / ".dvc").mkdir(exist_ok=True)
-    source = project.root / ".dvc" / "config"
-    write_text(ws / ".dvc" / "config", source.read_text() if source.exists() else "")
     merged = _dvc_configs(project.root)
     dvc_dir = project.root / ".dvc"
     local = ConfigObj()
@@ -155,40 +295,27 @@ def _write_dvc_config(project: Project, ws: Path) -> None:
             if "url" in values:
                 local[section]["url"] = _local_url(values["url"], dvc_dir)
     cache = merged.get("cache", {})
-    local["core"] = {"no_scm": "true"}
     local["cache"] = {
         **dict(cache),
         "dir": _local_url(cache.get("dir", "cache"), dvc_dir),
     }
+    core = dict(merged.get("core", {}))
+    local["core"] = {"remote": core["remote"]} if core.get("remote") else {}
     if project.remote:
         local["core"]["remote"] = "tasks"
         local['remote "tasks"'] = {"url": _local_url(project.remote, project.root)}
-    lines = local.write()
-    write_text(ws / ".dvc" / "config.local", "\n".join(lines) + "\n")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
+        if project.remote.startswith("s3://") and endpoint:
+            local['remote "tasks"']["endpointurl"] = endpoint
+    (ws / ".dvc").mkdir(exist_ok=True)
+    write_text(ws / ".dvc" / "config.local", "\n".join(local.write()) + "\n")
 
 
-def _link_mlflow(project: Project, ws: Path) -> None:
-    """``<ws>/mlflow`` -> the shared store, so every workspace logs to one place."""
-    project.mlflow_dir.mkdir(parents=True, exist_ok=True)
-    link = ws / "mlflow"
-    target = project.mlflow_dir.resolve()
-    if link.is_symlink() and link.resolve() == target:
-        return
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        raise StageError(
-            f"{link} is a folder, not a link to the shared MLflow store {target}; "
-            "move its contents there (or remove it) and rerun"
-        )
-    link.symlink_to(target, target_is_directory=True)
-
-
-def _init_tracking_store(cfg: Config, ws: Path, project: Project) -> None:
+def _init_tracking_store(project: Project) -> None:
     """Create a missing embedded SQLite store once, before two DAGs' stages race to."""
     from tasks.tracking import tracking_uri
 
-    uri = tracking_uri(cfg, ws)
+    uri = tracking_uri(project.load_config(), project.state)
     if not uri.startswith("sqlite:///"):
         return
     db = Path(uri.removeprefix("sqlite:///"))
@@ -206,6 +333,32 @@ def _init_tracking_store(cfg: Config, ws: Path, project: Project) -> None:
             raise StageError(f"cannot create the MLflow store {db}: {tail}")
 
 
+def pipeline_run(
+    project: Project, dataset: str, action: str, status: str = "FINISHED", **tags: str
+) -> str | None:
+    """Start or end the run's MLflow parent run (``python -m tasks pipeline-run``).
+
+    In a subprocess, like every stage: MLflow's store migrations stay out of the
+    Airflow worker. ``start`` returns the new parent run id.
+    """
+    ws = project.workspace(dataset)
+    record = read_run_record(ws)
+    args = [sys.executable, "-m", "tasks", "pipeline-run", action, dataset]
+    if action == "end":
+        args += ["--status", status, *(f"--tag={k}={v}" for k, v in tags.items())]
+    env = stage_env(record.get("overrides", []), record)
+    proc = subprocess.run(args, cwd=ws, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise StageError(
+            f"MLflow parent run of {dataset} ({action}): {tail.removeprefix('error: ')}"
+        )
+    return proc.stdout.strip().splitlines()[-1] if action == "start" else None
+
+
+# --- the run record -----------------------------------------------------------
+
+
 def read_run_record(ws: Path) -> dict[str, Any]:
     path = ws / RUN_RECORD
     if not path.exists():
@@ -216,7 +369,14 @@ def read_run_record(ws: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def stage_env(overrides: Sequence[str]) -> dict[str, str]:
+def update_run_record(ws: Path, **values: Any) -> dict[str, Any]:
+    record = {**read_run_record(ws), **values}
+    write_json(ws / RUN_RECORD, record)
+    return record
+
+
+def stage_env(overrides: Sequence[str], record: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The environment of a stage process: the run's overrides, parent run and experiment."""
     env = {k: v for k, v in os.environ.items() if k not in _LOCATION_ENV}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
@@ -224,4 +384,11 @@ def stage_env(overrides: Sequence[str]) -> dict[str, str]:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if overrides:
         env[SET_ENV] = json.dumps(list(overrides))
+    record = record or {}
+    if record.get("store_root"):
+        env[STORE_ENV] = str(record["store_root"])
+    if record.get("parent_run_id"):
+        env[PARENT_ENV] = str(record["parent_run_id"])
+    if record.get("experiment"):
+        env[EXPERIMENT_ENV] = str(record["experiment"])
     return env

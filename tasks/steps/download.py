@@ -1,8 +1,10 @@
 """``download``: fetch, verify and extract one dataset archive.
 
-``run(cfg, paths)`` leaves ``paths.raw`` (``data/raw/<ds>/``) holding the
-archive's top folder plus ``.download.json`` (source, bytes, sha256, time,
-overrides). What the caller can rely on:
+``run(cfg, paths)`` leaves ``paths.raw`` (``data/raw/<ds>/``) holding exactly
+the archive's top folder, so the same archive gives the same DVC hash on every
+download and machine; what was fetched from where (source, bytes, sha256, time,
+overrides) goes to ``paths.download_record`` (``reports/<ds>/download.json``,
+outside the cached tree). What the caller can rely on:
 
 - Sources are tried in order: ``url``, then each of ``mirrors``; each may be
   ``https://``/``http://``, ``file://`` or a plain local path (relative to the
@@ -200,9 +202,7 @@ def _install(
             "seconds": round(elapsed, 3),
             "overrides": list(cfg.overrides),
         }
-        (tmp / paths.download_record.name).write_text(
-            json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
+    write_json(paths.download_record, record)
     if expected is None:
         record_known_hash(paths, sha, source, ds.url)
         message = (

@@ -255,7 +255,7 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
         "phase": str(record.get("phase")),
     }
 
-    with phase_run(cfg, paths, "register") as run:
+    with phase_run(cfg, paths, "register", last=True) as run:
         # Re-score the champion on the same rows, log the candidate, decide
         client = MlflowClient()
         champion = current_champion(client, name)

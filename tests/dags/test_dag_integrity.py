@@ -50,10 +50,11 @@ def test_dataset_dag_schedule_tags_and_retry_policy(dagbag, dataset):
     assert dag.schedule == CFG.schedule.cron == "@weekly"
     assert "0 0 * * 0" in repr(dag.timetable)
     tasks = {task.task_id: task for task in dag.tasks}
-    # Deterministic steps never retry; network and training steps back off exponentially.
-    for task_id in ("prepare", "validate"):
+    # Deterministic steps never retry (a bad conf fails prepare at once, by its exception);
+    # network, tracking and training steps back off exponentially.
+    for task_id in ("validate", "finish"):
         assert tasks[task_id].retries == 0, task_id
-    for task_id in ("download", "train", "finetune", "evaluate", "register", "push"):
+    for task_id in ("prepare", "download", "train", "finetune", "evaluate", "register", "record"):
         task = tasks[task_id]
         assert task.retries == CFG.schedule.retries, task_id
         assert task.retry_exponential_backoff == 2.0, task_id
@@ -86,7 +87,7 @@ def test_task_graph_equals_dvc_stage_graph(dagbag):
     dag = dagbag.dags[f"{DAG_PREFIX}{dataset}"]
     stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     tasks = {task.task_id: task for task in dag.tasks}
-    assert set(tasks) == {"prepare", *stages, "push"}
+    assert set(tasks) == {"prepare", *stages, "record", "finish"}
 
     dag_edges = {
         (up, task_id)
@@ -98,19 +99,22 @@ def test_task_graph_equals_dvc_stage_graph(dagbag):
     assert dvc_edges, "dvc dag drew no edges"
     assert dag_edges == dvc_edges
 
-    # prepare is the only root, push the only leaf, after every last stage.
+    # prepare is the only root; record follows every last stage; finish, the only leaf,
+    # runs whatever happened before it (it ends the MLflow parent run with the outcome).
     assert [t for t, task in tasks.items() if not task.upstream_task_ids] == ["prepare"]
-    assert [t for t, task in tasks.items() if not task.downstream_task_ids] == ["push"]
+    assert [t for t, task in tasks.items() if not task.downstream_task_ids] == ["finish"]
+    assert tasks["finish"].upstream_task_ids == {"record"}
+    assert tasks["finish"].trigger_rule == "all_done"
     order = [task.task_id for task in dag.topological_sort()]
     assert [t for t in order if t in stages] == stages
 
 
-def test_push_emits_the_model_asset_the_summary_dag_waits_for(dagbag):
+def test_record_emits_the_model_asset_the_summary_dag_waits_for(dagbag):
     summary = dagbag.dags[SUMMARY_DAG_ID]
     uris = set()
     for dag_id in DATASET_DAGS:
-        push = dagbag.dags[dag_id].get_task("push")
-        (asset,) = push.outlets
+        record = dagbag.dags[dag_id].get_task("record")
+        (asset,) = record.outlets
         assert asset.uri.startswith("file://") and asset.uri.endswith("/candidate.json")
         uris.add(asset.uri)
     condition = summary.timetable.asset_condition

@@ -5,7 +5,9 @@ tiny params. Shared, in order of the fixtures:
 
 1. ``airflow dags test`` of the cats_vs_dogs DAG with a run conf (what
    ``make run`` does): MLflow runs with lineage and the overrides tag, a
-   registry alias, the DVC remote holding every cached output;
+   registry alias, the DVC remote holding every cached output, and the run a
+   DVC experiment that a fresh clone of the project restores byte for byte
+   (the model files' md5 equal the ``model.md5`` tags MLflow recorded);
 2. a bad conf fails the first task with the one-line error;
 3. the real scheduler stack (api-server + scheduler + dag-processor on a free
    loopback port): both dataset DAGs triggered together through the REST API
@@ -15,6 +17,7 @@ tiny params. Shared, in order of the fixtures:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -187,6 +190,51 @@ def test_registry_alias_and_dvc_remote_after_the_run(airflow, dag_test):
     assert set(hashes) == cached
     for path, md5 in hashes.items():
         assert (remote / md5[:2] / md5[2:]).is_file(), path
+
+
+def test_the_run_is_a_dvc_experiment_a_fresh_clone_restores(airflow, dag_test, tmp_path):
+    """The README's lineage recipe, followed literally, from a registered model version."""
+    project = airflow.project
+    client = _mlflow_client(project)
+    # From the registered model to its experiment ...
+    version = client.get_model_version_by_alias("cats_vs_dogs-classifier", "champion")
+    run = client.get_run(version.run_id)
+    name = run.data.tags["dvc.exp_name"]
+    assert name.startswith("cats_vs_dogs-manual__")
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dvc.exp_name"] == name
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--csv"],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert name in shown  # listed in the project beside local experiments
+
+    # ... and from the experiment back to the exact files, in a fresh clone.
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(project.root), str(clone))
+    # The project's remote is the folder .dvc-remote/, given relative to the project: a clone
+    # elsewhere names it (an S3 remote needs no such line).
+    store = ["remote", "add", "--local", "store", str(project.root / ".dvc-remote")]
+    pull = ["exp", "pull", "--remote", "store", "origin", name]
+    for args in (store, pull, ["exp", "apply", name], ["pull", "--remote", "store"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=clone, check=True)
+    experiment = client.get_experiment_by_name("cats_vs_dogs").experiment_id
+    phases = client.search_runs(
+        [experiment], f"tags.`dvc.exp_name` = '{name}' and tags.phase IN ('train', 'finetune')"
+    )
+    recorded = {r.data.tags["model.path"]: r.data.tags["model.md5"] for r in phases}
+    assert set(recorded) == {
+        "models/cats_vs_dogs/frozen.keras",
+        "models/cats_vs_dogs/finetuned.keras",
+    }
+    for path, md5 in recorded.items():
+        assert hashlib.md5((clone / path).read_bytes()).hexdigest() == md5, path
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    assert params["evaluate"]["mistakes"] == 3  # the run's conf, not the committed file's
 
 
 def test_bad_conf_fails_the_first_task_with_one_line(airflow, dag_test):

@@ -1,23 +1,34 @@
-"""What the DAG tasks call (workspaces, the DVC runner) on a toy DVC pipeline: real dvc, no Airflow.
+"""What the DAG tasks call (workspaces, the DVC runner, the experiment record) on a toy DVC
+pipeline: real git, dvc and MLflow (SQLite), no Airflow.
 
 The toy project has the real params.yaml schema and a two-stage ``foreach``
 pipeline whose command is a tiny script, so each ``dvc repro`` takes a second.
+``project`` is a plain folder (the workspace keeps its own snapshot history:
+local-only experiments); ``git_project`` is a git checkout, whose runs are
+pushed back to it as DVC experiments.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from tasks.errors import ConfigError, StageError, StageFailed
 from tasks.orchestration.dvc import push_outputs, run_stage
+from tasks.orchestration.experiments import finish_pipeline, record_experiment
 from tasks.orchestration.project import Project
 from tasks.orchestration.runconf import conf_overrides
-from tasks.orchestration.workspace import prepare_workspace, read_run_record
+from tasks.orchestration.workspace import git, prepare_workspace, read_run_record
 from tests.datagen import tiny_params
 
 DATASETS = ("cats_vs_dogs", "ants_vs_bees")
@@ -32,6 +43,10 @@ if os.environ.get("TOY_FAIL") == stage:
     sys.exit(2)
 if os.environ.get("TOY_CRASH") == stage:
     raise MemoryError("toy out of memory")
+if os.environ.get("TOY_HANG") == stage:
+    Path(os.environ["TOY_PID_FILE"]).write_text(str(os.getpid()))
+    import time
+    time.sleep(600)
 out = Path("out") / ds
 out.mkdir(parents=True, exist_ok=True)
 if stage == "first":
@@ -73,8 +88,18 @@ stages:
 """
 
 
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> str:
+    """One SQLite store for the module (creating one runs MLflow's migrations: seconds)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Project:
+def project(tmp_path, monkeypatch, mlflow_store) -> Project:
     root = tmp_path / "project"
     (root / ".dvc").mkdir(parents=True)
     (root / ".dvc" / "config").write_text(
@@ -92,9 +117,9 @@ def project(tmp_path, monkeypatch) -> Project:
     (root / "step.py").write_text(STEP)
     sources = {ds: f"http://127.0.0.1:9/{ds}.zip" for ds in DATASETS}
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(sources), sort_keys=False))
-    # Not the embedded SQLite store: prepare then leaves MLflow alone.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    for name in ("TASKS_PARAMS", "TASKS_ROOT", "TASKS_SET", "TOY_FAIL", "TOY_CRASH"):
+    (root / ".gitignore").write_text("/.workspaces/\n/.tasks-run.json\n/mlflow/\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    for name in ("TASKS_PARAMS", "TASKS_ROOT", "TASKS_SET", "TOY_FAIL", "TOY_CRASH", "TOY_HANG"):
         monkeypatch.delenv(name, raising=False)
     return Project.from_env(root, environ={})
 
@@ -141,13 +166,22 @@ def test_prepare_writes_the_run_params_into_the_workspace_only(project):
     assert (ws / "dvc.yaml").read_text() == DVC_YAML
     assert (ws / "step.py").read_text() == STEP
     local = (ws / ".dvc" / "config.local").read_text()
-    assert "no_scm = true" in local
+    assert "no_scm" not in local
     assert f"dir = {project.root / '.dvc' / 'cache'}" in local
     assert f"url = {project.root / 'remote'}" in local
-    assert (ws / "mlflow").resolve() == project.mlflow_dir.resolve()
     record = read_run_record(ws)
     assert record["overrides"] == ["finetune.epochs=4", "train.epochs=3"]
     assert record["run_id"] == "r1"
+    # Not a git checkout: the workspace commits snapshots of the pipeline files itself.
+    assert record["git_remote"] is None
+    assert git(ws, "rev-parse", "HEAD") == record["baseline"] == prepared.baseline
+    assert git(ws, "show", "HEAD:step.py") == STEP.strip()
+    assert record["experiment"] == "cats_vs_dogs-r1"
+    # The pipeline's MLflow parent run is open for the whole DAG run.
+    parent = MlflowClient().get_run(record["parent_run_id"])
+    assert parent.info.status == "RUNNING"
+    assert parent.data.tags["pipeline.parent"] == "true"
+    assert parent.data.params["train.epochs"] == "3"
 
 
 def test_bad_conf_fails_prepare_with_one_line_and_leaves_the_workspace(project):
@@ -257,3 +291,192 @@ def test_workspace_env_does_not_leak_the_callers_params(project, monkeypatch, tm
     run_stage(project, "cats_vs_dogs", "first")
     written = project.workspace("cats_vs_dogs") / "out" / "cats_vs_dogs" / "first.txt"
     assert json.loads(written.read_text().splitlines()[0]) == ["train.epochs=7"]
+
+
+# --- runs as DVC experiments (the project a git checkout) ---------------------------
+
+
+def sh(cwd, *args: str) -> str:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def dvc(cwd, *args: str) -> str:
+    return sh(cwd, sys.executable, "-m", "dvc", *args)
+
+
+@pytest.fixture
+def git_project(project) -> Project:
+    sh(project.root, "git", "init", "-q")
+    sh(project.root, "git", "add", "-A")
+    sh(
+        project.root,
+        "git",
+        "-c",
+        "user.email=ci@example.com",
+        "-c",
+        "user.name=CI",
+        "commit",
+        "-qm",
+        "pipeline",
+    )
+    return project
+
+
+def restore(project: Project, name: str, clone) -> object:
+    """The README's recipe in a fresh clone. The toy's remote is a folder given relative to
+    the project, so the clone names it (an S3 remote would need no such line)."""
+    sh(clone.parent, "git", "clone", "-q", str(project.root), str(clone))
+    dvc(clone, "remote", "add", "--local", "store", str(project.root / "remote"))
+    dvc(clone, "exp", "pull", "--remote", "store", "origin", name)
+    dvc(clone, "exp", "apply", name)
+    dvc(clone, "pull", "--remote", "store")
+    return clone
+
+
+def scheduled_run(project: Project, dataset: str, conf: dict | None, run_id: str) -> dict:
+    """What one DAG run does: prepare, every stage, record, finish."""
+    prepared = prepare_workspace(project, dataset, conf, run_id=run_id)
+    for stage in ("first", "second"):
+        run_stage(project, dataset, stage)
+    record = record_experiment(project, dataset)
+    finish_pipeline(project, dataset, prepared.xcom(), None)
+    return {"prepared": prepared, "record": record}
+
+
+def test_a_scheduled_run_is_an_experiment_a_fresh_clone_restores(git_project, tmp_path):
+    project = git_project
+    run = scheduled_run(
+        project, "cats_vs_dogs", {"epochs": 3}, "scheduled__2026-11-30T00:00:00+00:00"
+    )
+    name = run["record"].name
+    assert name == "cats_vs_dogs-scheduled__2026-11-30T00-00-00-00-00"
+    assert run["record"].baseline == sh(project.root, "git", "rev-parse", "HEAD").strip()
+
+    # The project lists it, with its params and metrics, beside local experiments.
+    shown = json.loads(dvc(project.root, "exp", "show", "--json"))
+    experiments = {
+        exp["name"]: exp
+        for entry in shown
+        for exp in (entry.get("experiments") or [])
+        if exp.get("name")
+    }
+    assert name in experiments
+    data = experiments[name]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 3
+    assert data["metrics"]["out/cats_vs_dogs/metrics.json"]["data"]["accuracy"] == 0.75
+
+    # A fresh clone fetches, applies and pulls it: the outputs come back byte for byte.
+    clone = restore(project, name, tmp_path / "clone")
+    ws = project.workspace("cats_vs_dogs")
+    for out in ("out/cats_vs_dogs/first.txt", "out/cats_vs_dogs/model.bin"):
+        assert (clone / out).read_bytes() == (ws / out).read_bytes(), out
+    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"] == 3
+
+    # MLflow's parent run spans the DAG run and names the experiment.
+    parent = MlflowClient().get_run(run["prepared"].parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dvc.exp_name"] == name
+    assert parent.data.tags["dvc.exp_rev"] == run["record"].rev
+    assert parent.info.end_time >= parent.info.start_time + 2000  # it spanned the stages
+
+
+def test_two_runs_with_different_conf_are_two_restorable_experiments(git_project, tmp_path):
+    project = git_project
+    first = scheduled_run(project, "cats_vs_dogs", {"epochs": 3}, "run-a")["record"]
+    second = scheduled_run(project, "cats_vs_dogs", {"epochs": 4}, "run-b")["record"]
+    assert first.name != second.name and first.rev != second.rev
+    for record, epochs in ((first, 3), (second, 4)):
+        clone = restore(project, record.name, tmp_path / record.name)
+        written = (clone / "out" / "cats_vs_dogs" / "first.txt").read_text().splitlines()[0]
+        assert json.loads(written) == [f"train.epochs={epochs}"]
+
+
+def test_both_datasets_at_once_are_two_experiments_without_lock_errors(git_project):
+    project = git_project
+    errors: list[BaseException] = []
+    names: dict[str, str] = {}
+
+    def dag(ds: str) -> None:
+        try:
+            names[ds] = scheduled_run(project, ds, None, f"{ds}-together")["record"].name
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=dag, args=(ds,)) for ds in DATASETS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    refs = sh(project.root, "git", "for-each-ref", "--format=%(refname)", "refs/exps")
+    for ds in DATASETS:
+        assert names[ds] in refs
+
+
+def test_a_killed_stage_is_retried_and_no_run_is_left_running(git_project, tmp_path, monkeypatch):
+    project = git_project
+    good = scheduled_run(project, "ants_vs_bees", None, "good")
+    ws = project.workspace("ants_vs_bees")
+    lock_before = (ws / "dvc.lock").read_text()
+
+    prepared = prepare_workspace(project, "ants_vs_bees", {"epochs": 5}, run_id="killed")
+    pid_file = tmp_path / "stage.pid"
+    monkeypatch.setenv("TOY_HANG", "first")
+    monkeypatch.setenv("TOY_PID_FILE", str(pid_file))
+    outcome: list[BaseException] = []
+
+    def stage() -> None:
+        try:
+            run_stage(project, "ants_vs_bees", "first")
+        except BaseException as error:  # noqa: BLE001 - asserted below
+            outcome.append(error)
+
+    thread = threading.Thread(target=stage)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    thread.join(timeout=120)
+    assert len(outcome) == 1 and isinstance(outcome[0], StageFailed)
+    assert outcome[0].retryable  # killed, not a user error: Airflow retries
+    assert (ws / "dvc.lock").read_text() == lock_before  # the last good record stands
+
+    monkeypatch.delenv("TOY_HANG")
+    assert run_stage(project, "ants_vs_bees", "first").ran  # the retry
+    run_stage(project, "ants_vs_bees", "second")
+    record_experiment(project, "ants_vs_bees")
+    finish_pipeline(project, "ants_vs_bees", prepared.xcom(), None)
+    client = MlflowClient()
+    experiment = client.get_run(prepared.parent_run_id).info.experiment_id
+    running = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    assert running == []
+    assert client.get_run(good["prepared"].parent_run_id).info.status == "FINISHED"
+
+
+def test_a_failed_run_ends_its_parent_run_failed_naming_the_task(git_project, monkeypatch):
+    project = git_project
+    prepared = prepare_workspace(project, "cats_vs_dogs", None, run_id="fails")
+    monkeypatch.setenv("TOY_FAIL", "second")
+    run_stage(project, "cats_vs_dogs", "first")
+    with pytest.raises(StageFailed):
+        run_stage(project, "cats_vs_dogs", "second")
+    outcome = finish_pipeline(project, "cats_vs_dogs", prepared.xcom(), "second")
+    assert outcome.status == "FAILED" and "second failed" in outcome.message
+    parent = MlflowClient().get_run(prepared.parent_run_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["pipeline.failed_task"] == "second"
+    # A conf that fails prepare opens no run, and finish says so instead of ending an old one.
+    assert "before it started" in finish_pipeline(project, "cats_vs_dogs", None, "prepare").message
+
+
+def test_an_unchanged_scheduled_rerun_runs_no_stage(git_project):
+    project = git_project
+    scheduled_run(project, "cats_vs_dogs", {"epochs": 3}, "first")
+    prepare_workspace(project, "cats_vs_dogs", {"epochs": 3}, run_id="again")
+    results = [run_stage(project, "cats_vs_dogs", stage) for stage in ("first", "second")]
+    assert [r.ran for r in results] == [False, False]
+    record = record_experiment(project, "cats_vs_dogs")
+    assert record.pushed == 0  # the same outputs: nothing new for the remote

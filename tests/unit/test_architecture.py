@@ -26,7 +26,8 @@ HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "dvc", "sklearn"
 PROBE = """
 import json, sys
 import tasks.cli
-import tasks.orchestration.backends, tasks.orchestration.dvc, tasks.orchestration.project
+import tasks.orchestration.backends, tasks.orchestration.dvc, tasks.orchestration.experiments
+import tasks.orchestration.project
 import tasks.orchestration.runconf, tasks.orchestration.stage_graph
 import tasks.orchestration.summary, tasks.orchestration.workspace
 print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))

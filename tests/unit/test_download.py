@@ -550,3 +550,28 @@ def test_a_changed_url_is_fetched_again_and_trusted_on_its_own_first_use(archive
     assert archive_server.count("/changed-url-b.zip") >= 1
     assert result_b.sha256 in paths.known_hashes.read_text()
     assert url_b in paths.known_hashes.read_text()
+
+
+def _dvc_dir_hash(root: Path, dataset: str) -> str:
+    """The hash DVC gives ``data/raw/<dataset>`` (``dvc add`` in a throwaway DVC repo)."""
+    import yaml
+
+    for args in (["init", "--no-scm", "-q"], ["add", "-q", f"data/raw/{dataset}"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True)
+    entry = yaml.safe_load((root / "data" / "raw" / f"{dataset}.dvc").read_text())["outs"][0]
+    return entry["md5"]
+
+
+def test_the_same_archive_gets_the_same_dvc_hash_on_every_download(server, zips, tmp_path):
+    """Run metadata (source, time, overrides) lives beside the tree, not in it."""
+    url = server.add("/same.zip", zips[DS])
+    first, second = DatasetPaths.of(DS, tmp_path / "one"), DatasetPaths.of(DS, tmp_path / "two")
+    download.run(config(url), first)
+    time.sleep(1.1)  # a later download: the record's time differs
+    download.run(config(url, overrides=("train.epochs=2",)), second)
+    assert not list(first.raw.rglob(".download.json"))
+    assert files_under(first.raw) == files_under(second.raw)
+    one, two = (json.loads(p.download_record.read_text()) for p in (first, second))
+    assert one["time"] != two["time"] and one["overrides"] != two["overrides"]
+    assert first.download_record.parent == first.reports
+    assert _dvc_dir_hash(first.root, DS) == _dvc_dir_hash(second.root, DS)

@@ -75,3 +75,65 @@ def test_dvc_temp_experiments_log_to_the_project_store(cfg, tmp_path, monkeypatc
     temp_workspace.mkdir(parents=True)
     expected = f"sqlite:///{(tmp_path / 'project').resolve()}/mlflow/mlflow.db"
     assert tracking_uri(cfg, temp_workspace) == expected
+
+
+KILLED_MID_PHASE = """
+import os, sys, time
+from pathlib import Path
+from tasks.config import parse_config
+from tasks.paths import DatasetPaths
+from tasks.tracking import phase_run
+from tests.datagen import tiny_params
+
+cfg = parse_config(tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}))
+paths = DatasetPaths.of("cats_vs_dogs", Path(sys.argv[1]))
+with phase_run(cfg, paths, "train", new_parent=True) as run:
+    Path(sys.argv[2]).write_text(run.info.run_id)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_phase_leaves_no_run_running(cfg, tmp_path, monkeypatch):
+    """SIGKILL mid-phase: the next attempt ends the orphan KILLED, with the reason; the
+    parent the pipeline opened ends with the pipeline (local dvc repro: at register)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import REPO
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
+    started = tmp_path / "run-id"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_PHASE, str(tmp_path), str(started)], cwd=REPO
+    )
+    deadline = time.monotonic() + 180
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    orphan = started.read_text()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    client = MlflowClient(tracking_uri(cfg, tmp_path))
+    assert client.get_run(orphan).info.status == "RUNNING"
+    with phase_run(cfg, paths, "train", new_parent=True):
+        pass
+    with phase_run(cfg, paths, "finetune"):
+        pass
+    with phase_run(cfg, paths, "register", last=True):
+        pass
+    ended = client.get_run(orphan)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags["tasks.end_reason"] == "a new attempt of train started"
+    experiment = ended.info.experiment_id
+    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
+    parent = client.get_run(read_record(paths, "register").parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert (
+        parent.info.end_time >= client.get_run(read_record(paths, "register").run_id).info.end_time
+    )
