@@ -451,8 +451,9 @@ def test_a_killed_stage_is_retried_and_no_run_is_left_running(git_project, tmp_p
     finish_pipeline(project, "ants_vs_bees", prepared.xcom(), None)
     client = MlflowClient()
     experiment = client.get_run(prepared.parent_run_id).info.experiment_id
-    running = client.search_runs([experiment], "attributes.status = 'RUNNING'")
-    assert running == []
+    mine = f"tags.`tasks.workspace` = '{ws.resolve()}'"
+    assert len(client.search_runs([experiment], mine)) == 2  # the good run's and this one's
+    assert client.search_runs([experiment], f"{mine} and attributes.status = 'RUNNING'") == []
     assert client.get_run(good["prepared"].parent_run_id).info.status == "FINISHED"
 
 
