@@ -87,6 +87,11 @@ def store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
+def current_experiment() -> str | None:
+    """The DVC experiment this process's run will be saved as (scheduled, or ``dvc exp run``)."""
+    return os.environ.get("TASKS_EXPERIMENT") or os.environ.get("DVC_EXP_NAME") or None
+
+
 def registered_model_name(cfg: Config, dataset: str) -> str:
     return f"{cfg.tracking.experiment_prefix}{dataset}-classifier"
 

@@ -102,6 +102,7 @@ def champion_of(cfg: Config, project: Project, dataset: str) -> dict[str, Any] |
         "registered_at": created.isoformat(timespec="seconds"),
         "backbone": tags.get("backbone"),
         "airflow_run_id": tags.get("airflow.run_id"),
+        "experiment": tags.get("dvc.exp_name"),
         "metrics": _headline(metrics, cfg.gate.metric),
     }
 
@@ -115,7 +116,7 @@ def dataset_summary(cfg: Config, project: Project, dataset: str) -> dict[str, An
         "metrics": _headline(_read_json(reports / "metrics.json"), cfg.gate.metric),
         "gate": {
             k: gate.get(k)
-            for k in ("version", "alias", "promoted", "candidate_score", "reason")
+            for k in ("version", "alias", "promoted", "candidate_score", "reason", "experiment")
             if k in gate
         },
         "airflow_run_id": run.get("run_id"),
@@ -168,6 +169,12 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines.append(f"- **{ds}**: reports in `{entry['reports']}`")
         if gate.get("reason"):
             lines.append(f"  - latest gate: {gate['reason']}")
+        champ = entry["champion"] or {}
+        if champ.get("experiment"):
+            lines.append(
+                f"  - champion v{champ['version']} is DVC experiment `{champ['experiment']}` "
+                f"(`dvc exp apply {champ['experiment']}` + `dvc pull` restores it)"
+            )
         if entry["latest_run"]["overrides"]:
             lines.append(f"  - overrides: `{', '.join(entry['latest_run']['overrides'])}`")
     lines += ["", f"MLflow: `{payload['mlflow_ui']}`", ""]

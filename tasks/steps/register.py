@@ -34,7 +34,13 @@ from tasks.config import Config
 from tasks.errors import StageError
 from tasks.io import file_md5, write_json
 from tasks.paths import DatasetPaths
-from tasks.tracking import CHALLENGER, CHAMPION, PREVIOUS, registered_model_name
+from tasks.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    current_experiment,
+    registered_model_name,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -98,6 +104,8 @@ class GateDecision:
     tolerance: float
     reason: str
     run_id: str
+    experiment: str | None = None
+    """The DVC experiment that restores this version's data and model (scheduled runs)."""
 
     def __str__(self) -> str:
         verdict = "PROMOTED" if self.promoted else "NOT PROMOTED"
@@ -117,6 +125,8 @@ class GateDecision:
                 lines.append(f"  v{self.champion_version} keeps @{PREVIOUS}")
         lines.append(f"  floor {self.floor:.4f}, tolerance {self.tolerance:.4f}")
         lines.append(f"  reason: {self.reason}")
+        if self.experiment:
+            lines.append(f"  DVC experiment: {self.experiment} (dvc exp apply restores it)")
         return "\n".join(lines)
 
 
@@ -297,6 +307,7 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
             tolerance=gate.tolerance,
             reason=f"{reason}; {note}" if note else reason,
             run_id=run.info.run_id,
+            experiment=current_experiment(),
         )
 
         # Move the aliases and record the decision everywhere it is looked for
@@ -341,6 +352,8 @@ def _record_decision(
         "gate.reason": decision.reason,
         **{f"source.{key}": value for key, value in source.items()},
     }
+    if decision.experiment:
+        tags["dvc.exp_name"] = decision.experiment
     for key, value in tags.items():
         client.set_model_version_tag(decision.model_name, decision.version, key, value)
     mlflow.set_tags({**tags, "registered.version": decision.version})

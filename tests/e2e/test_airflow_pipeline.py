@@ -173,6 +173,8 @@ def test_registry_alias_and_dvc_remote_after_the_run(airflow, dag_test):
     ws = airflow.project.workspace("cats_vs_dogs")
     gate = json.loads((ws / "reports" / "cats_vs_dogs" / "gate.json").read_text())
     assert gate["alias"] == "champion" and gate["version"] == "1"
+    record = json.loads((ws / ".tasks-run.json").read_text())
+    assert gate["experiment"] == record["experiment"]  # gate.json names the run's experiment
     remote = airflow.project.root / ".dvc-remote" / "files" / "md5"
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     cached = {
@@ -421,7 +423,9 @@ def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack
     ]
     assert triggered and all(r["state"] in ("success", "running", "queued") for r in triggered)
     assert report["datasets"]["ants_vs_bees"]["champion"]["metrics"]
-    assert "cats_vs_dogs-classifier@champion" in (project.reports / "summary.md").read_text()
+    markdown = (project.reports / "summary.md").read_text()
+    assert "cats_vs_dogs-classifier@champion" in markdown
+    assert "is DVC experiment `ants_vs_bees-manual__" in markdown
     print(
         f"\nscheduler stack up in {stack.startup_s:.1f} s; both DAGs together {both:.1f} s",
         file=sys.stderr,

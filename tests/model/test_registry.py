@@ -46,10 +46,12 @@ def aliases():
     return {k: str(v) for k, v in MlflowClient().get_registered_model(NAME).aliases.items()}
 
 
-def test_first_model_passing_the_floor_becomes_champion(paths, models):
+def test_first_model_passing_the_floor_becomes_champion(paths, models, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
+    # A scheduled run: the version names the DVC experiment that restores it.
+    monkeypatch.setenv("TASKS_EXPERIMENT", "cats_vs_dogs-scheduled__2026-11-30T00-00-00-00-00")
     decision = gate(paths, models["good"])
     assert decision.promoted and decision.alias == "champion"
     assert decision.candidate_score >= 0.9
@@ -64,6 +66,9 @@ def test_first_model_passing_the_floor_becomes_champion(paths, models):
     assert version.run_id == record.run_id  # the version links to the run that logged it
     assert client.get_run(record.run_id).data.tags["phase"] == "register"
     assert version.tags["gate.decision"] == "promoted"
+    assert version.tags["dvc.exp_name"] == decision.experiment
+    assert decision.experiment == "cats_vs_dogs-scheduled__2026-11-30T00-00-00-00-00"
+    assert f"DVC experiment: {decision.experiment}" in str(decision)
     assert float(version.tags["gate.candidate_score"]) == pytest.approx(decision.candidate_score)
 
     info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
@@ -80,6 +85,7 @@ def test_first_model_passing_the_floor_becomes_champion(paths, models):
     assert report["promoted"] == 1 and report["version"] == "1"
     assert report["candidate_score"] == pytest.approx(decision.candidate_score)
     assert report["champion_score"] is None
+    assert report["experiment"] == decision.experiment
 
 
 def test_better_candidate_is_promoted_and_the_old_champion_kept_as_previous(paths, models):

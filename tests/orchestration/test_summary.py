@@ -69,6 +69,7 @@ def test_markdown_puts_the_gate_metric_first_for_each_champion():
                     "version": "4",
                     "uri": "models:/ants_vs_bees-classifier@champion",
                     "backbone": "vgg16",
+                    "experiment": "ants_vs_bees-scheduled__2026-01-05T00-00-00-00-00",
                     "metrics": {"f1_macro": 0.91, "accuracy": 0.92, "roc_auc": 0.97},
                 },
                 "latest_run": {"metrics": {}, "gate": {}, "overrides": []},
@@ -81,4 +82,8 @@ def test_markdown_puts_the_gate_metric_first_for_each_champion():
     assert (
         "| ants_vs_bees | `models:/ants_vs_bees-classifier@champion` (v4) | vgg16 | 0.9100 "
         "| accuracy 0.9200, roc_auc 0.9700 | no gate decision yet |"
+    ) in text
+    # From the champion to the DVC experiment that restores it.
+    assert (
+        "champion v4 is DVC experiment `ants_vs_bees-scheduled__2026-01-05T00-00-00-00-00`"
     ) in text
