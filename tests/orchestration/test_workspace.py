@@ -178,7 +178,7 @@ def test_prepare_writes_the_run_params_into_the_workspace_only(project):
     assert git(ws, "show", "HEAD:step.py") == STEP.strip()
     assert record["experiment"] == "cats_vs_dogs-r1"
     # The pipeline's MLflow parent run is open for the whole DAG run.
-    parent = MlflowClient().get_run(record["parent_run_id"])
+    parent = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(record["parent_run_id"])
     assert parent.info.status == "RUNNING"
     assert parent.data.tags["pipeline.parent"] == "true"
     assert parent.data.params["train.epochs"] == "3"
@@ -375,7 +375,7 @@ def test_a_scheduled_run_is_an_experiment_a_fresh_clone_restores(git_project, tm
     assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"] == 3
 
     # MLflow's parent run spans the DAG run and names the experiment.
-    parent = MlflowClient().get_run(run["prepared"].parent_run_id)
+    parent = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run["prepared"].parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["dvc.exp_name"] == name
     assert parent.data.tags["dvc.exp_rev"] == run["record"].rev
@@ -449,7 +449,7 @@ def test_a_killed_stage_is_retried_and_no_run_is_left_running(git_project, tmp_p
     run_stage(project, "ants_vs_bees", "second")
     record_experiment(project, "ants_vs_bees")
     finish_pipeline(project, "ants_vs_bees", prepared.xcom(), None)
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_run(prepared.parent_run_id).info.experiment_id
     mine = f"tags.`tasks.workspace` = '{ws.resolve()}'"
     assert len(client.search_runs([experiment], mine)) == 2  # the good run's and this one's
@@ -466,7 +466,7 @@ def test_a_failed_run_ends_its_parent_run_failed_naming_the_task(git_project, mo
         run_stage(project, "cats_vs_dogs", "second")
     outcome = finish_pipeline(project, "cats_vs_dogs", prepared.xcom(), "second")
     assert outcome.status == "FAILED" and "second failed" in outcome.message
-    parent = MlflowClient().get_run(prepared.parent_run_id)
+    parent = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(prepared.parent_run_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["pipeline.failed_task"] == "second"
     # A conf that fails prepare opens no run, and finish says so instead of ending an old one.
