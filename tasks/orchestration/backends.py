@@ -81,16 +81,6 @@ def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
         raise ConfigError(f"{name}: is not valid JSON (got {text!r})") from None
 
 
-def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
-    text = env.get(name)
-    if not text:
-        return default
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise ConfigError(f"{name}: is not valid JSON (got {text!r})") from None
-
-
 def pod_env(project: Project) -> dict[str, str]:
     env = {
         "TASKS_PROJECT": str(project.root),
