@@ -1,14 +1,18 @@
 """Classification metrics: numpy in, numbers out.
 
-Accuracy, precision/recall/F1, the confusion matrix, ROC/AUC and log loss come
-from ``sklearn.metrics``; the expected calibration error has no scikit-learn
-function and is ours. ``evaluate`` and the registry gate use exactly these
-definitions, so a reported number and a gate decision can never disagree.
+Accuracy, precision/recall/F1, the confusion matrix, ROC/AUC, average precision
+and log loss come from ``sklearn.metrics``; the reliability diagram's per-bin
+accuracy and confidence from ``sklearn.calibration.calibration_curve``. The
+expected calibration error has no scikit-learn function: it is the count-weighted
+gap of those same bins (:func:`reliability`), so the number and the diagram agree.
+``evaluate`` and the registry gate use exactly these definitions, so a reported
+number and a gate decision can never disagree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ SCALAR_METRICS = (
     "recall_macro",
     "f1_macro",
     "roc_auc",
+    "average_precision",
     "log_loss",
     "ece",
 )
@@ -56,27 +61,76 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     return skm.confusion_matrix(y_true, y_pred, labels=np.arange(n_classes)).astype(np.int64)
 
 
+def confidence_bins(confidence: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """The bin index (0 to ``bins - 1``) of each confidence in [0, 1].
+
+    Bins are equal-width and closed on the right, ``(b/bins, (b+1)/bins]`` (0 falls in
+    bin 0), exactly as ``calibration_curve(strategy="uniform")`` assigns them.
+    """
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.searchsorted(edges[1:-1], np.asarray(confidence, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """A reliability diagram's numbers: top-class confidence against accuracy, per bin.
+
+    ``edges`` has ``bins + 1`` values from 0 to 1; ``counts`` (images per bin),
+    ``accuracy`` (share predicted right) and ``confidence`` (mean top-class
+    probability) have one value per bin, NaN for the two means of an empty bin.
+    """
+
+    edges: np.ndarray
+    counts: np.ndarray
+    accuracy: np.ndarray
+    confidence: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """Mean |accuracy - confidence| over the bins, weighted by their image counts."""
+        total = int(self.counts.sum())
+        if not total:
+            return 0.0
+        filled = self.counts > 0
+        gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
+        return float(np.sum(self.counts[filled] / total * gaps))
+
+
+def reliability(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> Reliability:
+    """Per-bin counts, accuracy and mean confidence of the top class (see :class:`Reliability`).
+
+    Confidence is the top class probability and the binary target is "the top
+    class is the true class"; ``sklearn.calibration.calibration_curve`` (uniform
+    bins, :func:`confidence_bins`) gives the two means of the filled bins.
+    """
+    from sklearn.calibration import calibration_curve
+
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=int)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    accuracy = np.full(bins, np.nan)
+    confidence = np.full(bins, np.nan)
+    if not len(y_true):
+        return Reliability(edges, np.zeros(bins, np.int64), accuracy, confidence)
+    top = np.clip(probs.max(axis=1), 0.0, 1.0)
+    correct = (probs.argmax(axis=1) == y_true).astype(int)
+    counts = np.bincount(confidence_bins(top, bins), minlength=bins).astype(np.int64)
+    filled = counts > 0
+    accuracy[filled], confidence[filled] = calibration_curve(
+        correct, top, pos_label=1, n_bins=bins, strategy="uniform"
+    )
+    return Reliability(edges, counts, accuracy, confidence)
+
+
 def expected_calibration_error(
     y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS
 ) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size.
 
     Confidence is the top class probability; bin ``b`` holds ``(b/bins, (b+1)/bins]``.
+    The bins are those of :func:`reliability`, so this is its diagram's gap.
     """
-    probs = np.asarray(probs, dtype=np.float64)
-    y_true = np.asarray(y_true, dtype=int)
-    if not len(y_true):
-        return 0.0
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y_true
-    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            gap = abs(correct[members].mean() - confidence[members].mean())
-            total += members.mean() * gap
-    return float(total)
+    return reliability(y_true, probs, bins).ece
 
 
 def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -106,6 +160,33 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     return float(np.mean([skm.roc_auc_score(y_true == k, probs[:, k]) for k in positives]))
 
 
+def pr_points(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(precisions, recalls) over every distinct score threshold, recall falling to 0.
+
+    ``truth`` is 1 for positives; the last point is (precision 1, recall 0), as
+    ``sklearn.metrics.precision_recall_curve`` ends.
+    """
+    precision, recall, _ = skm.precision_recall_curve(truth, scores)
+    return precision, recall
+
+
+def average_precision(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """Average precision of ``classes[1]`` (two classes) or the mean one-vs-rest AP.
+
+    AP is the precision at each threshold weighted by the recall it adds (the
+    area under the step precision-recall curve); None if a class is absent.
+    """
+    y_true = np.asarray(y_true, int)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = probs.shape[1]
+    if len(set(y_true.tolist())) < n_classes:
+        return None
+    positives = [1] if n_classes == 2 else range(n_classes)
+    return float(
+        np.mean([skm.average_precision_score(y_true == k, probs[:, k]) for k in positives])
+    )
+
+
 def classification_metrics(
     y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]
 ) -> dict[str, Any]:
@@ -129,6 +210,7 @@ def classification_metrics(
         "recall_macro": float(recall.mean()),
         "f1_macro": float(f1.mean()),
         "roc_auc": roc_auc(y_true, probs),
+        "average_precision": average_precision(y_true, probs),
         "log_loss": log_loss(y_true, probs),
         "ece": expected_calibration_error(y_true, probs),
         "per_class": {

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PHASE_LABELS = {"train": "frozen base", "finetune": "fine-tuning"}
+METRIC_NAMES = (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
+"""The per-class bars: (key in ``per_class``, legend label)."""
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -42,8 +44,7 @@ def _message(fig: Figure, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=14, wrap=True)
 
 
-def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], out: Path) -> Path:
-    """Counts per (actual, predicted) cell, with the row share in brackets."""
+def _draw_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], split: str) -> Figure:
     matrix = np.asarray(matrix)
     size = max(3.5, 1.0 + 0.9 * len(classes))
     fig = _figure(size + 1, size)
@@ -55,7 +56,7 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], out: Path) -> P
     ax.set_yticks(ticks, classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    ax.set_title(f"Confusion matrix ({int(matrix.sum())} validation images)")
+    ax.set_title(f"Confusion matrix ({int(matrix.sum())} {split} images)")
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
     threshold = matrix.max() / 2 if matrix.size and matrix.max() else 0.5
@@ -64,11 +65,26 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], out: Path) -> P
             colour = "white" if matrix[i, j] > threshold else "black"
             text = f"{int(matrix[i, j])}\n({share[i, j]:.0%})"
             ax.text(j, i, text, ha="center", va="center", color=colour)
-    return _save(fig, out)
+    return fig
 
 
-def roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], out: Path) -> Path:
-    """ROC of ``classes[1]`` for two classes; one-vs-rest per class for more."""
+def confusion_matrix(
+    matrix: np.ndarray, classes: Sequence[str], out: Path, split: str = "test"
+) -> Path:
+    """Counts per (actual, predicted) cell, with the row share in brackets."""
+    return _save(_draw_confusion_matrix(matrix, classes, split), out)
+
+
+def _positives(classes: Sequence[str]) -> tuple[list[int], str]:
+    """The classes drawn as positives (``classes[1]``, or each one vs the rest) and what to say."""
+    if len(classes) == 2:
+        return [1], f"positive class: {classes[1]}"
+    return list(range(len(classes))), "one vs rest"
+
+
+def _draw_roc_curves(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], split: str
+) -> Figure:
     from sklearn.metrics import auc
 
     from tasks.ml.metrics import roc_points
@@ -78,7 +94,7 @@ def roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], ou
     fig = _figure(5.5, 5)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    positives = [1] if len(classes) == 2 else list(range(len(classes)))
+    positives, what = _positives(classes)
     drawn = 0
     for index in positives:
         truth = (y_true == index).astype(int)
@@ -89,15 +105,153 @@ def roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], ou
         ax.plot(fpr, tpr, linewidth=2, label=label)
         drawn += 1
     if not drawn:
-        ax.text(0.5, 0.5, "ROC undefined: the validation set has one class", ha="center")
+        ax.text(0.5, 0.5, f"ROC undefined: the {split} set has one class", ha="center")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    what = f"positive class: {classes[1]}" if len(classes) == 2 else "one vs rest"
-    ax.set_title(f"ROC curve ({what})")
+    ax.set_title(f"ROC curve ({what}; {len(y_true)} {split} images)")
     ax.legend(loc="lower right")
-    return _save(fig, out)
+    return fig
+
+
+def roc_curves(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], out: Path, split: str = "test"
+) -> Path:
+    """ROC of ``classes[1]`` for two classes; one-vs-rest per class for more."""
+    return _save(_draw_roc_curves(y_true, probs, classes, split), out)
+
+
+def _draw_precision_recall_curves(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], split: str
+) -> Figure:
+    from sklearn.metrics import average_precision_score
+
+    from tasks.ml.metrics import pr_points
+
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    fig = _figure(5.5, 5)
+    ax = fig.add_subplot(1, 1, 1)
+    positives, what = _positives(classes)
+    drawn = 0
+    for index in positives:
+        truth = (y_true == index).astype(int)
+        if truth.min() == truth.max():
+            continue
+        precision, recall = pr_points(truth, probs[:, index])
+        ap = average_precision_score(truth, probs[:, index])
+        label = f"{classes[index]} (AP {ap:.3f})"
+        (line,) = ax.plot(recall, precision, linewidth=2, drawstyle="steps-post", label=label)
+        # a classifier without skill has precision = the positive share at every recall
+        ax.axhline(truth.mean(), linestyle=":", linewidth=1.5, color=line.get_color())
+        drawn += 1
+    if drawn:
+        rate = "its positive share" if drawn == 1 else "each class's share"
+        ax.plot([], [], linestyle=":", color="grey", label=f"no skill (dotted: {rate})")
+        ax.legend(loc="lower left")
+    else:
+        ax.text(0.5, 0.5, f"precision-recall undefined: the {split} set has one class", ha="center")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.05)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"Precision-recall curve ({what}; {len(y_true)} {split} images)")
+    return fig
+
+
+def precision_recall_curves(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], out: Path, split: str = "test"
+) -> Path:
+    """Precision against recall of ``classes[1]`` for two classes; one-vs-rest per class for more.
+
+    The legend gives each curve's average precision; a dotted line in the curve's
+    colour marks no skill (precision = that class's share of the images).
+    """
+    return _save(_draw_precision_recall_curves(y_true, probs, classes, split), out)
+
+
+def _draw_reliability_diagram(
+    y_true: np.ndarray, probs: np.ndarray, ece: float, split: str
+) -> Figure:
+    from tasks.ml.metrics import reliability
+
+    numbers = reliability(y_true, probs)
+    edges, counts = numbers.edges, numbers.counts
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = np.diff(edges)
+    filled = counts > 0
+    fig = _figure(5.5, 6.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    top.bar(
+        centres[filled],
+        numbers.accuracy[filled],
+        width=width[filled],
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy per bin",
+    )
+    top.plot(
+        numbers.confidence[filled],
+        numbers.accuracy[filled],
+        "o",
+        color="tab:red",
+        label="mean confidence, accuracy",
+    )
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy")
+    top.legend(loc="best", fontsize=9)
+    top.set_title(f"Reliability diagram ({int(counts.sum())} {split} images, ECE {ece:.3f})")
+    bars = bottom.bar(centres, counts, width=width, edgecolor="black", color="tab:grey")
+    bottom.bar_label(bars, labels=[str(int(c)) if c else "" for c in counts], fontsize=8)
+    bottom.set_ylim(0, max(1, int(counts.max())) * 1.3)
+    bottom.set_xlabel("confidence (top class probability)")
+    bottom.set_ylabel("images")
+    return fig
+
+
+def reliability_diagram(
+    y_true: np.ndarray, probs: np.ndarray, out: Path, ece: float, split: str = "test"
+) -> Path:
+    """Accuracy against top-class confidence per bin, the diagonal, and images per bin below.
+
+    Bars on the diagonal are calibrated; below it, over-confident. ``ece`` (the
+    reported number) goes in the title.
+    """
+    return _save(_draw_reliability_diagram(y_true, probs, ece, split), out)
+
+
+def _draw_per_class_metrics(per_class: dict[str, dict[str, float]], split: str) -> Figure:
+    names = list(per_class)
+    fig = _figure(max(5.5, 1.6 * len(names) + 2), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    positions = np.arange(len(names))
+    width = 0.8 / len(METRIC_NAMES)
+    for offset, (key, label) in enumerate(METRIC_NAMES):
+        values = [float(per_class[name][key]) for name in names]
+        shift = (offset - (len(METRIC_NAMES) - 1) / 2) * width
+        bars = ax.bar(positions + shift, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    supports = [int(per_class[name]["support"]) for name in names]
+    ticks = [f"{name}\n(n={n})" for name, n in zip(names, supports, strict=True)]
+    ax.set_xticks(positions, ticks)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("score")
+    ax.legend(loc="upper center", ncols=len(METRIC_NAMES), bbox_to_anchor=(0.5, -0.18))
+    ax.set_title(f"Precision, recall and F1 per class ({sum(supports)} {split} images)")
+    return fig
+
+
+def per_class_metrics(
+    per_class: dict[str, dict[str, float]], out: Path, split: str = "test"
+) -> Path:
+    """Grouped bars of precision, recall and F1 per class; each tick gives the class's support.
+
+    ``per_class`` is the ``per_class`` entry of ``classification_metrics``.
+    """
+    return _save(_draw_per_class_metrics(per_class, split), out)
 
 
 def training_curves(history: pd.DataFrame | None, out: Path, missing: str = "") -> Path:
