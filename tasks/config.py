@@ -46,7 +46,8 @@ BACKBONES = (
     "resnet50",
     "efficientnet_b0",
 )
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
+"""The manifest's logical splits. ``test`` is held out: only evaluate and register read it."""
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -73,18 +74,36 @@ def check_source(value: str) -> str:
 
 
 class Layout(_Section):
-    """Where the splits live inside the extracted archive: ``<root>/<split>/<class>/``."""
+    """Where the splits live inside the extracted archive: ``<root>/<split>/<class>/``.
+
+    ``test`` names the archive's own test folder; null (neither dataset has one)
+    carves the test split out of the validation folder (``evaluate.test_fraction``).
+    """
 
     root: str
     train: str = "train"
     validation: str = "validation"
+    test: str | None = None
 
-    @field_validator("root", "train", "validation")
+    @field_validator("root", "train", "validation", "test")
     @classmethod
-    def _plain_folder(cls, value: str) -> str:
+    def _plain_folder(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value or value.startswith("/") or ".." in Path(value).parts:
             raise ValueError(f"{value!r} must be a relative folder name inside the archive")
         return value
+
+
+def carve_count(available: int, fraction: float) -> int:
+    """How many of ``available`` validation images of one class the test split takes.
+
+    ``round(available * fraction)``, but at least one and never all of them
+    when there are two or more, so both splits keep every class.
+    """
+    if available < 2:
+        return 0
+    return min(max(int(available * fraction + 0.5), 1), available - 1)
 
 
 class DatasetConfig(_Section):
@@ -95,7 +114,8 @@ class DatasetConfig(_Section):
     mirrors: list[str] = Field(default_factory=list)
     layout: Layout
     classes: list[str] = Field(min_length=2)
-    counts: dict[Literal["train", "validation"], dict[str, NonNegativeInt]]
+    counts: dict[Literal["train", "validation", "test"], dict[str, NonNegativeInt]]
+    """Images per class in each split *folder* (``test`` only with ``layout.test``)."""
 
     @field_validator("url")
     @classmethod
@@ -125,7 +145,13 @@ class DatasetConfig(_Section):
 
     @model_validator(mode="after")
     def _counts_match_classes(self) -> DatasetConfig:
-        for split in SPLITS:
+        if "test" in self.counts and self.layout.test is None:
+            raise ValueError(
+                "counts.test needs layout.test (the archive's test folder); without one the "
+                "test split is carved from validation by evaluate.test_fraction, so remove "
+                "counts.test"
+            )
+        for split in self.folder_splits:
             if split not in self.counts:
                 raise ValueError(
                     f"counts.{split} is missing; give the expected image count per class"
@@ -137,8 +163,29 @@ class DatasetConfig(_Section):
                 )
         return self
 
+    @property
+    def test_carved(self) -> bool:
+        """True when the test split is carved out of the validation folder."""
+        return self.layout.test is None
+
+    @property
+    def folder_splits(self) -> tuple[str, ...]:
+        """The splits that have a folder of their own in the archive."""
+        return SPLITS if self.layout.test else SPLITS[:2]
+
     def split_folder(self, split: str) -> str:
-        return {"train": self.layout.train, "validation": self.layout.validation}[split]
+        folders = {"train": self.layout.train, "validation": self.layout.validation}
+        folders["test"] = self.layout.test or self.layout.validation
+        return folders[split]
+
+    def expected_counts(self, test_fraction: float) -> dict[str, dict[str, int]]:
+        """Expected images per logical split and class (a carved test split included)."""
+        expected = {split: dict(self.counts[split]) for split in self.folder_splits}
+        if self.test_carved:
+            held = {c: carve_count(n, test_fraction) for c, n in expected["validation"].items()}
+            expected["validation"] = {c: n - held[c] for c, n in expected["validation"].items()}
+            expected["test"] = held
+        return expected
 
 
 class DownloadConfig(_Section):
@@ -219,6 +266,7 @@ class FinetuneConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    test_fraction: float = Field(0.2, gt=0, lt=1)
     gradcam_images: NonNegativeInt = 4
     mistakes: NonNegativeInt = 16
 
@@ -226,7 +274,31 @@ class EvaluateConfig(_Section):
 class RegisterConfig(_Section):
     metric: Literal["accuracy", "f1_macro", "roc_auc"] = "accuracy"
     floor: float = Field(0.8, ge=0, le=1)
-    tolerance: float = Field(0.01, ge=0, le=1)
+    method: Literal["mcnemar", "bootstrap"] = "mcnemar"
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    promote_if: Literal["better", "not_worse"] = "better"
+    bootstrap_samples: int = Field(2000, ge=100)
+    seed: int = 0
+    approval: Literal["auto", "human"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "tolerance" in value:
+            raise ValueError(
+                "tolerance was replaced by a paired statistical test; remove it and set "
+                "register.method (mcnemar | bootstrap) and register.alpha instead"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _method_fits_metric(self) -> RegisterConfig:
+        if self.method == "mcnemar" and self.metric != "accuracy":
+            raise ValueError(
+                f"method mcnemar compares accuracy, not {self.metric}; use method: bootstrap "
+                "or metric: accuracy"
+            )
+        return self
 
 
 class TrackingConfig(_Section):

@@ -7,7 +7,9 @@ dataframes: the manifest itself plus small derived frames of aggregate facts
 (:func:`derive_frames`: class folders found, ok images per split and class,
 class balance per split, files per split by content hash), because a
 row-level expectation cannot see a per-class count or a file that appears in
-both splits. Nothing is written to a ``gx/`` folder; the only files are the
+two splits. The splits are ``train``, ``validation`` and the held-out ``test``
+(its own folder, or carved from validation before the suite runs), so the
+leakage check covers all three. Nothing is written to a ``gx/`` folder; the only files are the
 Data Docs, in the folder the caller names.
 """
 
@@ -56,19 +58,24 @@ class CheckOutcome:
 
 
 def derive_frames(
-    manifest: pd.DataFrame, scan: Scan, dataset: DatasetConfig, settings: ValidateConfig
+    manifest: pd.DataFrame,
+    scan: Scan,
+    dataset: DatasetConfig,
+    settings: ValidateConfig,
+    expected: dict[str, dict[str, int]],
 ) -> dict[str, pd.DataFrame]:
     """The frames the suites run on, each with a ``key`` and a human ``detail`` column.
 
     ``manifest``: one row per file. ``class_folders``: one row per folder found
-    in a split folder. ``class_counts``: one row per configured split and
-    class, with its ok count and relative deviation from the expected count.
+    in a split folder. ``class_counts``: one row per split and class, with its
+    ok count and relative deviation from ``expected`` (split -> class -> images,
+    :meth:`DatasetConfig.expected_counts`).
     ``class_balance``: one row per split. ``cross_split``: one row per split
     and distinct ok content hash, so a hash seen twice is in both splits.
     """
     rows = _described_rows(manifest)
     ok = rows[rows["status"] == OK]
-    counts = _class_counts(ok, dataset)
+    counts = _class_counts(ok, dataset, expected)
     return {
         "manifest": rows.reset_index(drop=True),
         "class_folders": _class_folders(rows, scan),
@@ -118,14 +125,16 @@ def _class_folders(rows: pd.DataFrame, scan: Scan) -> pd.DataFrame:
     )
 
 
-def _class_counts(ok: pd.DataFrame, dataset: DatasetConfig) -> pd.DataFrame:
+def _class_counts(
+    ok: pd.DataFrame, dataset: DatasetConfig, expected_counts: dict[str, dict[str, int]]
+) -> pd.DataFrame:
     import pandas as pd
 
     ok_counts = ok.groupby(["split", "label"]).size()
     counts = []
     for split in SPLITS:
         for label in dataset.classes:
-            expected = dataset.counts[split][label]
+            expected = expected_counts[split][label]
             got = int(ok_counts.get((split, label), 0))
             counts.append(
                 {
@@ -174,7 +183,9 @@ def _cross_split(ok: pd.DataFrame) -> pd.DataFrame:
     return cross
 
 
-def count_images(manifest: pd.DataFrame, dataset: DatasetConfig) -> dict[str, Any]:
+def count_images(
+    manifest: pd.DataFrame, dataset: DatasetConfig, expected: dict[str, dict[str, int]]
+) -> dict[str, Any]:
     """Files per status, and per split and label (configured classes first)."""
     splits: dict[str, dict[str, dict[str, int]]] = {}
     for split in SPLITS:
@@ -185,7 +196,7 @@ def count_images(manifest: pd.DataFrame, dataset: DatasetConfig) -> dict[str, An
             status = part.loc[part["label"] == label, "status"]
             entry = {"ok": int((status == OK).sum()), "quarantined": int((status != OK).sum())}
             if label in dataset.classes:
-                entry["expected"] = dataset.counts[split][label]
+                entry["expected"] = expected[split][label]
             splits[split][label or "(no class folder)"] = entry
     status = manifest["status"]
     return {
@@ -217,7 +228,8 @@ def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check
     from great_expectations.expectations.row_conditions import Column
 
     classes = list(dataset.classes)
-    folders = [f"{split}/{label}" for split in SPLITS for label in classes]
+    folders = [f"{split}/{label}" for split in dataset.folder_splits for label in classes]
+    folder_splits = ", ".join(dataset.folder_splits)
     is_ok = Column("status") == OK
     budget = settings.quarantine_budget
     tolerance = settings.count_tolerance
@@ -252,7 +264,7 @@ def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check
         )
 
     def leak_count(frame: pd.DataFrame) -> str:
-        return f"{frame['sha256'].duplicated(keep=False).sum()} files found in both splits"
+        return f"{frame['sha256'].duplicated(keep=False).sum()} files found in two splits"
 
     return [
         Check(
@@ -271,7 +283,7 @@ def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check
             gxe.ExpectColumnDistinctValuesToEqualSet(
                 column="split",
                 value_set=list(SPLITS),
-                description="both splits (train, validation) have files",
+                description=f"every split ({', '.join(SPLITS)}) has files",
             ),
             lambda f: "splits " + (", ".join(sorted(set(f["split"]))) or "none"),
         ),
@@ -336,7 +348,8 @@ def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check
             gxe.ExpectColumnDistinctValuesToContainSet(
                 column="key",
                 value_set=folders,
-                description="every configured class folder exists in both splits",
+                description=f"every configured class folder exists in each split folder "
+                f"({folder_splits})",
             ),
             lambda f: "folders " + list_keys(f),
         ),
@@ -348,7 +361,8 @@ def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check
                 min_value=0,
                 max_value=tolerance,
                 description=f"ok images per split and class within {tolerance:.0%} of "
-                f"datasets.{dataset.name}.counts",
+                f"datasets.{dataset.name}.counts"
+                + (" (test carved from validation)" if dataset.test_carved else ""),
             ),
             per_class,
         ),
@@ -368,7 +382,7 @@ def build_suites(dataset: DatasetConfig, settings: ValidateConfig) -> list[Check
             "cross_split",
             gxe.ExpectColumnValuesToBeUnique(
                 column="sha256",
-                description="no image (sha256) in both train and validation",
+                description=f"no image (sha256) in two splits ({', '.join(SPLITS)})",
             ),
             leak_count,
         ),

@@ -4,7 +4,7 @@ The manifest is the contract between ``validate`` and the input pipeline:
 
 ========  ==============================================================
 path      file path relative to ``data/raw/<ds>/`` (POSIX separators)
-split     ``train`` or ``validation`` (the logical name, not the folder)
+split     ``train``, ``validation`` or ``test`` (the logical name, not the folder)
 label     the class folder the file sits in ("" when directly in a split)
 bytes     file size
 sha256    hex digest of the file's bytes
@@ -24,6 +24,12 @@ in ``data/raw`` untouched. Hidden and junk files (dotfiles, ``.DS_Store``,
 
 Each image is fully decoded (``img.load()``) under a decompression-bomb pixel
 limit, in a process pool.
+
+The ``test`` split is held out: training, early stopping and the choice
+between the frozen and fine-tuned model never read it; ``evaluate`` and the
+registry gate score on it. It is the archive's own test folder where the
+layout names one, otherwise :func:`carve_test_split` moves a deterministic,
+class-stratified share of the ok validation images into it.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.config import SPLITS, DatasetConfig, ValidateConfig
+from tasks.config import DatasetConfig, ValidateConfig, carve_count
 from tasks.errors import StageError
 
 if TYPE_CHECKING:
@@ -120,7 +126,7 @@ def scan_raw(raw: Path, dataset: DatasetConfig) -> Scan:
         )
     files: list[FoundFile] = []
     folders: dict[str, list[str]] = {}
-    for split in SPLITS:
+    for split in dataset.folder_splits:
         split_dir = top / dataset.split_folder(split)
         if not split_dir.is_dir():
             continue
@@ -285,3 +291,21 @@ def build_manifest(scan: Scan, settings: ValidateConfig) -> pd.DataFrame:
         }
     )
     return frame.sort_values("path", ignore_index=True)
+
+
+def carve_test_split(manifest: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """Mark a class-stratified share of the ok ``validation`` rows as ``test``.
+
+    Per class, the ok validation images are ordered by content hash (sha256)
+    and the first :func:`tasks.config.carve_count` of them become ``test``: the
+    same bytes always land in the same split, on any machine, whatever the
+    file names or the order of the scan. Quarantined rows stay where they were.
+    """
+    manifest = manifest.copy()
+    pool = manifest[(manifest["split"] == "validation") & (manifest["status"] == OK)]
+    held: list[int] = []
+    for _, rows in pool.groupby("label", sort=True):
+        ordered = rows.sort_values(["sha256", "path"])
+        held.extend(ordered.index[: carve_count(len(ordered), fraction)])
+    manifest.loc[held, "split"] = "test"
+    return manifest

@@ -8,6 +8,9 @@ Outputs (see :class:`tasks.paths.DatasetPaths`):
 
 - ``data/manifests/<ds>.parquet``: written atomically, only when every
   expectation passes; a failing run leaves the previous manifest untouched.
+  Its ``split`` column holds ``train``, ``validation`` and the held-out
+  ``test`` (the archive's test folder, or carved from validation by
+  ``evaluate.test_fraction``; see ``tasks.ml.manifest``).
 - ``reports/<ds>/validation/``: ``index.html``, our own self-contained page
   (opens offline), and ``data_docs/``, Great Expectations' Data Docs site.
   Data Docs pull Bootstrap, jQuery and Vega from CDNs: offline their result
@@ -40,7 +43,7 @@ from tasks.ml.expectations import (
     import_great_expectations,
     run_checkpoints,
 )
-from tasks.ml.manifest import QUARANTINED, build_manifest, scan_raw
+from tasks.ml.manifest import QUARANTINED, build_manifest, carve_test_split, scan_raw
 from tasks.paths import DatasetPaths
 
 log = logging.getLogger(__name__)
@@ -102,8 +105,11 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
     settings = cfg.validation
     scan = scan_raw(paths.raw, dataset)
     manifest = build_manifest(scan, settings)
+    if dataset.test_carved:
+        manifest = carve_test_split(manifest, cfg.evaluate.test_fraction)
+    expected = dataset.expected_counts(cfg.evaluate.test_fraction)
     timings = {"scan_decode": time.perf_counter() - start}
-    frames = derive_frames(manifest, scan, dataset, settings)
+    frames = derive_frames(manifest, scan, dataset, settings, expected)
     timings["ge_import"] = import_great_expectations()
 
     report = paths.validation_reports / "index.html"
@@ -117,7 +123,7 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
         result = ValidationResult(
             dataset=dataset.name,
             manifest=paths.manifest,
-            counts=count_images(manifest, dataset),
+            counts=count_images(manifest, dataset, expected),
             passed=not failed,
             failed=failed,
             report=report,

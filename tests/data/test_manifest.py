@@ -14,6 +14,7 @@ from tasks.ml.manifest import (
     QUARANTINED,
     Reason,
     build_manifest,
+    carve_test_split,
     scan_raw,
     worker_count,
 )
@@ -186,3 +187,51 @@ def test_missing_layout_root_names_it(tmp_path):
     (raw / "something_else").mkdir(parents=True)
     with pytest.raises(StageError, match="no cats_and_dogs_filtered/ folder"):
         scan_raw(raw, config_for().dataset("cats_vs_dogs"))
+
+
+def test_carving_is_stratified_by_class_and_leaves_quarantined_rows_alone(tmp_path):
+    import pandas as pd
+
+    rows = [
+        {
+            "path": f"v/{label}/{n}.jpg",
+            "split": "validation",
+            "label": label,
+            "sha256": f"{(n * 7919) % 1000:064d}",
+            "status": OK,
+        }
+        for label, count in (("cats", 10), ("dogs", 4))
+        for n in range(count)
+    ]
+    rows.append(
+        {
+            "path": "v/cats/bad.jpg",
+            "split": "validation",
+            "label": "cats",
+            "sha256": "0" * 64,
+            "status": QUARANTINED,
+        }
+    )
+    rows.append(
+        {
+            "path": "t/cats/0.jpg",
+            "split": "train",
+            "label": "cats",
+            "sha256": "f" * 64,
+            "status": OK,
+        }
+    )
+    frame = pd.DataFrame(rows)
+    carved = carve_test_split(frame, 0.2)
+    test = carved[carved["split"] == "test"]
+    assert test.groupby("label").size().to_dict() == {"cats": 2, "dogs": 1}
+    # the smallest hashes of each class are held out, whatever the row order
+    cats = frame[
+        (frame["label"] == "cats") & (frame["status"] == OK) & (frame["split"] == "validation")
+    ]
+    assert set(test.loc[test["label"] == "cats", "sha256"]) == set(sorted(cats["sha256"])[:2])
+    shuffled = carve_test_split(frame.sample(frac=1, random_state=3), 0.2)
+    assert set(shuffled.loc[shuffled["split"] == "test", "path"]) == set(test["path"])
+    assert carved.loc[carved["path"] == "v/cats/bad.jpg", "split"].item() == "validation"
+    assert carved.loc[carved["path"] == "t/cats/0.jpg", "split"].item() == "train"
+    assert frame["split"].eq("test").sum() == 0  # the input frame is not modified

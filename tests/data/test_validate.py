@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tasks.cli import main
+from tasks.config import parse_config
 from tasks.errors import StageError
 from tasks.ml.manifest import COLUMNS, OK, QUARANTINED
 from tasks.steps import validate
@@ -22,6 +23,7 @@ from tasks.steps.validate import run_validation
 from tests.data.images import (
     config_for,
     copy_over,
+    jpeg_bytes,
     make_raw,
     write_converted,
     write_truncated_jpeg,
@@ -75,8 +77,85 @@ def test_clean_run_writes_the_manifest(clean):
     assert tuple(manifest.columns) == COLUMNS
     assert len(manifest) == 18
     assert set(manifest["status"]) == {OK}
-    assert set(manifest["split"]) == {"train", "validation"}
+    assert set(manifest["split"]) == {"train", "validation", "test"}
     assert (paths.raw / manifest["path"]).map(lambda p: p.is_file()).all()
+
+
+def test_clean_run_holds_out_a_test_split_from_the_validation_folder(clean):
+    paths, result, _ = clean
+    manifest = pd.read_parquet(paths.manifest)
+    # 3 validation images per class; a 0.2 share rounds to one each, never all of them
+    per_split = manifest.groupby(["split", "label"]).size().unstack()
+    assert per_split.loc["test"].tolist() == [1, 1]
+    assert per_split.loc["validation"].tolist() == [2, 2]
+    assert per_split.loc["train"].tolist() == [6, 6]
+    test_rows = manifest[manifest["split"] == "test"]
+    assert test_rows["path"].str.contains(f"/{validate_folder(paths.dataset)}/").all()
+    assert manifest.groupby("sha256")["split"].nunique().max() == 1  # no image in two splits
+    assert result.counts["splits"]["test"][
+        "cats" if paths.dataset == "cats_vs_dogs" else "ants"
+    ] == {
+        "ok": 1,
+        "quarantined": 0,
+        "expected": 1,
+    }
+
+
+def validate_folder(dataset: str) -> str:
+    return {"cats_vs_dogs": "validation", "ants_vs_bees": "val"}[dataset]
+
+
+def test_the_test_split_follows_the_bytes_not_the_names(tree):
+    paths, top = tree
+    first = validate.run(config_for(), paths)
+    chosen = _test_hashes(paths)
+    for image in sorted((top / "validation").rglob("*.jpg")):  # rename every validation file
+        image.rename(image.with_name("renamed-" + image.name))
+    validate.run(config_for(), paths)
+    assert _test_hashes(paths) == chosen and len(chosen) == 2
+    assert first.passed
+
+
+def _test_hashes(paths) -> set[str]:
+    manifest = pd.read_parquet(paths.manifest)
+    return set(manifest.loc[manifest["split"] == "test", "sha256"])
+
+
+def test_an_archive_test_folder_is_the_test_split(tree):
+    paths, top = tree
+    for index, label in enumerate(("cats", "dogs")):
+        shutil.copytree(top / "train" / label, top / "test" / label)
+        for n, image in enumerate(sorted((top / "test" / label).iterdir())):
+            image.write_bytes(jpeg_bytes(seed=500 + 100 * index + n))  # unseen bytes
+    per_class = {
+        "train": {"cats": 6, "dogs": 6},
+        "validation": {"cats": 3, "dogs": 3},
+        "test": {"cats": 6, "dogs": 6},
+    }
+    params = tiny_params({"cats_vs_dogs": "file:///nowhere/archive.zip"})
+    params["datasets"]["cats_vs_dogs"]["layout"]["test"] = "test"
+    params["datasets"]["cats_vs_dogs"]["counts"] = per_class
+    params["validate"]["class_balance"] = 0.0
+    result = validate.run(parse_config(params), paths)
+    assert result.passed, [c.line() for c in result.failed]
+    manifest = pd.read_parquet(paths.manifest)
+    sizes = manifest.groupby("split").size().to_dict()
+    assert sizes == {"train": 12, "validation": 6, "test": 12}
+    test_paths = manifest.loc[manifest["split"] == "test", "path"]
+    assert test_paths.str.startswith("cats_and_dogs_filtered/test/").all()
+
+
+def test_a_test_image_copied_into_train_is_leakage(tree):
+    paths, top = tree
+    validate.run(config_for(), paths)
+    manifest = pd.read_parquet(paths.manifest)
+    held = manifest.loc[manifest["split"] == "test", "path"].iloc[0]
+    copy_over(paths.raw / held, top / "train" / "cats" / "cats.0.jpg")
+    result = run_validation(config_for(), paths)
+    assert "no_leakage" in failed(result)
+    leak = next(c for c in result.failed if c.check == "no_leakage")
+    assert held in leak.unexpected_keys
+    assert "no image (sha256) in two splits (train, validation, test)" in leak.line()
 
 
 def test_clean_run_writes_reports_and_metrics(clean):
@@ -254,7 +333,7 @@ def test_failing_run_exits_2_with_a_one_screen_summary(dirty, capsys):
     for text in (
         "at most 2.0% of files quarantined: 2 of 19 files quarantined",
         "no unexpected class folder",
-        "no image (sha256) in both train and validation",
+        "no image (sha256) in two splits (train, validation, test)",
         "ok images per split and class within 5%",
         "train/cats/cats.2.jpg",
         str(paths.validation_reports / "index.html"),

@@ -21,6 +21,7 @@ from tasks.paths import DatasetPaths
 from tests.datagen import LAYOUTS, make_tree, tiny_params
 
 MODEL_SIDE = 32
+TEST_FRACTION = 0.2  # evaluate.test_fraction's default
 
 
 def manifest_rows(raw: Path, top: Path, dataset: str) -> list[dict[str, Any]]:
@@ -50,8 +51,23 @@ def manifest_rows(raw: Path, top: Path, dataset: str) -> list[dict[str, Any]]:
 
 
 def write_manifest(paths: DatasetPaths, rows: list[dict[str, Any]] | pd.DataFrame) -> None:
+    """Write the manifest, holding out the test split from validation as validate does."""
+    from tasks.ml.manifest import carve_test_split
+
+    frame = pd.DataFrame(rows)
+    complete = {"label", "status"} <= set(frame.columns)  # else a deliberately broken one
+    if complete and "sha256" not in frame.columns:
+        frame["sha256"] = [file_sha256(paths.raw / name) for name in frame["path"]]
+    if complete and not frame["split"].eq("test").any():
+        frame = carve_test_split(frame, TEST_FRACTION)
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(paths.manifest, index=False)
+    frame.to_parquet(paths.manifest, index=False)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def make_workspace(

@@ -58,7 +58,7 @@ def test_batches_are_float_rgb_with_class_indices(workspace):
 
 
 def test_only_ok_rows_of_the_split(tmp_path):
-    paths = make_workspace(tmp_path, {"train": 3, "validation": 2})
+    paths = make_workspace(tmp_path, {"train": 3, "validation": 3})  # 2 + 2 left after test
     manifest = pd.read_parquet(paths.manifest)
     manifest.loc[manifest.index[manifest["split"] == "validation"][:3], "status"] = "quarantined"
     write_manifest(paths, manifest)
@@ -166,3 +166,21 @@ def test_missing_or_bad_manifest_says_run_validate(tmp_path):
     write_manifest(paths, [{"path": "a.jpg", "split": "train"}])
     with pytest.raises(StageError, match=r"lacks columns \['label', 'status'\]"):
         read_manifest(paths)
+
+
+def test_training_and_early_stopping_never_read_the_test_split(tmp_path):
+    """The phase datasets hold exactly the train and validation rows: test is held out."""
+    from tasks.config import TrainConfig
+    from tasks.ml.pipeline import phase_datasets
+
+    paths = make_workspace(tmp_path, {"train": 3, "validation": 10})
+    manifest = read_manifest(paths)
+    held_out = manifest[manifest["split"] == "test"]
+    assert len(held_out) == 4  # 2 of each class's 10 validation images
+    # give the test images a third label: any test row read into a phase would be refused
+    manifest.loc[held_out.index, "label"] = "held_out"
+    train_ds, val_ds = phase_datasets(
+        manifest, paths.raw, CLASSES, 32, TrainConfig(batch_size=4), shuffle=False, augment=None
+    )
+    assert sum(len(y) for _, y in batches(train_ds)) == 6
+    assert sum(len(y) for _, y in batches(val_ds)) == 16

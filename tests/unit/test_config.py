@@ -59,6 +59,12 @@ def test_a_third_dataset_is_only_a_params_edit(raw):
         ("validate.quarantine_budget=2", "validate.quarantine_budget:"),
         ("train.epochs", "write it as dotted.key=value"),
         ("train.epochs.max=3", "train.epochs is a value, not a section"),
+        ("register.tolerance=0.01", "register: tolerance was replaced by a paired statistical"),
+        ("register.metric=f1_macro", "register: method mcnemar compares accuracy, not f1_macro"),
+        ("register.alpha=0.7", "register.alpha: Input should be less than 0.5"),
+        ("register.approval=maybe", "register.approval: 'maybe' is not allowed"),
+        ("evaluate.test_fraction=0", "evaluate.test_fraction: Input should be greater than 0"),
+        ("datasets.cats_vs_dogs.counts.test={cats: 1, dogs: 1}", "counts.test needs layout.test"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(raw, override, message):
@@ -103,3 +109,38 @@ def test_tiny_params_fixture_is_valid(write_params):
     path = write_params(tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}))
     cfg = load_config(path)
     assert cfg.dataset("cats_vs_dogs").counts["validation"] == {"cats": 3, "dogs": 3}
+
+
+def test_the_test_split_sizes_of_the_real_datasets(raw):
+    """What evaluate.test_fraction (0.2) holds out of each validation folder, per class."""
+    cfg = parse_config(raw)
+    assert cfg.evaluate.test_fraction == 0.2
+    cats = cfg.dataset("cats_vs_dogs").expected_counts(0.2)
+    assert cats["test"] == {"cats": 100, "dogs": 100}
+    assert cats["validation"] == {"cats": 400, "dogs": 400}
+    assert cats["train"] == {"cats": 1000, "dogs": 1000}
+    bees = cfg.dataset("ants_vs_bees").expected_counts(0.2)
+    assert bees["test"] == {"ants": 14, "bees": 17}  # round(70 * 0.2), round(83 * 0.2)
+    assert bees["validation"] == {"ants": 56, "bees": 66}
+
+
+def test_an_archive_test_folder_needs_its_counts(raw):
+    cats = raw["datasets"]["cats_vs_dogs"]
+    cats["layout"]["test"] = "test"
+    with pytest.raises(ConfigError, match="counts.test is missing"):
+        parse_config(raw)
+    cats["counts"]["test"] = {"cats": 50, "dogs": 50}
+    dataset = parse_config(raw).dataset("cats_vs_dogs")
+    assert not dataset.test_carved and dataset.split_folder("test") == "test"
+    assert dataset.expected_counts(0.2)["test"] == {"cats": 50, "dogs": 50}
+    assert dataset.expected_counts(0.2)["validation"] == {"cats": 500, "dogs": 500}
+
+
+@pytest.mark.parametrize(
+    ("available", "share", "held"),
+    [(0, 0.2, 0), (1, 0.2, 0), (2, 0.2, 1), (3, 0.2, 1), (5, 0.5, 3), (2, 0.9, 1), (83, 0.2, 17)],
+)
+def test_carve_count_keeps_a_class_in_both_splits(available, share, held):
+    from tasks.config import carve_count
+
+    assert carve_count(available, share) == held
