@@ -196,10 +196,13 @@ def predict_rows(
     height, width = model_image_size(model)
     if height != width:
         raise StageError(f"the model's input is {height}x{width}; the pipeline makes square images")
+    splits = sorted(set(frame["split"]))
+    if len(splits) != 1:
+        raise StageError(f"predict_rows scores one split at a time; got rows of {splits}")
     dataset = make_dataset(
         frame,
         Path(raw_root),
-        "validation",
+        splits[0],
         classes,
         height,
         batch_size,

@@ -32,9 +32,14 @@ def usable_rows(manifest: pd.DataFrame, split: str, classes: Sequence[str]) -> p
     """The ``ok`` rows of ``split``; an error if there are none or a label is not a class."""
     rows = manifest[(manifest["split"] == split) & (manifest["status"] == "ok")]
     if rows.empty:
+        hint = (
+            " (a manifest from before the held-out test split has no test rows)"
+            if split == "test"
+            else ""
+        )
         raise StageError(
-            f"the manifest has no usable {split!r} images (status ok); check the data and "
-            "rerun validate"
+            f"the manifest has no usable {split!r} images (status ok){hint}; check the data "
+            "and rerun validate"
         )
     unknown = sorted(set(rows["label"]) - set(classes))
     if unknown:

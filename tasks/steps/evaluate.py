@@ -1,17 +1,26 @@
-"""``evaluate``: score the candidate model on the validation split and draw the figures.
+"""``evaluate``: score the candidate model on the held-out test split and draw the figures.
 
 Reads ``models/<ds>/candidate.json`` (which model fine-tuning passed on), the
-manifest's ``validation`` rows with status ``ok``, and ``reports/<ds>/history.csv``.
+manifest's ``test`` and ``validation`` rows with status ``ok``, and
+``reports/<ds>/history.csv``. The **test** split is the honest number: no
+training step, early stopping or frozen/fine-tuned choice has seen it. The
+validation split, which early stopping and the candidate choice were made on,
+is reported beside it, labelled, because the gap between the two is worth seeing.
 Writes (each atomically):
 
-- ``reports/<ds>/metrics.json``: accuracy, macro precision/recall/F1, ROC AUC,
-  log loss, expected calibration error (10 bins), per-class precision/recall/F1
-  and the confusion matrix (DVC metrics; definitions in ``tasks.ml.metrics``);
-- ``reports/<ds>/predictions.csv``: one row per validation image (DVC confusion plot);
-- ``reports/<ds>/plots/``: confusion matrix, ROC curve, training curves of both
-  phases, the most confident mistakes, Grad-CAM overlays.
+- ``reports/<ds>/metrics.json``: on the test split (top level, ``split: test``)
+  accuracy, macro precision/recall/F1, ROC AUC, average precision, log loss,
+  expected calibration error (10 bins), per-class precision/recall/F1 and the
+  confusion matrix; the same on validation under ``validation`` (DVC metrics;
+  definitions in ``tasks.ml.metrics``);
+- ``reports/<ds>/predictions.csv``: one row per test image (DVC confusion plot);
+- ``reports/<ds>/plots/``: on the test split, the confusion matrix, ROC and
+  precision-recall curves, the reliability diagram, per-class metrics, the
+  most confident mistakes and Grad-CAM overlays; and the training curves of
+  both phases.
 
-The same numbers and files go to the ``evaluate`` child run in MLflow.
+The same numbers (``test.*`` and ``validation.*``) and files go to the
+``evaluate`` child run in MLflow.
 """
 
 from __future__ import annotations
@@ -41,25 +50,44 @@ class EvaluationResult:
     dataset: str
     model: str
     images: int
+    """Test images scored."""
     metrics: dict[str, Any]
+    """On the held-out test split."""
     plots: tuple[str, ...]
     run_id: str
+    validation: dict[str, Any] | None = None
+    """The same metrics on the validation split (model selection saw it)."""
 
     def __str__(self) -> str:
-        m = self.metrics
-        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
-        lines = [
-            f"evaluate {self.dataset}: {self.model} on {self.images} validation images",
-            f"  accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  roc_auc {auc}"
-            f"  log_loss {m['log_loss']:.4f}  ece {m['ece']:.4f}",
-        ]
-        for name, values in m["per_class"].items():
-            lines.append(
-                f"  {name}: precision {values['precision']:.4f}  recall {values['recall']:.4f}"
-                f"  f1 {values['f1']:.4f}  (n={values['support']})"
+        lines = [f"evaluate {self.dataset}: {self.model}"]
+        lines += _metric_lines("test (held out)", self.metrics, per_class=True)
+        if self.validation:
+            lines += _metric_lines(
+                "validation (used for early stopping and the candidate choice)",
+                self.validation,
+                per_class=False,
             )
         lines.append(f"  plots: {', '.join(self.plots)}  (MLflow run {self.run_id})")
         return "\n".join(lines)
+
+
+def _metric_lines(title: str, m: dict[str, Any], per_class: bool) -> list[str]:
+    def fmt(key: str) -> str:
+        return "n/a" if m.get(key) is None else f"{m[key]:.4f}"
+
+    lines = [
+        f"  {title}, {m['images']} images:",
+        f"    accuracy {fmt('accuracy')}  f1_macro {fmt('f1_macro')}  roc_auc {fmt('roc_auc')}"
+        f"  avg_precision {fmt('average_precision')}  log_loss {fmt('log_loss')}"
+        f"  ece {fmt('ece')}",
+    ]
+    if per_class:
+        for name, values in m["per_class"].items():
+            lines.append(
+                f"    {name}: precision {values['precision']:.4f}  recall {values['recall']:.4f}"
+                f"  f1 {values['f1']:.4f}  (n={values['support']})"
+            )
+    return lines
 
 
 def _spread(count: int, limit: int) -> list[int]:
@@ -95,8 +123,16 @@ def draw_plots(
             np.array(metrics["confusion_matrix"]["matrix"]),
             classes,
             folder / "confusion_matrix.png",
+            split="test",
         ),
-        plots.roc_curves(y_true, probs, classes, folder / "roc_curve.png"),
+        plots.roc_curves(y_true, probs, classes, folder / "roc_curve.png", split="test"),
+        plots.precision_recall_curves(
+            y_true, probs, classes, folder / "pr_curve.png", split="test"
+        ),
+        plots.reliability_diagram(
+            y_true, probs, folder / "reliability.png", metrics["ece"], split="test"
+        ),
+        plots.per_class_metrics(metrics["per_class"], folder / "per_class.png", split="test"),
     ]
     history, why = read_history(paths)
     written.append(plots.training_curves(history, folder / "training_curves.png", why))
@@ -111,10 +147,10 @@ def draw_plots(
                 for i in wrong
             ],
             folder / "mistakes.png",
-            title=f"Most confident mistakes (actual → predicted, confidence); "
+            title=f"Most confident mistakes on the test split (actual → predicted, confidence); "
             f"{int((y_pred != y_true).sum())} of {len(y_true)} wrong",
             empty=(
-                "no mistakes: every validation image was classified correctly"
+                "no mistakes: every test image was classified correctly"
                 if (y_pred == y_true).all()
                 else "mistakes not drawn (evaluate.mistakes is 0)"
             ),
@@ -162,7 +198,7 @@ def predictions_csv(frame: pd.DataFrame, probs: np.ndarray, classes: Sequence[st
 
 
 def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
-    """Score the candidate on the validation split; write metrics, predictions and plots."""
+    """Score the candidate on the test split (and, labelled, validation); write the reports."""
     import mlflow
 
     from tasks.ml.metrics import classification_metrics, flat_metrics
@@ -171,15 +207,20 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
 
     classes = cfg.dataset(paths.dataset).classes
     model_path, record = read_candidate(paths)
-    frame = labelled_rows(paths, "validation", classes)
+    frame = labelled_rows(paths, "test", classes)
+    held_out = labelled_rows(paths, "validation", classes)
     model = load_model(model_path)
     probs = predict_rows(model, frame, paths.raw, classes, cfg.train.batch_size)
     metrics = classification_metrics(frame["label_index"].to_numpy(), probs, classes)
+    val_probs = predict_rows(model, held_out, paths.raw, classes, cfg.train.batch_size)
+    validation = classification_metrics(held_out["label_index"].to_numpy(), val_probs, classes)
     relative = model_path.relative_to(paths.root).as_posix()
     report = {
         "model": relative,
         "phase": record.get("phase"),
+        "split": "test",
         **metrics,
+        "validation": {"split": "validation", **validation},
     }
 
     with atomic_path(paths.plots) as staging:
@@ -197,7 +238,8 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
                 "model.md5": file_md5(model_path),
             }
         )
-        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_metrics({f"test.{k}": v for k, v in flat_metrics(metrics).items()})
+        mlflow.log_metrics({f"validation.{k}": v for k, v in flat_metrics(validation).items()})
         mlflow.log_artifact(str(paths.metrics))
         mlflow.log_artifact(str(paths.predictions))
         mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
@@ -208,4 +250,5 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
         metrics=metrics,
         plots=names,
         run_id=run.info.run_id,
+        validation=validation,
     )

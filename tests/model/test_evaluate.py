@@ -17,7 +17,16 @@ from tasks.tracking import read_record
 from tests.datagen import make_image, tiny_params
 from tests.tinymodel import make_workspace, tiny_models, use_candidate, write_history
 
-PLOTS = ("confusion_matrix", "roc_curve", "training_curves", "mistakes", "gradcam")
+PLOTS = (
+    "confusion_matrix",
+    "roc_curve",
+    "pr_curve",
+    "reliability",
+    "per_class",
+    "training_curves",
+    "mistakes",
+    "gradcam",
+)
 """Every figure a reviewer of an evaluate run looks at."""
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -40,10 +49,11 @@ def cfg():
 def workspace(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TASKS_PARENT_RUN_ID", raising=False)
-    return make_workspace(tmp_path, quarantine=1)
+    # 20 validation images per class, one quarantined: the test split holds 4 + 4 of them
+    return make_workspace(tmp_path, counts={"train": 2, "validation": 20}, quarantine=1)
 
 
-def test_evaluate_scores_the_validation_split_and_logs_the_same_numbers(cfg, workspace, models):
+def test_evaluate_scores_the_test_split_and_logs_the_same_numbers(cfg, workspace, models):
     from mlflow.tracking import MlflowClient
 
     from tasks.artifacts import load_model
@@ -54,19 +64,25 @@ def test_evaluate_scores_the_validation_split_and_logs_the_same_numbers(cfg, wor
     result = evaluate.run(cfg, paths)
 
     metrics = json.loads(paths.metrics.read_text())
-    assert metrics["images"] == 11  # 12 validation images, one quarantined; no train rows
+    assert (metrics["split"], metrics["images"]) == ("test", 8)
+    assert (metrics["validation"]["split"], metrics["validation"]["images"]) == ("validation", 31)
     assert metrics["model"] == "models/cats_vs_dogs/finetune-good.keras"
     assert metrics["accuracy"] >= 0.9
     assert metrics["roc_auc"] >= 0.9
     assert 0 <= metrics["ece"] < 0.5
-    assert metrics["per_class"]["cats"]["support"] == 5
-    assert metrics["per_class"]["dogs"]["support"] == 6
-    assert np.array(metrics["confusion_matrix"]["matrix"]).sum() == 11
-    assert str(result).startswith("evaluate cats_vs_dogs: models/cats_vs_dogs/finetune-good.keras")
+    assert metrics["average_precision"] >= 0.9
+    assert metrics["per_class"]["cats"]["support"] == 4
+    assert metrics["per_class"]["dogs"]["support"] == 4
+    assert np.array(metrics["confusion_matrix"]["matrix"]).sum() == 8
+    assert metrics["validation"]["per_class"]["cats"]["support"] == 15  # 19 ok - 4 held out
+    text = str(result)
+    assert text.startswith("evaluate cats_vs_dogs: models/cats_vs_dogs/finetune-good.keras")
+    assert "test (held out), 8 images:" in text
+    assert "validation (used for early stopping and the candidate choice), 31 images:" in text
 
     predictions = pd.read_csv(paths.predictions)
     manifest = pd.read_parquet(paths.manifest)
-    expected = manifest[(manifest.split == "validation") & (manifest.status == "ok")]
+    expected = manifest[(manifest.split == "test") & (manifest.status == "ok")]
     assert sorted(predictions["path"]) == sorted(expected["path"])
     model = load_model(models["good"])
     images = np.stack([read_image(paths.raw / p, (32, 32)) for p in predictions["path"]])
@@ -84,9 +100,12 @@ def test_evaluate_scores_the_validation_split_and_logs_the_same_numbers(cfg, wor
     assert run.info.run_id == result.run_id
     assert run.data.tags["phase"] == "evaluate"
     assert "mlflow.parentRunId" in run.data.tags
-    for key in ("accuracy", "f1_macro", "roc_auc", "log_loss", "ece"):
-        assert run.data.metrics[key] == pytest.approx(metrics[key])
-    assert run.data.metrics["support.dogs"] == 6
+    for key in ("accuracy", "f1_macro", "roc_auc", "average_precision", "log_loss", "ece"):
+        assert run.data.metrics[f"test.{key}"] == pytest.approx(metrics[key])
+        assert run.data.metrics[f"validation.{key}"] == pytest.approx(metrics["validation"][key])
+    assert run.data.metrics["test.support.dogs"] == 4
+    assert run.data.metrics["validation.support.dogs"] == 16
+    assert not any(key in run.data.metrics for key in ("accuracy", "images"))  # all labelled
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {"metrics.json", "predictions.csv", "plots"} <= artifacts
     logged_plots = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
@@ -100,7 +119,7 @@ def test_a_wrong_model_fills_the_mistakes_grid(cfg, workspace, models):
     assert result.metrics["accuracy"] <= 0.1
     assert result.metrics["log_loss"] > 0.7
     predictions = pd.read_csv(paths.predictions)
-    assert (predictions["actual"] != predictions["predicted"]).sum() >= 10
+    assert (predictions["actual"] != predictions["predicted"]).sum() >= 7
     assert set(result.plots) == {f"{name}.png" for name in PLOTS}
 
 
@@ -154,3 +173,14 @@ def test_missing_inputs_are_named_with_the_stage_to_run(cfg, tmp_path):
         evaluate.run(cfg, paths)
     assert paths.metrics.read_text() == '{"accuracy": 0.5}\n'  # the old output is untouched
     assert not paths.plots.exists()
+
+
+def test_a_manifest_without_a_test_split_is_refused_with_the_fix(cfg, tmp_path, models):
+    paths = make_workspace(tmp_path)
+    use_candidate(paths, models["good"])
+    manifest = pd.read_parquet(paths.manifest)
+    manifest.loc[manifest["split"] == "test", "split"] = "validation"  # an old manifest
+    manifest.to_parquet(paths.manifest, index=False)
+    with pytest.raises(StageError, match="no usable 'test' images .*rerun validate"):
+        evaluate.run(cfg, paths)
+    assert not paths.metrics.exists()
