@@ -83,6 +83,43 @@ def predict(args: argparse.Namespace) -> Any:
     )
 
 
+def approve(args: argparse.Namespace) -> Any:
+    """A person's decision on the candidate awaiting approval (register.approval: human)."""
+    import getpass
+
+    from tasks.steps import approve
+
+    cfg, paths = _dataset_args(args)
+    return approve.run(
+        cfg,
+        paths,
+        approve=args.reject is None,
+        by=args.by or getpass.getuser(),
+        reason=args.reject if args.reject is not None else args.note,
+        version=args.version,
+    )
+
+
+def history(args: argparse.Namespace) -> Any:
+    """Every alias move of the dataset's registered model, and who was @champion when."""
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+
+    cfg, paths = _dataset_args(args)
+    name = tracking.registered_model_name(cfg, paths.dataset)
+    uri = tracking.tracking_uri(cfg, paths.root)
+    if not tracking.store_exists(uri):
+        raise StageError(f"no MLflow store at {uri}; run the pipeline (or register) first")
+    return tracking.format_history(name, tracking.alias_history(MlflowClient(uri), name))
+
+
+def _dataset_args(args: argparse.Namespace) -> tuple[Config, DatasetPaths]:
+    cfg = load_config(args.params, [*env_overrides(), *args.overrides])
+    cfg.dataset(args.dataset)
+    return cfg, DatasetPaths.of(args.dataset, Path(args.root))
+
+
 def datasets(args: argparse.Namespace) -> Any:
     return "\n".join(load_config(args.params).datasets)
 
@@ -175,6 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated class names for a .keras file (default: classes.json beside it)",
     )
     command.set_defaults(command_fn=predict)
+
+    command = sub.add_parser(
+        "approve",
+        help="approve (or --reject) the candidate awaiting approval",
+        description="Settle the candidate the gate passed when register.approval is human: "
+        "approve moves @champion to it; --reject leaves it @challenger with your reason.",
+    )
+    command.add_argument("dataset")
+    _common(command)
+    command.add_argument("--version", help="the model version (default: the @challenger)")
+    command.add_argument("--reject", metavar="REASON", help="reject it, saying why")
+    command.add_argument("--note", default="", help="a note recorded with an approval")
+    command.add_argument("--by", help="who decides (default: the current user)")
+    command.set_defaults(command_fn=approve)
+
+    command = sub.add_parser(
+        "history", help="who was @champion when: every alias move of a dataset's model"
+    )
+    command.add_argument("dataset")
+    _common(command)
+    command.set_defaults(command_fn=history)
 
     command = sub.add_parser("datasets", help="print the dataset names in params.yaml")
     command.add_argument("--params", default=os.environ.get("TASKS_PARAMS", "params.yaml"))

@@ -57,14 +57,25 @@ def training_arrays(per_class: int = 24, image_size: int = IMAGE_SIZE, n_classes
     return np.stack(images).astype(np.float32), np.array(labels)
 
 
-def train_tiny_model(n_classes: int = 2, epochs: int = 6):
+def train_tiny_model(n_classes: int = 2, epochs: int = 6, seed: int = 0):
     import keras
 
-    model = build_tiny_model(n_classes=n_classes)
+    model = build_tiny_model(n_classes=n_classes, seed=seed)
     x, y = training_arrays(n_classes=n_classes)
     loss = "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
     model.compile(optimizer=keras.optimizers.Adam(0.004), loss=loss, metrics=["accuracy"])
     model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=True)
+    return model
+
+
+def random_model(seed: int = 7):
+    """Random weights after one epoch at a negligible learning rate: a far worse model."""
+    import keras
+
+    model = build_tiny_model(seed=seed)
+    x, y = training_arrays()
+    model.compile(optimizer=keras.optimizers.SGD(1e-6), loss="binary_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
     return model
 
 
@@ -100,13 +111,17 @@ def constant(model, p: float = 0.6):
 
 
 def tiny_models(folder: Path) -> dict[str, Path]:
-    """``good`` (trained), ``inverted`` and ``constant`` .keras files, trained once per session."""
+    """.keras files made once per session: ``good`` (trained), ``retrain`` (trained the
+    same way from another seed: equally good), ``random`` (random weights, one epoch at a
+    negligible rate: near chance), ``inverted`` and ``constant``."""
     if "binary" not in _CACHE:
         folder.mkdir(parents=True, exist_ok=True)
         good = train_tiny_model()
         files = {}
         for name, model in (
             ("good", good),
+            ("retrain", train_tiny_model(seed=1)),
+            ("random", random_model()),
             ("inverted", inverted(good)),
             ("constant", constant(good)),
         ):
@@ -152,15 +167,28 @@ def make_workspace(
 
 
 def write_manifest(paths: DatasetPaths, manifest: pd.DataFrame) -> None:
+    """Write the manifest, holding out the test split from validation as validate does."""
+    import hashlib
+
+    from tasks.ml.manifest import carve_test_split
+
+    if "sha256" not in manifest.columns:
+        manifest = manifest.assign(
+            sha256=[
+                hashlib.sha256((paths.raw / p).read_bytes()).hexdigest() for p in manifest["path"]
+            ]
+        )
+    if not manifest["split"].eq("test").any():
+        manifest = carve_test_split(manifest, 0.2)
     paths.manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.to_parquet(paths.manifest, index=False)
 
 
 def swap_validation_labels(paths: DatasetPaths, classes: list[str]) -> None:
-    """Rewrite the manifest so validation labels are swapped: what was right is now wrong."""
+    """Swap the labels of the validation and test rows: what was right is now wrong."""
     manifest = pd.read_parquet(paths.manifest)
     swap = {classes[0]: classes[1], classes[1]: classes[0]}
-    rows = manifest["split"] == "validation"
+    rows = manifest["split"].isin(["validation", "test"])
     manifest.loc[rows, "label"] = manifest.loc[rows, "label"].map(swap)
     write_manifest(paths, manifest)
 

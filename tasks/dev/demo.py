@@ -103,7 +103,7 @@ def demo_params(archives: dict[str, Path], base_url: str, weights: str) -> dict[
         },
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 2, "mistakes": 4},
-        register={"floor": 0.75, "tolerance": 0.05},
+        register={"floor": 0.75, "promote_if": "not_worse"},
     )
     for ds, path in archives.items():
         params["datasets"][ds]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()

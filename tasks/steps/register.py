@@ -2,18 +2,26 @@
 
 The candidate (``models/<ds>/candidate.json``) is logged inside the ``register``
 child run as an MLflow model (TensorFlow flavor) and registered as
-``<prefix><ds>-classifier``. It takes the alias ``@champion`` only if, on
-``register.metric``,
+``<prefix><ds>-classifier``. The gate runs on the **held-out test split** (never
+seen by training, early stopping or the frozen/fine-tuned choice), with the
+current champion **re-scored now on the same test images** (a number stored
+when it was promoted may come from other data). It becomes ``@champion`` only if
 
-1. it reaches the absolute floor ``register.floor``, and
-2. it is not worse than the current champion by more than ``register.tolerance``,
-   the champion being **re-scored now on the same validation manifest** (a
-   number stored when it was promoted may come from other data).
+1. it reaches ``register.floor`` on ``register.metric``, and
+2. a paired test on those images (``register.method``: McNemar's exact test, or
+   a paired bootstrap interval of the difference; :mod:`tasks.ml.comparison`)
+   finds it significantly ``better`` than the champion, or (with
+   ``register.promote_if: not_worse``) not significantly ``worse``. An
+   ``equivalent`` retrain does not churn ``@champion`` under the default rule.
 
 On promotion the old champion keeps ``@previous``. Otherwise the new version
-gets ``@challenger`` and the tag ``gate.reason``. The decision, both scores and
-the reason go to ``reports/<ds>/gate.json`` (DVC metrics), to the run and to the
-version's tags.
+gets ``@challenger`` and the tag ``gate.reason``. With ``register.approval:
+human`` a candidate that passes the gate is left ``@challenger``, awaiting
+approval: ``python -m tasks approve <ds>`` (or the Airflow approval task)
+promotes it. The verdict, the difference with its interval, the p-value and the
+number of images go to ``reports/<ds>/gate.json`` (DVC metrics), stdout, the run
+and the version's tags; every alias move is appended to the registered model's
+history (``python -m tasks history <ds>``).
 
 The logged model takes uint8 RGB images (batch, H, W, 3) and returns one
 probability per class, in the order of its metadata's ``classes``; it loads with
@@ -24,15 +32,16 @@ probability per class, in the order of its metadata's ``classes``; it loads with
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tasks.artifacts import labelled_rows, load_model, read_candidate
-from tasks.config import Config
+from tasks.config import Config, RegisterConfig
 from tasks.errors import StageError
 from tasks.io import file_md5, write_json
+from tasks.ml.comparison import BETTER, EQUIVALENT, WORSE, Comparison, compare
 from tasks.paths import DatasetPaths
 from tasks.tracking import (
     CHALLENGER,
@@ -41,6 +50,8 @@ from tasks.tracking import (
     current_experiment,
     registered_model_name,
 )
+
+__all__ = ["BETTER", "EQUIVALENT", "WORSE", "GateDecision", "gate_verdict", "run"]
 
 if TYPE_CHECKING:
     import keras
@@ -65,66 +76,132 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
+PROMOTED, REJECTED, AWAITING = "promoted", "rejected", "awaiting_approval"
+FIRST, BELOW_FLOOR, INCOMPARABLE = "first", "below_floor", "incomparable"
+
+
 def gate_verdict(
-    metric: str,
+    cfg: RegisterConfig,
     candidate: float,
-    champion: float | None,
-    floor: float,
-    tolerance: float,
+    comparison: Comparison | None,
     champion_version: str | None = None,
-) -> tuple[bool, str]:
-    """Whether the candidate becomes champion, and why (one line)."""
-    if candidate + _SLACK < floor:
-        return False, f"{metric} {candidate:.4f} is below the floor {floor:.4f}"
-    if champion is None:
-        return True, f"{metric} {candidate:.4f} reaches the floor {floor:.4f}; no champion yet"
-    who = f"champion v{champion_version}" if champion_version else "the champion"
-    if candidate + tolerance + _SLACK < champion:
-        return False, (
-            f"{metric} {candidate:.4f} is worse than {who}'s {champion:.4f} (re-scored on the "
-            f"current validation data) by more than the tolerance {tolerance:.4f}"
+    note: str = "",
+) -> tuple[bool, str, str]:
+    """(whether the gate passes, the verdict word, the reason in one line).
+
+    The verdict is the paired comparison's (``better``/``equivalent``/``worse``);
+    without one it is ``first`` (no champion), ``incomparable`` (``note`` says
+    why) or, below the floor, ``below_floor``. The floor applies in every case.
+    """
+    metric = cfg.metric
+    floor = f"test {metric} {candidate:.4f} is below the floor {cfg.floor:.4f}"
+    below = candidate + _SLACK < cfg.floor
+    if comparison is None:
+        if below:
+            return False, BELOW_FLOOR, floor
+        if champion_version is None:
+            why, verdict = "no champion yet", FIRST
+        else:
+            why = note or f"champion v{champion_version} cannot be compared"
+            verdict = INCOMPARABLE
+        reaches = f"test {metric} {candidate:.4f} reaches the floor {cfg.floor:.4f}"
+        return True, verdict, f"{reaches}; {why}"
+
+    who = f"champion v{champion_version}"
+    test = "McNemar's exact test" if cfg.method == "mcnemar" else "the paired bootstrap interval"
+    by = f"by {test} (alpha {cfg.alpha:g}): {comparison.evidence()}"
+    verdict = comparison.verdict
+    if verdict == WORSE:
+        passed, reason = False, f"significantly worse than {who} {by}"
+    elif verdict == BETTER:
+        passed, reason = True, f"significantly better than {who} {by}"
+    elif cfg.promote_if == "not_worse":
+        passed = True
+        reason = (
+            f"equivalent to {who} (not significantly worse), so it takes over "
+            f"(register.promote_if: not_worse) {by}"
         )
-    return True, (
-        f"{metric} {candidate:.4f} reaches the floor {floor:.4f} and is within {tolerance:.4f} "
-        f"of (or better than) {who}'s {champion:.4f} on the current validation data"
-    )
+    else:
+        passed = False
+        reason = (
+            f"equivalent to {who} (no significant difference), so {who} stays "
+            f"(register.promote_if: better) {by}"
+        )
+    if below:
+        return False, verdict, f"{floor}; and {reason}"
+    return passed, verdict, reason
 
 
 @dataclass(frozen=True)
 class GateDecision:
     model_name: str
     version: str
-    promoted: bool
+    status: str
+    """``promoted``, ``rejected`` or ``awaiting_approval``."""
     alias: str
+    verdict: str
+    """``better``/``equivalent``/``worse`` against the champion; ``first``,
+    ``below_floor`` or ``incomparable`` when no comparison decided."""
     metric: str
     candidate_score: float
     champion_version: str | None
     champion_score: float | None
     floor: float
-    tolerance: float
+    method: str
+    alpha: float
+    promote_if: str
+    approval: str
+    images: int
     reason: str
     run_id: str
+    comparison: dict[str, Any] | None = None
     experiment: str | None = None
     """The DVC experiment that restores this version's data and model (scheduled runs)."""
 
+    @property
+    def promoted(self) -> bool:
+        return self.status == PROMOTED
+
     def __str__(self) -> str:
-        verdict = "PROMOTED" if self.promoted else "NOT PROMOTED"
+        label = {PROMOTED: "PROMOTED", REJECTED: "NOT PROMOTED", AWAITING: "AWAITING APPROVAL"}
         lines = [
-            f"register: {self.model_name} v{self.version} -> @{self.alias} ({verdict})",
-            f"  candidate {self.metric}: {self.candidate_score:.4f}",
+            f"register: {self.model_name} v{self.version} -> @{self.alias} "
+            f"({label[self.status]}: {self.verdict})",
+            f"  candidate test {self.metric}: {self.candidate_score:.4f} on {self.images} "
+            "held-out test images",
         ]
         if self.champion_version is None:
             lines.append("  champion: none yet")
         else:
             score = "n/a" if self.champion_score is None else f"{self.champion_score:.4f}"
             lines.append(
-                f"  champion v{self.champion_version} {self.metric}: {score} "
-                "(re-scored now on the same validation data)"
+                f"  champion v{self.champion_version} test {self.metric}: {score} "
+                "(re-scored now on the same images)"
             )
-            if self.promoted:
-                lines.append(f"  v{self.champion_version} keeps @{PREVIOUS}")
-        lines.append(f"  floor {self.floor:.4f}, tolerance {self.tolerance:.4f}")
+        c = self.comparison
+        if c:
+            lines.append(
+                f"  difference {c['difference']:+.4f}, {c['confidence']:.0%} CI "
+                f"{c['low']:+.4f} to {c['high']:+.4f} (paired bootstrap, "
+                f"{c['resamples']} resamples)"
+            )
+            lines.append(
+                f"  McNemar exact p={c['p_value']:.4g}: {c['candidate_only']} images right only "
+                f"for the candidate, {c['champion_only']} only for the champion"
+            )
+        rule = "significantly better" if self.promote_if == "better" else "not significantly worse"
+        lines.append(
+            f"  rule: floor {self.floor:.4f}; promote if {rule} (alpha {self.alpha:g}, "
+            f"{self.method}); approval {self.approval}"
+        )
         lines.append(f"  reason: {self.reason}")
+        if self.promoted and self.champion_version is not None:
+            lines.append(f"  v{self.champion_version} keeps @{PREVIOUS}")
+        if self.status == AWAITING:
+            lines.append(
+                f"  approve: python -m tasks approve {self.model_name.removesuffix('-classifier')} "
+                f"--version {self.version}  (or --reject REASON)"
+            )
         if self.experiment:
             lines.append(f"  DVC experiment: {self.experiment} (dvc exp apply restores it)")
         return "\n".join(lines)
@@ -187,23 +264,12 @@ def log_classifier(
     return MlflowClient().get_model_version(name, str(info.registered_model_version))
 
 
-def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def _score(
+def _predict(
     model: keras.Model, frame: pd.DataFrame, paths: DatasetPaths, classes: list[str], batch: int
-) -> dict[str, Any]:
-    from tasks.ml.metrics import classification_metrics
+) -> np.ndarray:
     from tasks.ml.model import predict_rows
 
-    probs = predict_rows(model, frame, paths.raw, classes, batch)
-    return classification_metrics(frame["label_index"].to_numpy(), probs, classes)
+    return predict_rows(model, frame, paths.raw, classes, batch)
 
 
 def _rescore_champion(
@@ -212,10 +278,9 @@ def _rescore_champion(
     frame: pd.DataFrame,
     paths: DatasetPaths,
     classes: list[str],
-    metric: str,
     batch: int,
-) -> tuple[float | None, str]:
-    """The champion's score on the current validation rows (None, note) if it cannot be compared."""
+) -> tuple[np.ndarray | None, str]:
+    """The champion's probabilities on the test rows, or (None, why it cannot be compared)."""
     from tasks.tracking import load_logged_model
 
     uri = f"models:/{name}/{champion.version}"
@@ -231,8 +296,7 @@ def _rescore_champion(
             f"champion v{champion.version} predicts {stored.get('classes')}, not {classes}; "
             "it cannot be compared, so only the floor applies"
         )
-    value = _score(model, frame, paths, classes, batch)[metric]
-    return (None if value is None else float(value)), ""
+    return _predict(model, frame, paths, classes, batch), ""
 
 
 def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
@@ -241,22 +305,25 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
     from mlflow import MlflowClient
 
     from tasks.ml.images import read_image
+    from tasks.ml.metrics import classification_metrics
     from tasks.ml.model import model_image_size
-    from tasks.tracking import phase_run
+    from tasks.tracking import current_alias, phase_run
 
-    # Score the candidate on the validation rows
+    # Score the candidate on the held-out test rows
     classes = list(cfg.dataset(paths.dataset).classes)
     gate = cfg.gate
     name = registered_model_name(cfg, paths.dataset)
     model_path, record = read_candidate(paths)
-    frame = labelled_rows(paths, "validation", classes)
+    frame = labelled_rows(paths, "test", classes)
+    y_true = frame["label_index"].to_numpy()
     model = load_model(model_path)
     batch = cfg.train.batch_size
-    candidate_metrics = _score(model, frame, paths, classes, batch)
+    candidate_probs = _predict(model, frame, paths, classes, batch)
+    candidate_metrics = classification_metrics(y_true, candidate_probs, classes)
     candidate_score = candidate_metrics[gate.metric]
     if candidate_score is None:
         raise StageError(
-            f"register.metric {gate.metric} is undefined on this validation data (one class "
+            f"register.metric {gate.metric} is undefined on this test data (one class "
             "only?); pick accuracy or f1_macro in params.yaml"
         )
     source = {
@@ -268,12 +335,21 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
     with phase_run(cfg, paths, "register", last=True) as run:
         # Re-score the champion on the same rows, log the candidate, decide
         client = MlflowClient()
-        champion = current_champion(client, name)
-        champion_score, note = None, ""
+        champion = current_alias(client, name, CHAMPION)
+        comparison, note = None, ""
         if champion is not None:
-            champion_score, note = _rescore_champion(
-                champion, name, frame, paths, classes, gate.metric, batch
-            )
+            champion_probs, note = _rescore_champion(champion, name, frame, paths, classes, batch)
+            if champion_probs is not None:
+                comparison = compare(
+                    y_true,
+                    candidate_probs,
+                    champion_probs,
+                    metric=gate.metric,
+                    method=gate.method,
+                    alpha=gate.alpha,
+                    resamples=gate.bootstrap_samples,
+                    seed=gate.seed,
+                )
         example = read_image(paths.raw / frame["path"].iloc[0], model_image_size(model))[None]
         version = log_classifier(
             model,
@@ -286,47 +362,69 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
                 "source_md5": source["md5"],
             },
         )
-        promoted, reason = gate_verdict(
-            gate.metric,
-            float(candidate_score),
-            champion_score,
-            gate.floor,
-            gate.tolerance,
-            champion.version if champion is not None else None,
+        champion_version = None if champion is None else str(champion.version)
+        passed, verdict, reason = gate_verdict(
+            gate, float(candidate_score), comparison, champion_version, note
         )
+        status = REJECTED
+        if passed:
+            status = AWAITING if gate.approval == "human" else PROMOTED
         decision = GateDecision(
             model_name=name,
             version=str(version.version),
-            promoted=promoted,
-            alias=CHAMPION if promoted else CHALLENGER,
+            status=status,
+            alias=CHAMPION if status == PROMOTED else CHALLENGER,
+            verdict=verdict,
             metric=gate.metric,
             candidate_score=float(candidate_score),
-            champion_version=None if champion is None else str(champion.version),
-            champion_score=champion_score,
+            champion_version=champion_version,
+            champion_score=None if comparison is None else comparison.champion,
             floor=gate.floor,
-            tolerance=gate.tolerance,
-            reason=f"{reason}; {note}" if note else reason,
+            method=gate.method,
+            alpha=gate.alpha,
+            promote_if=gate.promote_if,
+            approval=gate.approval,
+            images=len(frame),
+            reason=reason,
             run_id=run.info.run_id,
+            comparison=None if comparison is None else comparison.as_dict(),
             experiment=current_experiment(),
         )
 
         # Move the aliases and record the decision everywhere it is looked for
         _move_aliases(client, decision)
         _record_decision(client, decision, source, candidate_metrics)
-        write_json(paths.gate, _gate_report(decision))
+        write_json(paths.gate, gate_report(decision))
         mlflow.log_artifact(str(paths.gate))
     return decision
 
 
 def _move_aliases(client: MlflowClient, decision: GateDecision) -> None:
-    """Promoted: the old champion becomes ``@previous``; else the version is ``@challenger``."""
+    """Promoted: the old champion becomes ``@previous``; else the version is ``@challenger``.
+
+    Each move is appended to the registered model's alias history.
+    """
+    from tasks.tracking import promote_version, record_alias_move
+
     name, version = decision.model_name, decision.version
     if decision.promoted:
-        if decision.champion_version is not None:
-            client.set_registered_model_alias(name, PREVIOUS, decision.champion_version)
-        client.set_registered_model_alias(name, CHAMPION, version)
+        promote_version(client, name, version, decision.champion_version)
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
+    record_alias_move(
+        client,
+        name,
+        {
+            "version": version,
+            "alias": decision.alias,
+            "decision": decision.status,
+            "verdict": decision.verdict,
+            "previous": decision.champion_version if decision.promoted else None,
+            "reason": decision.reason,
+            "run_id": decision.run_id,
+            "experiment": decision.experiment,
+        },
+    )
 
 
 def _record_decision(
@@ -342,13 +440,19 @@ def _record_decision(
 
     champion_score = decision.champion_score
     tags = {
-        "gate.decision": "promoted" if decision.promoted else "rejected",
+        "gate.decision": decision.status,
+        "gate.verdict": decision.verdict,
         "gate.metric": decision.metric,
+        "gate.split": "test",
+        "gate.images": str(decision.images),
         "gate.candidate_score": f"{decision.candidate_score:.6f}",
         "gate.champion_version": decision.champion_version or "",
         "gate.champion_score": "" if champion_score is None else f"{champion_score:.6f}",
         "gate.floor": str(decision.floor),
-        "gate.tolerance": str(decision.tolerance),
+        "gate.method": decision.method,
+        "gate.alpha": str(decision.alpha),
+        "gate.promote_if": decision.promote_if,
+        "gate.approval": decision.approval,
         "gate.reason": decision.reason,
         **{f"source.{key}": value for key, value in source.items()},
     }
@@ -361,12 +465,51 @@ def _record_decision(
     scores["gate.candidate_score"] = decision.candidate_score
     if champion_score is not None:
         scores["gate.champion_score"] = champion_score
+    c = decision.comparison
+    if c:
+        scores.update(
+            {
+                "gate.difference": c["difference"],
+                "gate.ci_low": c["low"],
+                "gate.ci_high": c["high"],
+                "gate.p_value": c["p_value"],
+                "gate.candidate_only": float(c["candidate_only"]),
+                "gate.champion_only": float(c["champion_only"]),
+            }
+        )
     scores["gate.promoted"] = float(decision.promoted)
     mlflow.log_metrics(scores)
 
 
-def _gate_report(decision: GateDecision) -> dict[str, Any]:
-    report = asdict(decision)
-    report["promoted"] = int(decision.promoted)
-    report.pop("run_id")
+def gate_report(decision: GateDecision) -> dict[str, Any]:
+    """``gate.json``: the headline first (XCom and the approval task read the first keys)."""
+    c = decision.comparison or {}
+    report: dict[str, Any] = {
+        "status": decision.status,
+        "verdict": decision.verdict,
+        "version": decision.version,
+        "alias": decision.alias,
+        "promoted": int(decision.promoted),
+        "metric": decision.metric,
+        "split": "test",
+        "images": decision.images,
+        "candidate_score": decision.candidate_score,
+        "champion_version": decision.champion_version,
+        "champion_score": decision.champion_score,
+        "difference": c.get("difference"),
+        "ci_low": c.get("low"),
+        "ci_high": c.get("high"),
+        "p_value": c.get("p_value"),
+        "candidate_only": c.get("candidate_only"),
+        "champion_only": c.get("champion_only"),
+        "method": decision.method,
+        "alpha": decision.alpha,
+        "promote_if": decision.promote_if,
+        "approval": decision.approval,
+        "floor": decision.floor,
+        "experiment": decision.experiment,
+        "model_name": decision.model_name,
+        "reason": decision.reason,
+        "comparison": decision.comparison,
+    }
     return report

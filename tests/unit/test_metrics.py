@@ -7,17 +7,20 @@ import pytest
 
 from tasks.errors import StageError
 from tasks.ml.metrics import (
+    average_precision,
     class_probabilities,
     classification_metrics,
+    confidence_bins,
     confident_mistakes,
     confusion,
     expected_calibration_error,
     flat_metrics,
     log_loss,
+    pr_points,
+    reliability,
     roc_auc,
     roc_points,
 )
-from tasks.steps.register import gate_verdict
 
 
 def test_sigmoid_column_becomes_two_class_probabilities():
@@ -132,24 +135,6 @@ def test_no_validation_images_is_a_clear_error():
         classification_metrics(np.array([], int), np.zeros((0, 2)), ["a", "b"])
 
 
-@pytest.mark.parametrize(
-    ("candidate", "champion", "promoted", "words"),
-    [
-        (0.90, None, True, "no champion yet"),
-        (0.79, None, False, "below the floor 0.8000"),
-        (0.79, 0.50, False, "below the floor"),
-        (0.85, 0.90, False, "worse than champion v3's 0.9000"),
-        (0.895, 0.90, True, "within 0.0100"),
-        (0.95, 0.90, True, "within 0.0100 of (or better than) champion v3"),
-        (0.89, 0.90, True, "within"),  # exactly at the tolerance still passes
-    ],
-)
-def test_gate_verdict(candidate, champion, promoted, words):
-    ok, reason = gate_verdict("accuracy", candidate, champion, 0.8, 0.01, "3")
-    assert ok is promoted
-    assert words in reason
-
-
 def test_confident_mistakes_come_most_confident_first():
     y = np.array([0, 0, 1, 1, 1])
     probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.95, 0.05], [0.6, 0.4], [0.2, 0.8]])
@@ -157,3 +142,99 @@ def test_confident_mistakes_come_most_confident_first():
     assert confident_mistakes(y, probs, 2).tolist() == [2, 1]
     assert confident_mistakes(y, probs, 0).tolist() == []
     assert confident_mistakes(np.array([0]), np.array([[0.9, 0.1]]), 5).tolist() == []
+
+
+# --- average precision, precision-recall points and the reliability diagram's numbers ---
+
+
+def test_average_precision_by_hand():
+    # P(dogs) ranks: 0.9 (dog) -> P 1, R 1/2; 0.8 (cat) adds no recall; at 0.5 a dog and a cat
+    # tie -> P 2/4, R 1. AP = sum of precision x recall added = 1 * 1/2 + 1/2 * 1/2.
+    y = np.array([1, 0, 1, 0])
+    probs = np.array([[0.1, 0.9], [0.2, 0.8], [0.5, 0.5], [0.5, 0.5]])
+    assert average_precision(y, probs) == pytest.approx(0.75)
+    # AP is of classes[1]: with the classes swapped, cats are the positives, scored
+    # 0.5 (tie with a dog) -> P 1/2, R 1/2; then 0.2 -> P 2/3, R 1. AP = 1/4 + 1/3.
+    assert average_precision(1 - y, probs[:, ::-1]) == pytest.approx(1 / 4 + 1 / 3)
+
+
+def test_a_perfect_ranking_has_average_precision_one_and_a_missing_class_none():
+    y = np.array([0, 1, 1, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.45, 0.55], [0.2, 0.8], [0.6, 0.4], [0.01, 0.99]])
+    assert average_precision(y, probs) == pytest.approx(1.0)
+    assert average_precision(np.array([1, 1]), probs[:2]) is None
+    assert average_precision(np.array([0, 1, 1]), np.eye(3)[[0, 1, 1]]) is None
+
+
+def test_multiclass_average_precision_is_the_mean_one_vs_rest_ap():
+    y = np.array([0, 1, 2, 0])
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.3, 0.3, 0.4]])
+    # class 0: 0.6 (pos) P1 R1/2; 0.5 (neg); 0.3 (pos) P2/3 R1 -> 1/2 + 2/3 * 1/2 = 5/6
+    # class 1: its one positive ranks first -> 1
+    # class 2: the positive ties the top negative at 0.4 -> P 1/2 at R 1 -> 1/2
+    assert average_precision(y, probs) == pytest.approx((5 / 6 + 1 + 1 / 2) / 3)
+
+
+def test_pr_points_by_hand():
+    precision, recall = pr_points(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.5, 0.5]))
+    # thresholds 0.5, 0.8, 0.9, then the (precision 1, recall 0) end point
+    np.testing.assert_allclose(precision, [0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(recall, [1, 0.5, 0.5, 0])
+
+
+def test_average_precision_is_reported_and_logged():
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    m = classification_metrics(y, probs, ["cats", "dogs"])
+    # dogs ranked 0.8 (dog), 0.7 (cat), 0.4 (dog), 0.1 (cat): 1 * 1/2 + 2/3 * 1/2
+    assert m["average_precision"] == pytest.approx(0.5 + 1 / 3)
+    assert flat_metrics(m)["average_precision"] == pytest.approx(0.5 + 1 / 3)
+    assert set(m["per_class"]["dogs"]) == {"precision", "recall", "f1", "support"}
+    one_class = classification_metrics(np.array([1, 1]), probs[:2], ["cats", "dogs"])
+    assert one_class["average_precision"] is None
+    assert "average_precision" not in flat_metrics(one_class)
+
+
+def test_confidence_bins_are_closed_on_the_right():
+    confidence = np.array([0.0, 0.1, 0.1000001, 0.5, 0.5000001, 0.6, 0.7, 0.95, 1.0])
+    assert confidence_bins(confidence).tolist() == [0, 0, 1, 4, 5, 5, 6, 9, 9]
+    assert confidence_bins(np.array([0.5, 0.51, 1.0]), bins=2).tolist() == [0, 1, 1]
+
+
+def test_reliability_by_hand():
+    probs = np.array(
+        [
+            [0.6, 0.4],  # conf 0.6, bin (0.5, 0.6], right
+            [0.4, 0.6],  # conf 0.6, bin (0.5, 0.6], wrong
+            [0.5, 0.5],  # conf 0.5, bin (0.4, 0.5], a tie goes to class 0: wrong
+            [0.3, 0.7],  # conf 0.7, bin (0.6, 0.7], right
+            [0.15, 0.85],  # conf 0.85, bin (0.8, 0.9], wrong
+            [0.05, 0.95],  # conf 0.95, bin (0.9, 1], right
+            [1.0, 0.0],  # conf 1.0, bin (0.9, 1], right
+        ]
+    )
+    y = np.array([0, 0, 1, 1, 0, 1, 0])
+    r = reliability(y, probs)
+    np.testing.assert_allclose(r.edges, np.linspace(0, 1, 11))
+    assert r.counts.tolist() == [0, 0, 0, 0, 1, 2, 1, 0, 1, 2]
+    filled = [4, 5, 6, 8, 9]
+    np.testing.assert_allclose(r.accuracy[filled], [0, 0.5, 1, 0, 1])
+    np.testing.assert_allclose(r.confidence[filled], [0.5, 0.6, 0.7, 0.85, 0.975])
+    empty = [0, 1, 2, 3, 7]
+    assert np.isnan(r.accuracy[empty]).all() and np.isnan(r.confidence[empty]).all()
+    # gaps 0.5, 0.1, 0.3, 0.85, 0.025 weighted by counts 1, 2, 1, 1, 2 over 7 images
+    expected = (0.5 + 2 * 0.1 + 0.3 + 0.85 + 2 * 0.025) / 7
+    assert r.ece == pytest.approx(expected)
+    assert expected_calibration_error(y, probs) == pytest.approx(expected)
+
+
+def test_reliability_of_three_classes_and_of_no_images():
+    probs = np.array([[0.2, 0.3, 0.5], [0.34, 0.33, 0.33], [0.1, 0.8, 0.1]])
+    r = reliability(np.array([2, 1, 1]), probs, bins=5)
+    # bins of 0.2: conf 0.5 -> (0.4, 0.6] right; 0.34 -> (0.2, 0.4] wrong; 0.8 -> (0.6, 0.8] right
+    assert r.counts.tolist() == [0, 1, 1, 1, 0]
+    np.testing.assert_allclose(r.accuracy[1:4], [0, 1, 1])
+    np.testing.assert_allclose(r.confidence[1:4], [0.34, 0.5, 0.8])
+    assert r.ece == pytest.approx((0.34 + 0.5 + 0.2) / 3)
+    none = reliability(np.array([], int), np.zeros((0, 2)))
+    assert none.counts.tolist() == [0] * 10 and none.ece == 0.0

@@ -1,0 +1,133 @@
+"""The paired gate: McNemar's exact test and the paired bootstrap, checked by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tasks.config import RegisterConfig
+from tasks.errors import StageError
+from tasks.ml.comparison import compare, mcnemar_exact, paired_bootstrap
+from tasks.steps.register import gate_verdict
+
+
+def probs_for(correct: np.ndarray, y: np.ndarray, confidence: float = 0.9) -> np.ndarray:
+    """Two-class probabilities that are right exactly where ``correct`` is True."""
+    predicted = np.where(correct, y, 1 - y)
+    p1 = np.where(predicted == 1, confidence, 1 - confidence)
+    return np.stack([1 - p1, p1], axis=1)
+
+
+Y = np.array([0, 1] * 20)  # 40 images, balanced
+
+
+def test_mcnemar_counts_only_discordant_pairs_and_matches_the_binomial():
+    cand = np.array([True] * 30 + [False] * 10)
+    champ = np.array([True] * 20 + [False] * 10 + [True] * 2 + [False] * 8)
+    p, cand_only, champ_only = mcnemar_exact(cand, champ)
+    assert (cand_only, champ_only) == (10, 2)
+    # two-sided exact binomial: P(X <= 2) + P(X >= 10) for X ~ Bin(12, 1/2)
+    by_hand = sum(stats.binom.pmf(k, 12, 0.5) for k in (0, 1, 2, 10, 11, 12))
+    assert p == pytest.approx(by_hand)
+    assert mcnemar_exact(cand, cand) == (1.0, 0, 0)
+
+
+def test_the_bootstrap_interval_brackets_the_difference_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    cand_right = rng.random(40) < 0.9
+    champ_right = rng.random(40) < 0.6
+    cand, champ = probs_for(cand_right, Y), probs_for(champ_right, Y)
+    low, high, used = paired_bootstrap(Y, cand, champ, "accuracy", 0.05, 2000, seed=3)
+    diff = cand_right.mean() - champ_right.mean()
+    assert low < diff < high and used == 2000
+    assert (low, high, used) == paired_bootstrap(Y, cand, champ, "accuracy", 0.05, 2000, seed=3)
+    narrow = paired_bootstrap(Y, cand, champ, "accuracy", 0.5, 2000, seed=3)
+    assert low < narrow[0] <= narrow[1] < high  # a 50% interval sits inside the 95% one
+    f1 = paired_bootstrap(Y, cand, champ, "f1_macro", 0.05, 300, seed=3)
+    assert f1[0] < f1[1]
+
+
+def test_identical_models_are_equivalent_with_a_zero_interval():
+    right = np.arange(40) % 5 != 0
+    same = probs_for(right, Y)
+    result = compare(Y, same, same.copy())
+    assert result.verdict == "equivalent"
+    assert (result.difference, result.low, result.high, result.p_value) == (0, 0, 0, 1.0)
+
+
+@pytest.mark.parametrize("method", ["mcnemar", "bootstrap"])
+def test_a_far_worse_candidate_is_worse_and_a_far_better_one_better(method):
+    good, bad = probs_for(np.ones(40, bool), Y), probs_for(np.arange(40) % 2 == 0, Y)
+    worse = compare(Y, bad, good, method=method)
+    better = compare(Y, good, bad, method=method)
+    assert (worse.verdict, better.verdict) == ("worse", "better")
+    assert worse.difference == pytest.approx(-0.5) and worse.high < 0 < better.low
+    assert worse.p_value == pytest.approx(2 * 0.5**20)
+    assert "on 40 test images (0 right only for the candidate, 20 only for the champion)" in (
+        worse.evidence()
+    )
+
+
+def test_one_image_apart_is_not_significant():
+    right = np.ones(40, bool)
+    one_wrong = right.copy()
+    one_wrong[7] = False
+    result = compare(Y, probs_for(one_wrong, Y), probs_for(right, Y))
+    assert result.verdict == "equivalent" and result.p_value == 1.0
+    assert result.difference == pytest.approx(-1 / 40)
+
+
+def test_mismatched_inputs_are_refused():
+    with pytest.raises(StageError, match="scored on different images"):
+        compare(Y, probs_for(np.ones(40, bool), Y), probs_for(np.ones(39, bool), Y[:39]))
+    with pytest.raises(StageError, match="no test images"):
+        compare(Y[:0], np.zeros((0, 2)), np.zeros((0, 2)))
+
+
+def _cmp(verdict: str):
+    good, bad = probs_for(np.ones(40, bool), Y), probs_for(np.arange(40) % 2 == 0, Y)
+    pairs = {"worse": (bad, good), "better": (good, bad), "equivalent": (good, good.copy())}
+    return compare(Y, *pairs[verdict])
+
+
+@pytest.mark.parametrize(
+    ("rule", "verdict", "passes", "words"),
+    [
+        ("better", "better", True, "significantly better than champion v3 by McNemar's"),
+        ("better", "worse", False, "significantly worse than champion v3"),
+        ("better", "equivalent", False, "so champion v3 stays (register.promote_if: better)"),
+        ("not_worse", "equivalent", True, "takes over (register.promote_if: not_worse)"),
+        ("not_worse", "worse", False, "significantly worse"),
+    ],
+)
+def test_gate_verdict_follows_the_rule(rule, verdict, passes, words):
+    cfg = RegisterConfig(floor=0.5, promote_if=rule)
+    comparison = _cmp(verdict)
+    ok, word, reason = gate_verdict(cfg, comparison.candidate, comparison, "3")
+    assert (ok, word) == (passes, verdict)
+    assert words in reason and "McNemar p=" in reason
+
+
+def test_gate_verdict_floor_and_first_champion():
+    cfg = RegisterConfig(floor=0.8)
+    assert gate_verdict(cfg, 0.79, None) == (
+        False,
+        "below_floor",
+        "test accuracy 0.7900 is below the floor 0.8000",
+    )
+    assert gate_verdict(cfg, 0.8, None)[:2] == (True, "first")  # exactly at the floor passes
+    ok, word, reason = gate_verdict(cfg, 0.9, None, "2", "champion v2 predicts other classes")
+    assert (ok, word) == (True, "incomparable") and "predicts other classes" in reason
+
+
+def test_below_the_floor_keeps_the_comparisons_verdict_and_says_both():
+    comparison = _cmp("worse")  # candidate accuracy 0.5
+    ok, word, reason = gate_verdict(
+        RegisterConfig(floor=0.8), comparison.candidate, comparison, "3"
+    )
+    assert (ok, word) == (False, "worse")
+    assert reason.startswith("test accuracy 0.5000 is below the floor 0.8000; and significantly")
+    better = _cmp("better")  # a better candidate that still misses a high floor is refused
+    ok, word, _ = gate_verdict(RegisterConfig(floor=0.8), 0.7, better, "3")
+    assert (ok, word) == (False, "better")
