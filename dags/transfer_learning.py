@@ -6,6 +6,7 @@ Wiring only; every task calls one function of ``tasks.orchestration``.
 
     prepare >> download >> validate >> train >> finetune >> evaluate >> register
             >> record >> finish
+    register >> needs_approval >> approve >> promote
 
 - ``prepare`` validates the run conf (see ``tasks.orchestration.runconf.CONF_KEYS``),
   brings the dataset's workspace (``.workspaces/<dataset>``, a git checkout of
@@ -20,6 +21,12 @@ Wiring only; every task calls one function of ``tasks.orchestration``.
   updates the dataset's model Asset;
 - ``finish`` (whatever happened before it) ends the MLflow parent run with the
   outcome: FINISHED with the experiment's name, or FAILED naming the task;
+- with ``register.approval: human`` (params.yaml or the run conf), a candidate
+  the gate passed waits at ``@challenger``: ``needs_approval`` lets the run go
+  on to ``approve``, an Airflow human-in-the-loop task showing the gate report
+  (Approve / Reject with a reason), and ``promote`` applies the answer
+  (``tasks.orchestration.review``). Otherwise (``auto``, or a refused
+  candidate) ``needs_approval`` skips both;
 - a new dataset in params.yaml is a new DAG, with no code.
 
 ``transfer_learning__summary`` runs whenever any dataset's model Asset updates
@@ -130,6 +137,65 @@ def _finish_callable(project: Project, dataset: str, tasks_in_order: list[str]) 
         return outcome.xcom()
 
     return end_pipeline_run
+
+
+def _needs_approval_callable() -> Any:
+    def needs_approval() -> bool:
+        from tasks.orchestration.review import needs_review
+
+        return needs_review(get_current_context()["ti"].xcom_pull(task_ids="register"))
+
+    return needs_approval
+
+
+def _promote_callable(project: Project, dataset: str) -> Any:
+    def apply_review() -> dict[str, Any]:
+        from tasks.errors import StageFailed
+        from tasks.orchestration.review import apply_review
+
+        ti = get_current_context()["ti"]
+        gate = (ti.xcom_pull(task_ids="register") or {}).get("metrics") or {}
+        try:
+            result = apply_review(
+                project, dataset, gate["version"], ti.xcom_pull(task_ids="approve")
+            )
+        except StageFailed as error:
+            raise AirflowFailException(str(error)) from None
+        return result.xcom()
+
+    return apply_review
+
+
+def _approval_tasks(project: Project, dataset: str) -> tuple[Any, Any]:
+    """``needs_approval >> approve >> promote``: the human-in-the-loop step."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+    from airflow.sdk import Param
+
+    from tasks.orchestration.review import APPROVAL_BODY, APPROVAL_SUBJECT, APPROVE, REJECT
+
+    gate = task.short_circuit(
+        _needs_approval_callable(), task_id="needs_approval", ignore_downstream_trigger_rules=False
+    )().operator
+    approve = HITLOperator(
+        task_id="approve",
+        subject=APPROVAL_SUBJECT,
+        body=APPROVAL_BODY,
+        options=[APPROVE, REJECT],
+        params={
+            "reason": Param(
+                "",
+                type="string",
+                title="Reason",
+                description="Why (required to reject; recorded with the decision)",
+            )
+        },
+        retries=0,
+    )
+    promote = task(
+        _promote_callable(project, dataset), task_id="promote", multiple_outputs=False, retries=0
+    )().operator
+    gate >> approve >> promote
+    return gate, promote
 
 
 def _summary_callable(project: Project) -> Any:
@@ -256,6 +322,9 @@ def build_dataset_dag(
         for leaf in graph.leaves:
             stage_tasks[leaf] >> record
         record >> finish
+        if "register" in stage_tasks:
+            first, _ = _approval_tasks(project, dataset)
+            stage_tasks["register"] >> first
     return dag
 
 

@@ -90,9 +90,17 @@ def dvc_command(
     ``record`` (the run record) gives the stage processes the run's overrides,
     parent run, experiment name and store.
     """
+    return workspace_command(ws, ["dvc", *args], record)
+
+
+def workspace_command(
+    ws: Path, args: Sequence[str], record: Mapping[str, Any] | None = None
+) -> tuple[int, list[str]]:
+    """Run ``python -m <args>`` (``dvc ...``, ``tasks ...``) in ``ws`` with the run's
+    environment, echoing its output to the log; returns (exit code, output lines)."""
     record = record or {}
-    cmd = [sys.executable, "-m", "dvc", *args]
-    log.info("$ %s  (in %s)", " ".join(["dvc", *args]), ws)
+    cmd = [sys.executable, "-m", *args]
+    log.info("$ %s  (in %s)", " ".join(args), ws)
     lines: list[str] = []
     with subprocess.Popen(
         cmd,

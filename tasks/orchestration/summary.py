@@ -116,7 +116,16 @@ def dataset_summary(cfg: Config, project: Project, dataset: str) -> dict[str, An
         "metrics": _headline(_read_json(reports / "metrics.json"), cfg.gate.metric),
         "gate": {
             k: gate.get(k)
-            for k in ("version", "alias", "promoted", "candidate_score", "reason", "experiment")
+            for k in (
+                "version",
+                "alias",
+                "status",
+                "verdict",
+                "promoted",
+                "candidate_score",
+                "reason",
+                "experiment",
+            )
             if k in gate
         },
         "airflow_run_id": run.get("run_id"),
@@ -150,6 +159,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
         gate = entry["latest_run"]["gate"]
         if gate:
             verdict = "promoted" if gate.get("promoted") else "not promoted"
+            if gate.get("status") == "awaiting_approval":
+                verdict = "awaiting approval"
+            if gate.get("verdict"):
+                verdict += f": {gate['verdict']}"
             latest = f"v{gate.get('version')} → @{gate.get('alias')} ({verdict})"
         else:
             latest = "no gate decision yet"

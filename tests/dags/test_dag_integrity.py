@@ -87,7 +87,8 @@ def test_task_graph_equals_dvc_stage_graph(dagbag):
     dag = dagbag.dags[f"{DAG_PREFIX}{dataset}"]
     stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     tasks = {task.task_id: task for task in dag.tasks}
-    assert set(tasks) == {"prepare", *stages, "record", "finish"}
+    approval = {"needs_approval", "approve", "promote"}
+    assert set(tasks) == {"prepare", *stages, "record", "finish", *approval}
 
     dag_edges = {
         (up, task_id)
@@ -102,7 +103,8 @@ def test_task_graph_equals_dvc_stage_graph(dagbag):
     # prepare is the only root; record follows every last stage; finish, the only leaf,
     # runs whatever happened before it (it ends the MLflow parent run with the outcome).
     assert [t for t, task in tasks.items() if not task.upstream_task_ids] == ["prepare"]
-    assert [t for t, task in tasks.items() if not task.downstream_task_ids] == ["finish"]
+    leaves = {t for t, task in tasks.items() if not task.downstream_task_ids}
+    assert leaves == {"finish", "promote"}  # promote: only after a person decided
     assert tasks["finish"].upstream_task_ids == {"record"}
     assert tasks["finish"].trigger_rule == "all_done"
     order = [task.task_id for task in dag.topological_sort()]
@@ -155,3 +157,22 @@ def test_bad_backend_is_a_one_line_parse_error():
 
     with pytest.raises(ConfigError, match=r"TASKS_GPU_BACKEND='slurm' is not allowed; use one of"):
         Backend.from_env({"TASKS_GPU_BACKEND": "slurm"})
+
+
+def test_the_approval_step_follows_register_and_holds_up_nothing_else(dagbag):
+    """register >> needs_approval >> approve (HITL) >> promote; record and finish do not wait."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    dag = dagbag.dags[f"{DAG_PREFIX}ants_vs_bees"]
+    tasks = {task.task_id: task for task in dag.tasks}
+    assert tasks["needs_approval"].upstream_task_ids == {"register"}
+    assert tasks["approve"].upstream_task_ids == {"needs_approval"}
+    assert tasks["promote"].upstream_task_ids == {"approve"}
+    assert tasks["promote"].downstream_task_ids == set()
+    approve = tasks["approve"]
+    assert isinstance(approve, HITLOperator)
+    assert approve.options == ["Approve", "Reject"] and approve.multiple is False
+    assert "reason" in approve.params
+    assert "Promote" in approve.subject and "McNemar exact p" in approve.body
+    assert tasks["record"].upstream_task_ids == {"register"}
+    assert tasks["finish"].upstream_task_ids == {"record"}

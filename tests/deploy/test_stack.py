@@ -212,7 +212,7 @@ def pipeline(stack, tmp_path_factory, archive_server):
         train={"image_size": 32, "weights": "none", "epochs": 1, "batch_size": 8},
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 2},
-        register={"floor": 0.0, "tolerance": 1.0},
+        register={"floor": 0.0, "promote_if": "not_worse"},
         schedule={"cron": None, "owner": "ci", "retries": 0, "gpus": 1},
     )
     project = project_copy(base / "project", params, stack.airflow_env)
@@ -273,7 +273,7 @@ def test_mlflow_runs_and_registered_model_live_in_postgres(stack, pipeline):
     assert len(runs) == 5  # the parent and its four children, nothing else
     accuracy = stack.mlflow_sql(
         "SELECT m.value FROM latest_metrics m JOIN tags t ON t.run_uuid = m.run_uuid"
-        " WHERE t.key = 'phase' AND t.value = 'evaluate' AND m.key = 'accuracy'"
+        " WHERE t.key = 'phase' AND t.value = 'evaluate' AND m.key = 'test.accuracy'"
     )
     assert len(accuracy) == 1
 

@@ -12,7 +12,10 @@ tiny params. Shared, in order of the fixtures:
 3. the real scheduler stack (api-server + scheduler + dag-processor on a free
    loopback port): both dataset DAGs triggered together through the REST API
    both succeed, the GPU pool keeps their training tasks apart, and the model
-   assets trigger the summary DAG.
+   assets trigger the summary DAG;
+4. a run with ``register.approval: human`` in its conf stops at the approval task
+   with the gate report; answering it through the REST API promotes the version
+   and the registry's history records who approved it.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def airflow(tmp_path_factory, archive_server) -> LocalAirflow:
         train={"image_size": 32, "weights": "none", "epochs": 1, "batch_size": 8},
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 2},
-        register={"floor": 0.0, "tolerance": 1.0},
+        register={"floor": 0.0, "promote_if": "not_worse"},
         # No cron: only the runs the tests trigger (an unpaused weekly DAG would also start
         # the latest scheduled run at once, and max_active_runs=1 would queue ours behind it).
         schedule={"cron": None, "owner": "ci", "retries": 1, "gpus": 1},
@@ -112,10 +115,14 @@ def airflow(tmp_path_factory, archive_server) -> LocalAirflow:
         yield instance
 
 
+def _store_uri(project: Project) -> str:
+    return f"sqlite:///{project.mlflow_dir / 'mlflow.db'}"
+
+
 def _mlflow_client(project: Project):
     from mlflow import MlflowClient
 
-    return MlflowClient(f"sqlite:///{project.mlflow_dir / 'mlflow.db'}")
+    return MlflowClient(_store_uri(project))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +170,9 @@ def test_mlflow_runs_carry_the_airflow_lineage_and_overrides(airflow, dag_test):
             "finetune.epochs=1",
             "evaluate.mistakes=3",
         ]
-    assert children["evaluate"].data.metrics["accuracy"] >= 0.0
+    evaluate = children["evaluate"].data.metrics
+    assert {"test.accuracy", "validation.accuracy", "test.images"} <= set(evaluate)
+    assert evaluate["test.images"] == 2  # 20% of each class's 4 validation images
 
 
 def test_registry_alias_and_dvc_remote_after_the_run(airflow, dag_test):
@@ -367,7 +376,7 @@ def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack
     started = time.perf_counter()
     # ants_vs_bees runs from scratch; cats_vs_dogs keeps the dags-test run's evaluate setting and
     # changes only the gate, so just `register` reruns (a second registry write, at the same time).
-    confs = {CATS: {"set": {"evaluate.mistakes": 3, "register.tolerance": 0.5}}, ANTS: {}}
+    confs = {CATS: {"set": {"evaluate.mistakes": 3, "register.alpha": 0.1}}, ANTS: {}}
     runs = {
         dag_id: _api(
             stack, f"/dags/{dag_id}/dagRuns", "POST", json={"logical_date": None, "conf": conf}
@@ -430,3 +439,61 @@ def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack
         f"\nscheduler stack up in {stack.startup_s:.1f} s; both DAGs together {both:.1f} s",
         file=sys.stderr,
     )
+
+
+def test_human_approval_through_the_rest_api_promotes_the_candidate(stack):
+    """The run waits at `approve` showing the gate; an Approve over REST moves @champion."""
+    client = _mlflow_client(stack.airflow.project)
+    name = "ants_vs_bees-classifier"
+    before = str(client.get_model_version_by_alias(name, "champion").version)
+    # only the gate's settings change: register reruns, its candidate is the same model
+    conf = {"set": {"register.approval": "human", "register.promote_if": "not_worse"}}
+    run_id = _api(
+        stack, f"/dags/{ANTS}/dagRuns", "POST", json={"logical_date": None, "conf": conf}
+    )["dag_run_id"]
+    ti_path = f"/dags/{ANTS}/dagRuns/{run_id}/taskInstances/approve"
+
+    def waiting() -> dict | None:
+        response = stack.session.get(f"{stack.base}/api/v2{ti_path}/-1/hitlDetails", timeout=10)
+        return response.json() if response.ok else None
+
+    detail = stack.wait_for("the approval task to ask", waiting, timeout=600)
+    state = _api(stack, ti_path)["state"]
+    assert state in ("awaiting_input", "deferred"), state
+    assert detail["options"] == ["Approve", "Reject"]
+    assert detail["subject"] == f"Promote {name} v{int(before) + 1} to @champion?"
+    assert "| verdict | **equivalent** (rule: promote if not worse) |" in detail["body"]
+    assert "McNemar exact p" in detail["body"]
+    # nothing moved yet: the candidate waits at @challenger
+    pending = client.get_model_version_by_alias(name, "challenger")
+    assert str(pending.version) == str(int(before) + 1)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == before
+
+    answer = {"chosen_options": ["Approve"], "params_input": {"reason": "checked the plots"}}
+    _api(stack, f"{ti_path}/-1/hitlDetails", "PATCH", json=answer)
+    state = stack.wait_for(
+        "the run to finish", lambda: _run_state(stack, ANTS, run_id), timeout=300
+    )
+    assert state == "success", stack.tail()
+    promote = _api(stack, f"/dags/{ANTS}/dagRuns/{run_id}/taskInstances/promote")
+    assert promote["state"] == "success"
+
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == pending.version
+    assert str(client.get_model_version_by_alias(name, "previous").version) == before
+    assert champion.tags["gate.decision"] == "approved"
+    assert champion.tags["gate.reviewed_by"] == "admin"
+    assert champion.tags["gate.review_reason"] == "checked the plots"
+    history = subprocess.run(
+        [sys.executable, "-m", "tasks", "history", "ants_vs_bees"],
+        cwd=stack.airflow.project.workspace("ants_vs_bees"),
+        env={**os.environ, "MLFLOW_TRACKING_URI": _store_uri(stack.airflow.project)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"v{pending.version} -> @challenger  awaiting_approval [equivalent]" in history
+    assert f"v{pending.version} -> @champion  approved [equivalent] by admin" in history
+    tenures = history.split("@champion, who held it when:")[1].strip().splitlines()
+    assert tenures[-1].strip().startswith(f"v{pending.version}  ")
+    assert tenures[-1].endswith("-> now") and tenures[-2].strip().startswith(f"v{before}  ")

@@ -148,7 +148,7 @@ def project(tmp_path_factory, archive_server) -> Path:
         },
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 4},
-        register={"floor": 0.0, "tolerance": 1.0},
+        register={"floor": 0.0, "promote_if": "not_worse"},
     )
     full = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in params.items():
@@ -201,6 +201,8 @@ def test_repro_runs_every_stage_for_both_datasets(project, first_repro):
         assert (project / "models" / ds / "finetuned.keras").stat().st_size > 0
         metrics = yaml.safe_load((project / "reports" / ds / "metrics.json").read_text())
         assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert (metrics["split"], metrics["images"]) == ("test", 2)  # 20% of 4 + 4
+        assert metrics["validation"]["images"] == 6
         assert (project / "reports" / ds / "plots").is_dir()
         assert (project / "reports" / ds / "gate.json").exists()
     lock = yaml.safe_load((project / "dvc.lock").read_text())

@@ -30,6 +30,8 @@ def test_summary_before_any_champion_lists_the_latest_gate(tmp_path, monkeypatch
             {
                 "version": "3",
                 "alias": "challenger",
+                "status": "rejected",
+                "verdict": "below_floor",
                 "promoted": 0,
                 "candidate_score": 0.61,
                 "reason": "accuracy 0.6100 is below the floor 0.8000",
@@ -48,9 +50,13 @@ def test_summary_before_any_champion_lists_the_latest_gate(tmp_path, monkeypatch
     assert cats["champion"] is None
     assert cats["latest_run"]["metrics"] == {"accuracy": 0.61}
     assert cats["latest_run"]["gate"]["alias"] == "challenger"
+    assert cats["latest_run"]["gate"]["verdict"] == "below_floor"
     assert cats["latest_run"]["airflow_run_id"] == "manual__1"
     text = summary.markdown.read_text()
-    assert "| cats_vs_dogs | none yet | – | – | – | v3 → @challenger (not promoted) |" in text
+    assert (
+        "| cats_vs_dogs | none yet | – | – | – | v3 → @challenger (not promoted: below_floor) |"
+        in text
+    )
     assert "| ants_vs_bees | none yet | – | – | – | no gate decision yet |" in text
     assert "accuracy 0.6100 is below the floor" in text
     # The MLflow store was not created just to read it.
