@@ -55,14 +55,14 @@ def finetune(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
 
 
 def evaluate(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
-    """score the candidate model and draw the plots"""
+    """score the candidate on the held-out test split; draw the plots"""
     from tasks.steps import evaluate
 
     return evaluate.run(cfg, paths)
 
 
 def register(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
-    """log, register and gate the model (@champion)"""
+    """log, register and gate the model against @champion on the test split"""
     from tasks.steps import register
 
     return register.run(cfg, paths)

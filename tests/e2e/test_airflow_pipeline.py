@@ -144,8 +144,7 @@ def test_dag_test_runs_every_stage_and_records_the_run(airflow, dag_test):
     assert run_params["evaluate"]["mistakes"] == 3
     assert yaml.safe_load(project.params.read_text())["evaluate"]["mistakes"] == 2
     assert (
-        lock["stages"]["evaluate@cats_vs_dogs"]["params"]["params.yaml"]["evaluate"]["mistakes"]
-        == 3
+        lock["stages"]["evaluate@cats_vs_dogs"]["params"]["params.yaml"]["evaluate.mistakes"] == 3
     )
     stages = stage_seconds(project, "cats_vs_dogs")
     print(
@@ -479,7 +478,7 @@ def test_human_approval_through_the_rest_api_promotes_the_candidate(stack):
     assert promote["state"] == "success"
 
     champion = client.get_model_version_by_alias(name, "champion")
-    assert str(champion.version) == pending.version
+    assert str(champion.version) == str(pending.version)
     assert str(client.get_model_version_by_alias(name, "previous").version) == before
     assert champion.tags["gate.decision"] == "approved"
     assert champion.tags["gate.reviewed_by"] == "admin"
