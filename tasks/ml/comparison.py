@@ -30,6 +30,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from tasks.errors import StageError
+from tasks.ml import metrics
 
 BETTER = "better"
 EQUIVALENT = "equivalent"
@@ -94,11 +95,8 @@ def _scorer(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
         )
 
     def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-        n_classes = p.shape[1]
-        if len(np.unique(y)) < n_classes:
-            return float("nan")
-        positives = [1] if n_classes == 2 else range(n_classes)
-        return float(np.mean([skm.roc_auc_score(y == k, p[:, k]) for k in positives]))
+        value = metrics.roc_auc(y, p)
+        return float("nan") if value is None else value
 
     scorers = {"accuracy": accuracy, "f1_macro": f1_macro, "roc_auc": roc_auc}
     if metric not in scorers:

@@ -151,13 +151,19 @@ def roc_points(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     """ROC AUC of ``classes[1]`` (two classes) or the mean one-vs-rest AUC; None if undefined."""
+    return _one_vs_rest(skm.roc_auc_score, y_true, probs)
+
+
+def _one_vs_rest(score: Any, y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """``score(truth, scores)`` of ``classes[1]`` (two classes) or its mean over each class
+    against the rest; None when a class is absent (the score is undefined)."""
     y_true = np.asarray(y_true, int)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = probs.shape[1]
     if len(set(y_true.tolist())) < n_classes:
         return None
     positives = [1] if n_classes == 2 else range(n_classes)
-    return float(np.mean([skm.roc_auc_score(y_true == k, probs[:, k]) for k in positives]))
+    return float(np.mean([score(y_true == k, probs[:, k]) for k in positives]))
 
 
 def pr_points(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,15 +182,7 @@ def average_precision(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     AP is the precision at each threshold weighted by the recall it adds (the
     area under the step precision-recall curve); None if a class is absent.
     """
-    y_true = np.asarray(y_true, int)
-    probs = np.asarray(probs, dtype=np.float64)
-    n_classes = probs.shape[1]
-    if len(set(y_true.tolist())) < n_classes:
-        return None
-    positives = [1] if n_classes == 2 else range(n_classes)
-    return float(
-        np.mean([skm.average_precision_score(y_true == k, probs[:, k]) for k in positives])
-    )
+    return _one_vs_rest(skm.average_precision_score, y_true, probs)
 
 
 def classification_metrics(

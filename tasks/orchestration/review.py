@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tasks.errors import StageFailed
-from tasks.orchestration.dvc import workspace_command
+from tasks.orchestration.dvc import failure, workspace_command
 from tasks.orchestration.project import Project
 from tasks.orchestration.workspace import read_run_record
 
@@ -109,8 +109,6 @@ def apply_review(
     ws = project.workspace(dataset)
     code, lines = workspace_command(ws, argv, read_run_record(ws))
     if code:
-        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-        reason = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}")
-        raise StageFailed(f"approve@{dataset}: {reason}", retryable=False)
+        raise failure("approve", dataset, lines)
     log.info("v%s of %s %s by %s", version, dataset, result.decision, result.by)
     return result
