@@ -109,23 +109,24 @@ def gate_verdict(
 
     who = f"champion v{champion_version}"
     test = "McNemar's exact test" if cfg.method == "mcnemar" else "the paired bootstrap interval"
-    by = f"by {test} (alpha {cfg.alpha:g}): {comparison.evidence()}"
+    by = f"by {test} (alpha {cfg.alpha:g})"
+    evidence = comparison.evidence()
     verdict = comparison.verdict
     if verdict == WORSE:
-        passed, reason = False, f"significantly worse than {who} {by}"
+        passed, reason = False, f"significantly worse than {who} {by}: {evidence}"
     elif verdict == BETTER:
-        passed, reason = True, f"significantly better than {who} {by}"
+        passed, reason = True, f"significantly better than {who} {by}: {evidence}"
     elif cfg.promote_if == "not_worse":
         passed = True
         reason = (
-            f"equivalent to {who} (not significantly worse), so it takes over "
-            f"(register.promote_if: not_worse) {by}"
+            f"equivalent to {who} {by}: not significantly worse, so it takes over "
+            f"(register.promote_if: not_worse); {evidence}"
         )
     else:
         passed = False
         reason = (
-            f"equivalent to {who} (no significant difference), so {who} stays "
-            f"(register.promote_if: better) {by}"
+            f"equivalent to {who} {by}: no significant difference, so {who} stays "
+            f"(register.promote_if: better); {evidence}"
         )
     if below:
         return False, verdict, f"{floor}; and {reason}"
