@@ -183,8 +183,8 @@ def _approval_tasks(project: Project, dataset: str) -> tuple[Any, Any]:
         options=[APPROVE, REJECT],
         params={
             "reason": Param(
-                "",
-                type="string",
+                None,
+                type=["null", "string"],
                 title="Reason",
                 description="Why (required to reject; recorded with the decision)",
             )
