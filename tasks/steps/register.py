@@ -370,6 +370,8 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
         status = REJECTED
         if passed:
             status = AWAITING if gate.approval == "human" else PROMOTED
+        if status == AWAITING:
+            reason += "; it waits at @challenger for approval (register.approval: human)"
         decision = GateDecision(
             model_name=name,
             version=str(version.version),
