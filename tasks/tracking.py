@@ -60,6 +60,9 @@ END_REASON_TAG = "tasks.end_reason"
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 
 
+AWAITING_APPROVAL = "awaiting_approval"
+"""``gate.decision`` of a version that passed the gate and waits for a person (register,
+approve and the DAG's approval step read it)."""
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 """Registry aliases: the served model, a refused (or not yet approved) candidate, the
 champion it replaced."""

@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING
 from tasks.config import Config
 from tasks.errors import StageError
 from tasks.paths import DatasetPaths
+from tasks.tracking import AWAITING_APPROVAL as AWAITING
 from tasks.tracking import CHALLENGER, CHAMPION, registered_model_name
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
-
-AWAITING = "awaiting_approval"
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from tasks.io import file_md5, write_json
 from tasks.ml.comparison import BETTER, EQUIVALENT, WORSE, Comparison, compare
 from tasks.paths import DatasetPaths
 from tasks.tracking import (
+    AWAITING_APPROVAL,
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
@@ -76,7 +77,7 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
-PROMOTED, REJECTED, AWAITING = "promoted", "rejected", "awaiting_approval"
+PROMOTED, REJECTED, AWAITING = "promoted", "rejected", AWAITING_APPROVAL
 FIRST, BELOW_FLOOR, INCOMPARABLE = "first", "below_floor", "incomparable"
 
 
