@@ -229,12 +229,20 @@ class TrainConfig(_Section):
     feature_cache: Literal["auto", "on", "off"] = "auto"
     augment: bool = False
     seed: int = 42
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    jit_compile: Literal["auto", "true", "false"] = "auto"
+    distribute: Literal["auto", "none", "mirrored"] = "auto"
 
     @field_validator("feature_cache", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         # YAML reads a bare on/off as a boolean
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def _true_false(cls, value: Any) -> Any:
+        return str(value).lower() if isinstance(value, bool) else value
 
     @field_validator("weights")
     @classmethod

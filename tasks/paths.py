@@ -70,6 +70,10 @@ class DatasetPaths:
     def finetuned_model(self) -> Path:
         return self.models / "finetuned.keras"
 
+    def checkpoint(self, phase: str) -> Path:
+        """A training phase's resume state: outside every DVC output, removed when it ends."""
+        return self.root / ".checkpoints" / self.dataset / phase
+
     @property
     def metrics(self) -> Path:
         return self.reports / "metrics.json"

@@ -18,6 +18,7 @@ is loaded back (:func:`load_logged_model`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from tasks.ml.training import PhaseCheckpoint
+
+_log = logging.getLogger(__name__)
 
 PARENT_ENV = "TASKS_PARENT_RUN_ID"
 """Set by the orchestrator: the parent run a stage's child run belongs to."""
@@ -381,10 +386,20 @@ def load_logged_model(uri: str) -> tuple[keras.Model, dict[str, Any]]:
     return model, dict(metadata)
 
 
-def epoch_logger(phase: str, offset: int) -> keras.callbacks.Callback:
+def epoch_logger(
+    phase: str,
+    offset: int,
+    images: int = 0,
+    restored: list[dict[str, Any]] | None = None,
+) -> keras.callbacks.Callback:
     """A Keras callback that logs ``loss``/``accuracy``/``val_*`` to MLflow per epoch
     (step = global epoch) and keeps them as history rows in ``.rows``; ``offset`` is
     the epochs of earlier phases.
+
+    Each epoch also prints one line (phase, epoch n/N, the metrics, training
+    images per second over ``images``, the time left at that pace). ``restored``:
+    the epochs a killed attempt finished (``PhaseCheckpoint.finished``), logged
+    again to this attempt's run so its history is whole.
 
     Our own callback, not ``mlflow.tensorflow.autolog`` (which needs TensorBoard
     and logs different names per setup).
@@ -398,15 +413,46 @@ def epoch_logger(phase: str, offset: int) -> keras.callbacks.Callback:
         def __init__(self) -> None:
             super().__init__()
             self.rows: list[dict[str, Any]] = []
+            self.started = time.perf_counter()
+            for logs in restored or []:
+                self._record(int(logs["epoch"]), logs)
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            logs = logs or {}
+            values = self._record(epoch, logs or {})
+            seconds = time.perf_counter() - self.started
+            total = int(self.params.get("epochs") or 0)
+            shown = " ".join(f"{name} {value:.4f}" for name, value in values.items())
+            rate = f", {images / seconds:.0f} images/s" if images and seconds > 0 else ""
+            left = max(total - epoch - 1, 0) * seconds
+            _log.info(
+                "%s epoch %d/%d: %s (%.1f s%s, about %.0f s left)",
+                phase, epoch + 1, total, shown, seconds, rate, left,
+            )  # fmt: skip
+
+        def _record(self, epoch: int, logs: dict[str, Any]) -> dict[str, float]:
             step = offset + epoch + 1
             values = {name: float(logs[name]) for name in METRICS if name in logs}
             self.rows.append({"phase": phase, "epoch": step, **values})
             mlflow.log_metrics(values, step=step)
+            return values
 
     return EpochLogger()
+
+
+def log_resume(checkpoint: PhaseCheckpoint, phase: str, epochs: int) -> None:
+    """Say (log line, ``resumed_after_epoch`` tag) where a phase resumes after a killed attempt."""
+    import mlflow
+
+    done = checkpoint.resumed_epochs
+    if done:
+        _log.info(
+            "%s resumes after epoch %d of %d (checkpoint in %s)",
+            phase, done, epochs, checkpoint.directory,
+        )  # fmt: skip
+    mlflow.set_tag("resumed_after_epoch", str(done))
 
 
 # --- the registry's aliases and their history ------------------------------------

@@ -89,10 +89,17 @@ def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], n_classes: int) -
     if spec.dense_units:
         layers.append(keras.layers.Dense(spec.dense_units, activation="relu", name="hidden"))
     layers.append(keras.layers.Dropout(spec.dropout, name="dropout"))
+    # The output computes in float32 under any mixed precision policy (stable probabilities).
     if n_classes == 2:
-        layers.append(keras.layers.Dense(1, activation="sigmoid", name="probability"))
+        layers.append(
+            keras.layers.Dense(1, activation="sigmoid", name="probability", dtype="float32")
+        )
     else:
-        layers.append(keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
+        layers.append(
+            keras.layers.Dense(
+                n_classes, activation="softmax", name="probabilities", dtype="float32"
+            )
+        )
     return keras.Sequential(layers, name="head")
 
 
@@ -114,6 +121,52 @@ def build_model(spec: ModelSpec, weights: WeightsSource | None = None) -> keras.
     features = base(x, training=False)
     head = build_head(spec.head, tuple(base.output.shape[1:]), spec.n_classes)
     return keras.Model(inputs, head(features), name=f"{spec.backbone}_classifier")
+
+
+OUTPUT_LAYERS = ("probability", "probabilities")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def with_precision(model: keras.Model, precision: str) -> keras.Model:
+    """``model`` with the same weights computing in ``precision`` (output layer in float32).
+
+    Returns ``model`` itself when it already computes so; otherwise an uncompiled
+    copy (its layers rebuilt from their configs with the new dtype policy).
+    Saved models are float32 (``with_precision(model, "float32")``) whatever the
+    training policy, so any device can load and serve them.
+    """
+    if {layer.dtype_policy.name for layer in _leaf_layers(model)} == {precision}:
+        return model
+    config = _retyped(model.get_config(), precision)
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _leaf_layers(model: keras.Model) -> list[Any]:
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            layers.extend(_leaf_layers(layer))
+        elif layer.name not in OUTPUT_LAYERS and not isinstance(layer, keras.layers.InputLayer):
+            layers.append(layer)
+    return layers
+
+
+def _retyped(node: Any, precision: str) -> Any:
+    """A model config with every layer's dtype policy set to ``precision``."""
+    if isinstance(node, list):
+        return [_retyped(item, precision) for item in node]
+    if not isinstance(node, dict):
+        return node
+    inner = node.get("config")
+    if node.get("class_name") == "DTypePolicy" and isinstance(inner, dict):
+        if inner.get("name") in PRECISIONS:
+            return {**node, "config": {**inner, "name": precision}}
+        return node
+    if isinstance(inner, dict) and inner.get("name") in OUTPUT_LAYERS:
+        return {**node, "config": _retyped(inner, "float32")}
+    return {key: _retyped(value, precision) for key, value in node.items()}
 
 
 def backbone_name(model: keras.Model, default: str | None = None) -> str:
@@ -151,11 +204,19 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
     return factories[name](learning_rate=learning_rate)
 
 
-def compile_model(model: keras.Model, optimizer: str, learning_rate: float, n_classes: int) -> None:
+def compile_model(
+    model: keras.Model,
+    optimizer: str,
+    learning_rate: float,
+    n_classes: int,
+    jit_compile: bool | str = "auto",
+) -> None:
+    """Compile for training (``jit_compile``: XLA, as the device policy decides)."""
     model.compile(
         optimizer=make_optimizer(optimizer, learning_rate),
         loss=loss_for(n_classes),
         metrics=["accuracy"],
+        jit_compile=jit_compile,
     )
 
 

@@ -202,8 +202,12 @@ def phase_datasets(
     *,
     shuffle: bool,
     augment: AugmentationConfig | None,
+    batch_size: int | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """The training and validation datasets of a phase (augmentation on training only)."""
+    """The training and validation datasets of a phase (augmentation on training only).
+
+    ``batch_size``: the global batch (default ``train.batch_size``, one device).
+    """
 
     def dataset(split: str, shuffle: bool, aug: AugmentationConfig | None) -> tf.data.Dataset:
         return make_dataset(
@@ -212,7 +216,7 @@ def phase_datasets(
             split,
             classes,
             image_size,
-            train.batch_size,
+            batch_size or train.batch_size,
             augment=aug,
             shuffle=shuffle,
             seed=train.seed,

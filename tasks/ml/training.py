@@ -9,14 +9,17 @@ phase's model did better on validation.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import TrainConfig
 from tasks.errors import StageError
+from tasks.io import atomic_path, write_json
 
 if TYPE_CHECKING:
     import keras
@@ -105,13 +108,133 @@ def feature_bytes(model: keras.Model, images: int) -> int:
     return images * per_image
 
 
-def early_stopping(patience: int) -> keras.callbacks.Callback:
-    """Stop when validation loss stops improving, and keep the best epoch's weights."""
+def early_stopping(
+    patience: int, checkpoint: PhaseCheckpoint | None = None
+) -> keras.callbacks.Callback:
+    """Stop when validation loss stops improving, and keep the best epoch's weights.
+
+    With a ``checkpoint`` that resumes a killed phase, the counters and best
+    weights are those it saved, so the resumed phase stops where the
+    uninterrupted one would.
+    """
     import keras
 
-    return keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=patience, restore_best_weights=True
-    )
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            super().on_train_begin(logs)
+            if checkpoint is not None:
+                checkpoint.restore_stopping(self)
+
+    return ResumableEarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+
+
+class PhaseCheckpoint:
+    """A phase's training state after every epoch, so a killed phase resumes where it was.
+
+    ``directory`` (outside the stage's DVC outputs) holds Keras's
+    ``BackupAndRestore`` state (weights, optimizer, epoch) and, written after
+    it as the epoch's commit point, ``state.json``: each finished epoch's logs
+    (:attr:`finished`, replayed into the phase's history) and the
+    early-stopping counters, with the best weights beside it. ``fingerprint``
+    names what the phase trains (params, inputs); a checkpoint of another
+    fingerprint is discarded rather than resumed. :meth:`remove` deletes it
+    once the phase's model is saved.
+    """
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        state = _read_json(self.directory / _STATE)
+        if state is not None and state.get("fingerprint") != self.fingerprint:
+            log.warning(
+                "discarding the checkpoint in %s: it was made with other params or inputs",
+                self.directory,
+            )
+            state = None
+        if state is None:
+            self.remove()  # nothing (usable) to resume: start clean
+        state = state or {}
+        self.finished: list[dict[str, Any]] = list(state.get("finished", []))
+        self._stopping: dict[str, Any] | None = state.get("early_stopping")
+
+    @property
+    def resumed_epochs(self) -> int:
+        """Epochs finished before this attempt (0: a fresh start)."""
+        return len(self.finished)
+
+    def callbacks(self, patience: int) -> list[keras.callbacks.Callback]:
+        """Early stopping, then the backup that saves the whole state at each epoch's end."""
+        import keras
+        import numpy as np
+
+        stopping = early_stopping(patience, self)
+        checkpoint = self
+
+        class Backup(keras.callbacks.BackupAndRestore):
+            def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+                super().on_train_begin(logs)
+                # state.json is the commit point: resume after the epochs it records
+                self.model._initial_epoch = max(
+                    checkpoint.resumed_epochs,
+                    self.params["epochs"] if checkpoint.stopped else 0,
+                )
+
+            def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                values = {k: float(v) for k, v in (logs or {}).items() if k in METRICS}
+                checkpoint.finished.append({"epoch": epoch, **values})
+                super().on_epoch_end(epoch, logs)
+                best = stopping.best_weights
+                if best is not None and stopping.best_epoch == epoch:
+                    with atomic_path(checkpoint.directory / _BEST) as tmp, open(tmp, "wb") as out:
+                        np.savez(out, *best)
+                checkpoint._stopping = {
+                    "wait": stopping.wait,
+                    "best": None if stopping.best is None else float(stopping.best),
+                    "best_epoch": stopping.best_epoch,
+                    "stopped_epoch": stopping.stopped_epoch,
+                }
+                write_json(checkpoint.directory / _STATE, checkpoint.state())
+
+        return [stopping, Backup(str(self.directory / "keras"), delete_checkpoint=False)]
+
+    @property
+    def stopped(self) -> bool:
+        """Whether early stopping had ended the phase before it was killed."""
+        return bool(self._stopping and self._stopping.get("stopped_epoch"))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "finished": self.finished,
+            "early_stopping": self._stopping,
+        }
+
+    def restore_stopping(self, callback: keras.callbacks.EarlyStopping) -> None:
+        """Give a fresh early-stopping callback the counters and best weights saved here."""
+        import numpy as np
+
+        if not self._stopping:
+            return
+        callback.wait, callback.best = self._stopping["wait"], self._stopping["best"]
+        callback.best_epoch = self._stopping["best_epoch"]
+        callback.stopped_epoch = self._stopping["stopped_epoch"]
+        if (self.directory / _BEST).is_file():
+            with np.load(self.directory / _BEST) as arrays:
+                callback.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_STATE = "state.json"
+_BEST = "best_weights.npz"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def extract_features(

@@ -46,33 +46,54 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     import mlflow
 
     from tasks.ml.backbones import get_backbone, unfreeze_top_blocks
-    from tasks.ml.model import backbone_name, compile_model, parameter_counts
+    from tasks.ml.devices import device_policy, strategy
+    from tasks.ml.model import backbone_name, compile_model, parameter_counts, with_precision
     from tasks.ml.pipeline import count_rows, phase_datasets
-    from tasks.ml.training import TrainResult, best_epoch, early_stopping, validation_scores
-    from tasks.tracking import epoch_logger, phase_run
+    from tasks.ml.training import PhaseCheckpoint, TrainResult, best_epoch, validation_scores
+    from tasks.tracking import epoch_logger, log_resume, phase_run
 
-    # Load the frozen-base model and score it before anything changes
+    # Load the frozen-base model under the device policy; score it before anything changes
     started = time.perf_counter()
     tune = cfg.finetune
     classes = cfg.dataset(paths.dataset).classes
     manifest = read_manifest(paths)
+    policy = device_policy(cfg.train.precision, cfg.train.jit_compile, cfg.train.distribute)
+    devices = strategy(policy)
     keras.utils.set_random_seed(cfg.train.seed)
-    model = _frozen_model(paths, len(classes))
+    with devices.scope():
+        model = with_precision(_frozen_model(paths, len(classes)), policy.precision)
     backbone = backbone_name(model, default=cfg.train.backbone)
     size = int(model.input_shape[1])
     boundary = tune.unfreeze_from or get_backbone(backbone).unfreeze_from
     augment = cfg.augmentation if tune.augment else None
     weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
+    batch = policy.global_batch(cfg.train.batch_size)
+    rate = policy.learning_rate(tune.learning_rate)
     train_images, val_images = phase_datasets(
-        manifest, paths.raw, classes, size, cfg.train, shuffle=True, augment=augment
-    )
-    compile_model(model, tune.optimizer, tune.learning_rate, len(classes))
-    frozen_scores = validation_scores(model, val_images)
+        manifest, paths.raw, classes, size, cfg.train, shuffle=True, augment=augment,
+        batch_size=batch,
+    )  # fmt: skip
+    with devices.scope():
+        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile)
+        frozen_scores = validation_scores(model, val_images)
 
-    # Unfreeze the top blocks (BatchNorm stays frozen) and recompile
-    unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
-    compile_model(model, tune.optimizer, tune.learning_rate, len(classes))
+        # Unfreeze the top blocks (BatchNorm stays frozen) and recompile
+        unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
+        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile)
     counts = parameter_counts(model)
+    checkpoint = PhaseCheckpoint(
+        paths.checkpoint("finetune"),
+        {
+            "phase": "finetune",
+            "finetune": tune.model_dump(),
+            "augmentation": cfg.augmentation.model_dump(),
+            "batch_size": cfg.train.batch_size,
+            "seed": cfg.train.seed,
+            "manifest": file_md5(paths.manifest),
+            "frozen_model": file_md5(paths.frozen_model),
+            "policy": policy.params(),
+        },
+    )
     previous = read_phase_history(paths, "train")
     offset = int(previous["epoch"].max()) if len(previous) else 0
     params = {
@@ -89,6 +110,9 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         "unfrozen_layers": len(unfrozen),
         "train_images": count_rows(manifest, "train"),
         "validation_images": count_rows(manifest, "validation"),
+        "global_batch_size": batch,
+        "scaled_learning_rate": rate,
+        **policy.params(),
         **counts,
     }
     tags = {
@@ -99,22 +123,30 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     }
 
     with phase_run(cfg, paths, "finetune") as run:
-        # Fit, save, choose the candidate, record
+        # Fit (resuming a killed attempt), save, choose the candidate, record
         mlflow.log_params(params)
         mlflow.set_tags(tags)
-        logger = epoch_logger("finetune", offset=offset)
+        log_resume(checkpoint, "phase 2", tune.epochs)
+        logger = epoch_logger(
+            "finetune",
+            offset=offset,
+            images=count_rows(manifest, "train"),
+            restored=checkpoint.finished,
+        )
         finetuned_scores = None
         if tune.epochs:
-            model.fit(
-                train_images,
-                validation_data=val_images,
-                epochs=tune.epochs,
-                callbacks=[early_stopping(tune.early_stopping_patience), logger],
-                verbose=0,
-                shuffle=False,
-            )
-            finetuned_scores = validation_scores(model, val_images)
-        save_model(model, paths.finetuned_model)
+            with devices.scope():
+                model.fit(
+                    train_images,
+                    validation_data=val_images,
+                    epochs=tune.epochs,
+                    callbacks=[*checkpoint.callbacks(tune.early_stopping_patience), logger],
+                    verbose=0,
+                    shuffle=False,
+                )
+                finetuned_scores = validation_scores(model, val_images)
+        save_model(with_precision(model, "float32"), paths.finetuned_model)
+        checkpoint.remove()
         record = _write_candidate(paths, frozen_scores, finetuned_scores)
         _record_phase(paths, previous.to_dict("records") + logger.rows, record)
     final = finetuned_scores or frozen_scores

@@ -28,6 +28,7 @@ from tasks.paths import DatasetPaths
 if TYPE_CHECKING:
     import keras
 
+    from tasks.ml.devices import DevicePolicy
     from tasks.ml.training import TrainResult
 
 
@@ -37,12 +38,13 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     import mlflow
 
     from tasks.ml.backbones import get_backbone, resolve_weights
-    from tasks.ml.model import ModelSpec, build_model, parameter_counts
+    from tasks.ml.devices import device_policy, strategy
+    from tasks.ml.model import ModelSpec, build_model, parameter_counts, with_precision
     from tasks.ml.pipeline import count_rows, phase_datasets
-    from tasks.ml.training import TrainResult, feature_bytes, use_feature_cache
-    from tasks.tracking import epoch_logger, phase_run
+    from tasks.ml.training import PhaseCheckpoint, TrainResult, feature_bytes, use_feature_cache
+    from tasks.tracking import epoch_logger, log_resume, phase_run
 
-    # Build the model on the frozen backbone
+    # Build the model on the frozen backbone, under the device policy
     started = time.perf_counter()
     train = cfg.train
     classes = cfg.dataset(paths.dataset).classes
@@ -50,15 +52,31 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     entry = get_backbone(train.backbone)
     size = entry.resolve_size(train.image_size)
     weights = resolve_weights(train.weights, train.backbone, size, paths.root)
+    policy = device_policy(train.precision, train.jit_compile, train.distribute)
+    devices = strategy(policy)
     keras.utils.set_random_seed(train.seed)
     head = entry.head_spec(train.head)
-    model = build_model(ModelSpec(train.backbone, size, head, len(classes)), weights)
+    with devices.scope():
+        model = build_model(ModelSpec(train.backbone, size, head, len(classes)), weights)
     counts = parameter_counts(model)
     images = count_rows(manifest, "train") + count_rows(manifest, "validation")
     cached = use_feature_cache(train, feature_bytes(model, images))
     augment = cfg.augmentation if train.augment and not cached else None
+    batch = policy.global_batch(train.batch_size)
     train_images, val_images = phase_datasets(
-        manifest, paths.raw, classes, size, train, shuffle=not cached, augment=augment
+        manifest, paths.raw, classes, size, train, shuffle=not cached, augment=augment,
+        batch_size=batch,
+    )  # fmt: skip
+    checkpoint = PhaseCheckpoint(
+        paths.checkpoint("train"),
+        {
+            "phase": "train",
+            "train": train.model_dump(),
+            "augmentation": cfg.augmentation.model_dump(),
+            "manifest": file_md5(paths.manifest),
+            "weights": weights.sha256,
+            "policy": policy.params(),
+        },
     )
     params = {
         "backbone": train.backbone,
@@ -74,18 +92,29 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         "unfreeze_from": "none (frozen base)",
         "train_images": count_rows(manifest, "train"),
         "validation_images": count_rows(manifest, "validation"),
+        "global_batch_size": batch,
+        "scaled_learning_rate": policy.learning_rate(train.learning_rate),
+        **policy.params(),
         **counts,
     }
 
     with phase_run(cfg, paths, "train", new_parent=True) as run:
-        # Fit, save, record
+        # Fit (resuming a killed attempt), save, record
         mlflow.log_params(params)
         mlflow.set_tags(
             {"weights.sha256": weights.sha256, "weights.description": weights.description}
         )
-        logger = epoch_logger("train", offset=0)
-        _fit_head(model, train, len(classes), train_images, val_images, cached, logger)
-        save_model(model, paths.frozen_model)
+        log_resume(checkpoint, "phase 1", train.epochs)
+        logger = epoch_logger(
+            "train", offset=0, images=count_rows(manifest, "train"), restored=checkpoint.finished
+        )
+        callbacks = [*checkpoint.callbacks(train.early_stopping_patience), logger]
+        with devices.scope():
+            _fit_head(
+                model, train, len(classes), train_images, val_images, cached, callbacks, policy
+            )
+        save_model(with_precision(model, "float32"), paths.frozen_model)
+        checkpoint.remove()
         best = _record_phase(model, paths, logger.rows, cached)
     return TrainResult(
         phase="train",
@@ -112,16 +141,17 @@ def _fit_head(
     train_images: Any,
     val_images: Any,
     cached: bool,
-    logger: Any,
+    callbacks: list[Any],
+    policy: DevicePolicy,
 ) -> None:
     """Train the head: on cached features (the backbone runs once), or end to end."""
     from tasks.ml.model import compile_model, feature_extractor
     from tasks.ml.pipeline import feature_dataset
-    from tasks.ml.training import early_stopping, extract_features
+    from tasks.ml.training import extract_features
 
-    callbacks = [early_stopping(train.early_stopping_patience), logger]
+    rate = policy.learning_rate(train.learning_rate)
     if not cached:
-        compile_model(model, train.optimizer, train.learning_rate, n_classes)
+        compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile)
         model.fit(
             train_images,
             validation_data=val_images,
@@ -135,16 +165,17 @@ def _fit_head(
     train_x, train_y = extract_features(extractor, train_images)
     val_x, val_y = extract_features(extractor, val_images)
     head = model.get_layer("head")
-    compile_model(head, train.optimizer, train.learning_rate, n_classes)
+    compile_model(head, train.optimizer, rate, n_classes, policy.jit_compile)
+    batch = policy.global_batch(train.batch_size)
     head.fit(
-        feature_dataset(train_x, train_y, train.batch_size, True, train.seed),
-        validation_data=feature_dataset(val_x, val_y, train.batch_size, False, 0),
+        feature_dataset(train_x, train_y, batch, True, train.seed),
+        validation_data=feature_dataset(val_x, val_y, batch, False, 0),
         epochs=train.epochs,
         callbacks=callbacks,
         verbose=0,
         shuffle=False,
     )
-    compile_model(model, train.optimizer, train.learning_rate, n_classes)
+    compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile)
 
 
 def _record_phase(

@@ -11,6 +11,7 @@ import pytest
 from tasks.errors import StageError
 from tasks.io import file_md5, sha256_file
 from tasks.ml.training import METRICS, choose_candidate
+from tasks.paths import DatasetPaths
 from tasks.steps import finetune, train
 from tasks.tracking import read_record
 from tests.model.conftest import load_images, make_workspace, model_config
@@ -81,6 +82,15 @@ def test_train_then_finetune_learns_and_is_tracked(tmp_path, offline_weights, tr
         assert set(METRICS) <= set(child.data.metrics)
     assert read_record(paths, "finetune").parent_run_id == parent.info.run_id
 
+    # the device policy on this CPU, recorded with the same names as on a GPU
+    for child in (train_run, tune_run):
+        policy = {k: child.data.params[k] for k in ("precision", "jit_compile", "distribute")}
+        assert policy == {"precision": "float32", "jit_compile": "False", "distribute": "none"}
+        assert child.data.params["replicas"] == "1"
+        assert child.data.params["global_batch_size"] == child.data.params["batch_size"]
+        assert child.data.tags["resumed_after_epoch"] == "0"
+    assert not paths.checkpoint("train").exists() and not paths.checkpoint("finetune").exists()
+
     p = train_run.data.params
     assert p["trainable_params"] == str(head_params)
     assert p["feature_cache"] == "True"
@@ -120,6 +130,79 @@ def test_train_then_finetune_learns_and_is_tracked(tmp_path, offline_weights, tr
     assert "did not beat" in str(wrecked)
     latest = _runs(tracking)["finetune"]
     assert latest.data.tags["finetune.improved"] == "false"
+
+
+def test_a_killed_stage_resumes_at_its_last_finished_epoch(tmp_path, offline_weights, tracking):
+    """SIGKILL of ``python -m tasks train`` mid-phase; the next attempt resumes, not restarts."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.datagen import tiny_params
+
+    paths = make_workspace(tmp_path / "killed", {"train": 24, "validation": 12})
+    reference = DatasetPaths.of("cats_vs_dogs", tmp_path / "reference")
+    shutil.copytree(paths.root, reference.root)
+    params = tmp_path / "params.yaml"
+    train_section = {"weights": str(offline_weights), "feature_cache": "off", "epochs": 12}
+    train_section |= {"early_stopping_patience": 12, "optimizer": "adam", "learning_rate": 0.003}
+    params.write_text(
+        yaml.safe_dump(
+            tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/x.zip"}, train=train_section)
+        )
+    )
+
+    def command(root):
+        return [sys.executable, "-m", "tasks", "train", "cats_vs_dogs", "--params", str(params),
+                "--root", str(root)]  # fmt: skip
+
+    done = subprocess.run(command(reference.root), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    state = paths.checkpoint("train") / "state.json"
+    victim = subprocess.Popen(command(paths.root), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and victim.poll() is None:
+        try:
+            if len(json.loads(state.read_text())["finished"]) >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = len(json.loads(state.read_text())["finished"])
+    assert 3 <= killed_at < 12, "the phase must be killed mid-way"
+    assert not paths.frozen_model.exists()  # nothing half-written where DVC looks
+
+    resumed = subprocess.run(command(paths.root), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"phase 1 resumes after epoch {killed_at} of 12" in resumed.stderr
+    assert not paths.checkpoint("train").exists()  # a completed phase removes its checkpoint
+
+    mine = pd.read_csv(paths.phase_history("train"))
+    theirs = pd.read_csv(reference.phase_history("train"))
+    assert list(mine["epoch"]) == list(theirs["epoch"]) == list(range(1, 13))
+    # the epochs before the kill are the uninterrupted run's (same seed, same order) ...
+    np.testing.assert_allclose(
+        mine[list(METRICS)].to_numpy()[:killed_at],
+        theirs[list(METRICS)].to_numpy()[:killed_at],
+        rtol=1e-3,
+        atol=1e-4,
+    )
+    # ... and the resumed epochs learn as well (the shuffle order after a resume is a new draw)
+    assert mine["val_accuracy"].max() >= 0.8
+    assert abs(mine["val_accuracy"].iloc[-1] - theirs["val_accuracy"].iloc[-1]) <= 0.2
+    run = _runs(tracking)["train"]
+    assert run.data.tags["resumed_after_epoch"] == str(killed_at)
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(tracking).get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 13))  # the retry's run holds the whole history
 
 
 def test_cached_features_train_the_same_model_as_end_to_end(tmp_path, offline_weights, tracking):
@@ -204,3 +287,32 @@ def test_imagenet_weights_missing_offline_names_the_file(tmp_path, tracking, mon
     assert "python -m tasks fetch-weights inception_v3" in message
     assert "\n" not in message
     assert not paths.frozen_model.exists()
+
+
+def test_feature_cache_on_with_augmentation_is_a_one_line_error_naming_both_settings():
+    from tasks.ml.training import use_feature_cache
+
+    with pytest.raises(StageError) as error:
+        use_feature_cache(model_config("train.feature_cache=on", "train.augment=true").train, 1)
+    assert str(error.value) == (
+        "train.feature_cache=on needs train.augment=false (augmented images give new features "
+        "every epoch); set feature_cache to auto or off, or augment to false"
+    )
+    # The two ways out it names are accepted: auto trains end to end, no augmentation caches.
+    assert not use_feature_cache(model_config("train.augment=true").train, 1)
+    assert use_feature_cache(model_config("train.feature_cache=on", "train.augment=false").train, 1)
+
+
+def test_finetune_on_a_frozen_model_with_other_classes_says_rerun_train(tmp_path, tracking):
+    from tests.tinymodel import build_tiny_model
+
+    paths = make_workspace(tmp_path, {"train": 2, "validation": 2})
+    paths.frozen_model.parent.mkdir(parents=True, exist_ok=True)
+    build_tiny_model(n_classes=3).save(paths.frozen_model)
+    with pytest.raises(StageError) as error:
+        finetune.run(model_config(), paths)
+    assert str(error.value) == (
+        f"{paths.frozen_model} predicts 3 classes but the dataset has 2; "
+        "rerun `python -m tasks train cats_vs_dogs`"
+    )
+    assert not paths.finetuned_model.exists() and not paths.candidate.exists()
