@@ -12,13 +12,19 @@ PYTEST_ARGS ?=
 CONF ?=
 AIRFLOW_PORT ?= 8080
 
-.PHONY: setup run test lint bench clean airflow demo stack-deps
+.PHONY: setup run test lint bench bench-gpu clean airflow demo stack-deps
 
-setup: $(VENV)/.synced
+# GPU=1: TensorFlow with its CUDA libraries (uv.lock's `gpu` group, Linux) instead of
+# tensorflow-cpu; both are locked, `uv sync` alone gives the CPU build.
+GPU ?=
+TF_GROUPS = $(if $(GPU),--no-group cpu --group gpu)
 
-$(VENV)/.synced: pyproject.toml uv.lock
+setup: $(VENV)/.synced$(if $(GPU),-gpu)
+
+$(VENV)/.synced$(if $(GPU),-gpu): pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen $(TF_GROUPS)
+	@rm -f $(VENV)/.synced $(VENV)/.synced-gpu
 	@touch $@
 
 # Every dataset DAG end to end with `airflow dags test` (then the summary DAG), on a
@@ -42,6 +48,12 @@ lint: setup
 
 bench: setup
 	$(PY) -m tasks.dev.bench
+
+# images/s of feature extraction, head training and a fine-tune step per backbone, precision,
+# XLA and batch size, and the projected cats/dogs pipeline time: a table and
+# reports/bench/gpu.json. QUICK=1: mobilenet_v2, 96 px, batch 8 and 16 (about a minute on CPU).
+bench-gpu: setup
+	$(PY) -m tasks.dev.bench_gpu $(if $(QUICK),--quick)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache

@@ -3,9 +3,9 @@
 # (exported from uv.lock), the stage code, the DAGs and the DVC pipeline.
 # Build from the repository root:
 #   docker build -f docker/airflow.Dockerfile -t transfer-learning-airflow:0.1.0 .
-# GPU worker (TensorFlow with its CUDA libraries instead of the CPU build):
+# GPU worker (uv.lock's `gpu` group: TensorFlow with its CUDA libraries, not the CPU build):
 #   docker build -f docker/airflow.Dockerfile \
-#     --build-arg TENSORFLOW='tensorflow[and-cuda]==2.21.0' -t transfer-learning-airflow-gpu:0.1.0 .
+#     --build-arg TF_GROUP=gpu -t transfer-learning-airflow-gpu:0.1.0 .
 # No secret is baked in: connections and keys come from the environment at run time.
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
@@ -13,7 +13,7 @@ FROM apache/airflow:3.3.2-python3.11
 
 # Must match uv.lock (tests/deploy checks): the official image's Airflow is kept, not upgraded.
 ARG AIRFLOW_VERSION=3.3.2
-ARG TENSORFLOW=tensorflow-cpu==2.21.0
+ARG TF_GROUP=cpu
 
 USER 0
 # DVC needs git; the stage commands need nothing else from the system.
@@ -31,11 +31,10 @@ USER 50000:0
 WORKDIR /opt/airflow/project
 COPY --chown=airflow:0 pyproject.toml uv.lock README.md ./
 # Locked dependencies into the image's virtualenv ($VIRTUAL_ENV=/home/airflow/.local),
-# TensorFlow as chosen by the build argument.
-RUN uv export --frozen --no-dev --no-emit-project --no-hashes \
-        --no-emit-package tensorflow-cpu -o /tmp/requirements.txt \
-    && uv pip install --no-cache "apache-airflow==${AIRFLOW_VERSION}" "${TENSORFLOW}" \
-        -r /tmp/requirements.txt \
+# TensorFlow from the dependency group the build argument names (cpu or gpu).
+RUN uv export --frozen --no-default-groups --group "${TF_GROUP}" --no-emit-project \
+        --no-hashes -o /tmp/requirements.txt \
+    && uv pip install --no-cache "apache-airflow==${AIRFLOW_VERSION}" -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 COPY --chown=airflow:0 tasks/ tasks/

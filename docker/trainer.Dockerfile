@@ -11,8 +11,9 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
 FROM python:3.11.14-slim-bookworm
 
-# Must match uv.lock's tensorflow-cpu version (tests/deploy checks).
-ARG TENSORFLOW=tensorflow[and-cuda]==2.21.0
+# Which TensorFlow of uv.lock: the `gpu` dependency group (tensorflow[and-cuda] and its
+# locked CUDA libraries) or `cpu` (tensorflow-cpu).
+ARG TF_GROUP=gpu
 
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -29,9 +30,9 @@ ENV VIRTUAL_ENV=/opt/venv \
 WORKDIR /opt/airflow/project
 COPY pyproject.toml uv.lock README.md ./
 RUN uv venv /opt/venv \
-    && uv export --frozen --no-dev --no-emit-project --no-hashes \
-        --no-emit-package tensorflow-cpu -o /tmp/requirements.txt \
-    && uv pip install --no-cache "${TENSORFLOW}" -r /tmp/requirements.txt \
+    && uv export --frozen --no-default-groups --group "${TF_GROUP}" --no-emit-project \
+        --no-hashes -o /tmp/requirements.txt \
+    && uv pip install --no-cache -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 COPY tasks/ tasks/

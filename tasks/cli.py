@@ -70,6 +70,8 @@ def register(cfg: Config, paths: DatasetPaths, args: argparse.Namespace) -> Any:
 
 STAGES: tuple[StageCommand, ...] = (download, validate, train, finetune, evaluate, register)
 """The pipeline's stages in order; each command's name is its step module's (and DVC stage's)."""
+DEVICE_STAGES = frozenset({"train", "finetune", "evaluate", "register"})
+"""The stages that run models: on a shared GPU worker each claims its own GPUs first."""
 
 
 # ---------------------------------------------------------------- other commands
@@ -280,10 +282,24 @@ def run(argv: Sequence[str] | None = None) -> Any:
         return args.command_fn(args)
     cfg = load_config(args.params, [*env_overrides(), *args.overrides])
     cfg.dataset(args.dataset)
+    if stage.__name__ in DEVICE_STAGES:
+        from tasks.gpus import claim_gpus
+
+        claim_gpus()
     return stage(cfg, DatasetPaths.of(args.dataset, Path(args.root)), args)
 
 
+NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+"""TensorFlow's C++ logging at errors only: its start-up lines (``cpu_feature_guard``,
+``oneDNN custom operations are on``, absl's ``All log messages before absl::InitializeLog()``)
+are INFO, and each stage would print them. A value already in the environment wins."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before any command imports TensorFlow (commands import their modules when they run).
+    # Our own messages are Python logging and stderr prints, which this leaves alone.
+    for name, value in NATIVE_LOG_ENV.items():
+        os.environ.setdefault(name, value)
     try:
         result = run(argv)
     except (ConfigError, StageError) as error:

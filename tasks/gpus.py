@@ -3,7 +3,8 @@
 A GPU worker that runs several tasks at once (a Celery worker with
 ``--concurrency`` equal to its GPU count, ``airflow standalone`` on a GPU
 workstation) names the GPUs its tasks share in ``TASKS_GPUS`` (e.g.
-``0,1,2,3``). Each stage process that trains or scores claims
+``0,1,2,3``, or ``all``: those in ``CUDA_VISIBLE_DEVICES``, else every GPU
+``nvidia-smi`` lists). Each stage process that trains or scores claims
 ``TASKS_GPUS_PER_TASK`` of them (default 1) before TensorFlow starts, by
 taking an exclusive ``flock`` on ``<TASKS_GPU_LOCKS>/gpu-<id>.lock``, and sets
 ``CUDA_VISIBLE_DEVICES`` to exactly those: TensorFlow then sees only them (as
@@ -23,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -70,7 +72,7 @@ def claim_gpus(env: Mapping[str, str] | None = None, poll_seconds: float = 1.0) 
     env = os.environ if env is None else env
     if _held is not None:
         return _held
-    ids = parse_ids(env.get(GPUS_ENV, ""))
+    ids = worker_gpus(env)
     if not ids:
         return None
     if "tensorflow" in sys.modules:
@@ -136,6 +138,27 @@ def _try_claim(folder: Path, ids: tuple[str, ...], count: int) -> GpuClaim | Non
             return claim
     claim.release()
     return None
+
+
+def worker_gpus(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The GPUs ``TASKS_GPUS`` names (``all``: the visible ones, as the worker sees them)."""
+    value = env.get(GPUS_ENV, "").strip()
+    if value != "all":
+        return parse_ids(value)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return parse_ids(visible)
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        raise StageError(
+            f"{GPUS_ENV}=all but nvidia-smi cannot list the GPUs here; install the NVIDIA "
+            f"driver (and container toolkit), or list the GPUs, e.g. {GPUS_ENV}=0,1"
+        ) from None
+    return parse_ids(",".join(listing.split()))
 
 
 def parse_ids(value: str) -> tuple[str, ...]:

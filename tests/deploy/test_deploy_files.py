@@ -189,7 +189,9 @@ def test_gpu_worker_reserves_an_nvidia_device_and_consumes_the_gpu_queue(compose
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert int(device["count"]) >= 1
-    assert gpu["build"]["args"]["TENSORFLOW"].startswith("tensorflow[and-cuda]==")
+    assert gpu["build"]["args"]["TF_GROUP"] == "gpu"
+    # each task claims its own GPUs among those the container was given
+    assert gpu["environment"]["TASKS_GPUS"] == "all"
 
 
 # --- Dockerfiles ----------------------------------------------------------------------
@@ -262,10 +264,12 @@ def test_images_pin_what_uv_lock_pins():
     assert image == f"apache/airflow:{lock['apache-airflow']}-python3.11"
     args = arg_defaults(airflow)
     assert args["AIRFLOW_VERSION"] == lock["apache-airflow"]
-    assert args["TENSORFLOW"] == f"tensorflow-cpu=={lock['tensorflow-cpu']}"
+    assert args["TF_GROUP"] == "cpu"
 
     trainer = parse_dockerfile(DOCKER / "trainer.Dockerfile")
-    assert arg_defaults(trainer)["TENSORFLOW"] == f"tensorflow[and-cuda]=={lock['tensorflow-cpu']}"
+    assert arg_defaults(trainer)["TF_GROUP"] == "gpu"
+    # both groups are locked at the same TensorFlow: the images install what uv.lock pins
+    assert lock["tensorflow"] == lock["tensorflow-cpu"]
     image, _ = from_image(stages(trainer)[-1][0])
     assert image.startswith("python:3.11.")
 
