@@ -271,6 +271,12 @@ class FinetuneConfig(_Section):
     learning_rate: PositiveFloat = 1e-5
     early_stopping_patience: NonNegativeInt = 3
     augment: bool = True
+    feature_cache: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EvaluateConfig(_Section):

@@ -186,6 +186,51 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer("backbone")(x, training=False), name="features")
 
 
+def split_at(model: keras.Model, boundary: str) -> tuple[keras.Model, keras.Model] | None:
+    """``(lower, upper)``: the end-to-end model cut where fine-tuning starts.
+
+    ``lower`` maps raw images to the activations that the backbone's layers from
+    ``boundary`` on read from the layers below it (one tensor, or several where a
+    residual or a parallel branch crosses the cut); ``upper`` maps those to the
+    model's output. Both share the model's layers, so fitting ``upper`` trains
+    the model itself. The backbone runs in inference mode in both, as in the
+    whole model (BatchNorm keeps its statistics); the head's dropout trains.
+    None when nothing lies below ``boundary`` (the whole backbone is unfrozen).
+    """
+    from tasks.ml.backbones import boundary_index
+
+    backbone = model.get_layer("backbone")
+    start = boundary_index(backbone, boundary)
+    below = {id(layer) for layer in backbone.layers[:start]}
+    inside = below | {id(layer) for layer in backbone.layers[start:]}
+    crossing: dict[int, Any] = {}
+    for layer in backbone.layers[start:]:
+        for node in layer._inbound_nodes:
+            tensors = node.input_tensors
+            if any(id(t._keras_history.operation) not in inside for t in tensors):
+                continue  # a node of another graph sharing this layer
+            for tensor in tensors:
+                if id(tensor._keras_history.operation) in below:
+                    crossing.setdefault(id(tensor), tensor)
+    cut = list(crossing.values())
+    if not cut:
+        return None
+    one = len(cut) == 1
+    lower_base = keras.Model(backbone.input, cut[0] if one else cut, name="below_boundary")
+    upper_base = keras.Model(cut[0] if one else cut, backbone.output, name="above_boundary")
+
+    image = keras.Input(model.input_shape[1:], name="image")
+    lower = keras.Model(
+        image, lower_base(model.get_layer("preprocess")(image), training=False), name="lower"
+    )
+    inputs = [keras.Input(tuple(t.shape[1:]), name=f"cut_{i}") for i, t in enumerate(cut)]
+    features = upper_base(inputs[0] if one else inputs, training=False)
+    upper = keras.Model(
+        inputs[0] if one else inputs, model.get_layer("head")(features), name="upper"
+    )
+    return lower, upper
+
+
 def loss_for(n_classes: int) -> str:
     return "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
 

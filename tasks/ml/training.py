@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.config import TrainConfig
+from tasks.config import FinetuneConfig, TrainConfig
 from tasks.errors import StageError
 from tasks.io import atomic_path, write_json
 
@@ -56,6 +56,10 @@ class TrainResult:
     candidate: str | None = None
     note: str = ""
 
+    @property
+    def _cached_part(self) -> str:
+        return "top blocks" if self.phase == "finetune" else "head"
+
     def __str__(self) -> str:
         label = {"train": "phase 1 (frozen base)", "finetune": "phase 2 (fine-tuning)"}
         lines = [
@@ -69,7 +73,7 @@ class TrainResult:
                 if self.unfrozen_layers
                 else ""
             )
-            + (", head trained on cached features" if self.feature_cache else ""),
+            + (f", {self._cached_part} trained on cached activations" * self.feature_cache),
             f"  {self.seconds:.1f} s, MLflow run {self.run_id}",
         ]
         if self.candidate:
@@ -77,34 +81,43 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def use_feature_cache(train: TrainConfig, feature_bytes: int) -> bool:
-    """Whether phase 1 fits the head on cached features.
+def use_feature_cache(
+    section: TrainConfig | FinetuneConfig, feature_bytes: int, name: str = "train"
+) -> bool:
+    """Whether a phase trains on activations computed once instead of on images.
 
-    With the base frozen and no augmentation, the backbone maps each image to
-    the same features every epoch, so they are computed once. ``auto`` falls
-    back to end-to-end training when augmenting or when the features would take
-    more than :data:`FEATURE_CACHE_LIMIT` bytes; ``off`` always trains end to end.
+    Phase 1 (``name`` train): the frozen backbone's features. Phase 2 (finetune):
+    the activations the unfrozen top blocks read (:func:`tasks.ml.model.split_at`),
+    since the frozen layers below the fine-tune boundary give the same ones every
+    epoch. Without augmentation the images do not change between epochs, so
+    they are computed once. ``auto`` falls back to training on images when
+    augmenting or when they would take more than :data:`FEATURE_CACHE_LIMIT`
+    bytes; ``off`` always trains on images, the tutorial way.
     """
-    if train.feature_cache == "off":
+    if section.feature_cache == "off":
         return False
-    if train.augment:
-        if train.feature_cache == "on":
+    if section.augment:
+        if section.feature_cache == "on":
             raise StageError(
-                "train.feature_cache=on needs train.augment=false (augmented images give new "
+                f"{name}.feature_cache=on needs {name}.augment=false (augmented images give new "
                 "features every epoch); set feature_cache to auto or off, or augment to false"
             )
         return False
-    if train.feature_cache == "auto" and feature_bytes > FEATURE_CACHE_LIMIT:
-        log.info("features would take %.1f GB; training end to end instead", feature_bytes / 1e9)
+    if section.feature_cache == "auto" and feature_bytes > FEATURE_CACHE_LIMIT:
+        log.info("features would take %.1f GB; training on images instead", feature_bytes / 1e9)
         return False
     return True
 
 
-def feature_bytes(model: keras.Model, images: int) -> int:
-    """Memory the backbone's float32 features of ``images`` images would take."""
-    per_image = 4
-    for dim in model.get_layer("backbone").output.shape[1:]:
-        per_image *= int(dim)
+def feature_bytes(model: keras.Model, images: int, layer: str | None = "backbone") -> int:
+    """Memory the float32 outputs of ``layer`` (None: the model's own) for ``images`` images."""
+    outputs = model.get_layer(layer).output if layer else model.output
+    per_image = 0
+    for output in outputs if isinstance(outputs, list | tuple) else [outputs]:
+        size = 4
+        for dim in output.shape[1:]:
+            size *= int(dim)
+        per_image += size
     return images * per_image
 
 
@@ -237,13 +250,16 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def extract_features(
-    extractor: keras.Model, dataset: tf.data.Dataset
-) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of every batch of ``dataset``, in order."""
+def extract_features(extractor: keras.Model, dataset: tf.data.Dataset) -> tuple[Any, np.ndarray]:
+    """(features, labels) of every batch of ``dataset``, in order (features: one array, or
+    a tuple of arrays for an extractor with several outputs)."""
     import numpy as np
 
     features = extractor.predict(dataset, verbose=0)
+    if isinstance(features, list):  # several outputs; float32 whatever the policy computed in
+        features = tuple(np.asarray(f, dtype="float32") for f in features)
+    else:
+        features = np.asarray(features, dtype="float32")
     labels = np.concatenate([y.numpy() for _, y in dataset])
     return features, labels
 

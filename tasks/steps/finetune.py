@@ -35,6 +35,7 @@ from tasks.paths import DatasetPaths
 if TYPE_CHECKING:
     import keras
 
+    from tasks.ml.devices import DevicePolicy
     from tasks.ml.training import TrainResult
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,22 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
 
     from tasks.ml.backbones import get_backbone, unfreeze_top_blocks
     from tasks.ml.devices import device_policy, strategy
-    from tasks.ml.model import backbone_name, compile_model, parameter_counts, with_precision
+    from tasks.ml.model import (
+        backbone_name,
+        compile_model,
+        parameter_counts,
+        split_at,
+        with_precision,
+    )
     from tasks.ml.pipeline import count_rows, phase_datasets
-    from tasks.ml.training import PhaseCheckpoint, TrainResult, best_epoch, validation_scores
+    from tasks.ml.training import (
+        PhaseCheckpoint,
+        TrainResult,
+        best_epoch,
+        feature_bytes,
+        use_feature_cache,
+        validation_scores,
+    )
     from tasks.tracking import epoch_logger, log_resume, phase_run
 
     # Load the frozen-base model under the device policy; score it before anything changes
@@ -69,8 +83,14 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
     batch = policy.global_batch(cfg.train.batch_size)
     rate = policy.learning_rate(tune.learning_rate)
+    with devices.scope():
+        split = split_at(model, boundary)
+    images = count_rows(manifest, "train") + count_rows(manifest, "validation")
+    cached = split is not None and use_feature_cache(
+        tune, feature_bytes(split[0], images, layer=None), "finetune"
+    )
     train_images, val_images = phase_datasets(
-        manifest, paths.raw, classes, size, cfg.train, shuffle=True, augment=augment,
+        manifest, paths.raw, classes, size, cfg.train, shuffle=not cached, augment=augment,
         batch_size=batch,
     )  # fmt: skip
     with devices.scope():
@@ -105,7 +125,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         "learning_rate": tune.learning_rate,
         "batch_size": cfg.train.batch_size,
         "augment": bool(augment),
-        "feature_cache": False,
+        "feature_cache": cached,
         "unfreeze_from": boundary,
         "unfrozen_layers": len(unfrozen),
         "train_images": count_rows(manifest, "train"),
@@ -135,15 +155,20 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         )
         finetuned_scores = None
         if tune.epochs:
+            callbacks = [*checkpoint.callbacks(tune.early_stopping_patience), logger]
             with devices.scope():
-                model.fit(
-                    train_images,
-                    validation_data=val_images,
-                    epochs=tune.epochs,
-                    callbacks=[*checkpoint.callbacks(tune.early_stopping_patience), logger],
-                    verbose=0,
-                    shuffle=False,
-                )
+                if cached and split is not None:
+                    _fit_above_boundary(split, cfg, train_images, val_images, callbacks, policy)
+                    compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile)
+                else:
+                    model.fit(
+                        train_images,
+                        validation_data=val_images,
+                        epochs=tune.epochs,
+                        callbacks=callbacks,
+                        verbose=0,
+                        shuffle=False,
+                    )
                 finetuned_scores = validation_scores(model, val_images)
         save_model(with_precision(model, "float32"), paths.finetuned_model)
         checkpoint.remove()
@@ -165,8 +190,39 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         seconds=time.perf_counter() - started,
         run_id=run.info.run_id,
         unfrozen_layers=len(unfrozen),
+        feature_cache=cached,
         candidate=f"{record['path']} ({record['phase']})",
         note=record["reason"],
+    )
+
+
+def _fit_above_boundary(
+    split: tuple[keras.Model, keras.Model],
+    cfg: Config,
+    train_images: Any,
+    val_images: Any,
+    callbacks: list[Any],
+    policy: DevicePolicy,
+) -> None:
+    """Fine-tune on activations at the boundary: the frozen layers below it run once."""
+    from tasks.ml.model import compile_model
+    from tasks.ml.pipeline import feature_dataset
+    from tasks.ml.training import extract_features
+
+    lower, upper = split
+    tune, batch = cfg.finetune, policy.global_batch(cfg.train.batch_size)
+    train_x, train_y = extract_features(lower, train_images)
+    val_x, val_y = extract_features(lower, val_images)
+    n_classes = 2 if upper.output_shape[-1] == 1 else int(upper.output_shape[-1])
+    rate = policy.learning_rate(tune.learning_rate)
+    compile_model(upper, tune.optimizer, rate, n_classes, policy.jit_compile)
+    upper.fit(
+        feature_dataset(train_x, train_y, batch, True, cfg.train.seed),
+        validation_data=feature_dataset(val_x, val_y, batch, False, 0),
+        epochs=tune.epochs,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
     )
 
 

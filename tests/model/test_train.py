@@ -249,6 +249,62 @@ def test_cached_features_train_the_same_model_as_end_to_end(tmp_path, offline_we
     )
 
 
+def test_fine_tuning_on_boundary_activations_trains_the_same_model(
+    tmp_path, offline_weights, tracking
+):
+    """Phase 2 on activations cached at the fine-tune boundary = phase 2 on images.
+
+    MobileNetV2's boundary (``block_11_expand_relu``) is crossed by two tensors
+    (the expanded activations and the block's residual input), so this also
+    covers a cut with several inputs.
+    """
+    from tasks.artifacts import load_model
+
+    paths = make_workspace(tmp_path, {"train": 12, "validation": 6})
+    settings = dict(train={"weights": str(offline_weights), "head": {"dropout": 0.0}})
+    common = ("train.epochs=2", "finetune.epochs=3", "finetune.augment=false")
+    common += ("finetune.optimizer=adam", "finetune.learning_rate=0.001")
+    train.run(model_config(*common, **settings), paths)
+    models, results = {}, {}
+    for mode in ("on", "off"):
+        results[mode] = finetune.run(
+            model_config(*common, f"finetune.feature_cache={mode}", **settings), paths
+        )
+        models[mode] = load_model(paths.finetuned_model)
+    assert results["on"].feature_cache and not results["off"].feature_cache
+    assert "top blocks trained on cached activations" in str(results["on"])
+    assert results["on"].trainable_params == results["off"].trainable_params
+
+    frozen = load_model(paths.frozen_model)
+    changed = [  # the unfrozen layers did train
+        not np.allclose(a, b)
+        for a, b in zip(models["on"].get_weights(), frozen.get_weights(), strict=True)
+    ]
+    assert any(changed)
+    for a, b in zip(models["on"].get_weights(), models["off"].get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4)
+    images = load_images(paths, "validation", 32)
+    np.testing.assert_allclose(
+        models["on"].predict(images, verbose=0), models["off"].predict(images, verbose=0), atol=1e-4
+    )
+    run = _runs(tracking)["finetune"]  # the latest: off
+    assert run.data.params["feature_cache"] == "False"
+
+
+def test_boundary_cache_needs_augmentation_off(tmp_path, offline_weights, tracking):
+    paths = make_workspace(tmp_path, {"train": 12, "validation": 6})
+    settings = dict(train={"weights": str(offline_weights)})
+    train.run(model_config("train.epochs=1", **settings), paths)
+    with pytest.raises(StageError) as error:
+        finetune.run(
+            model_config("finetune.augment=true", "finetune.feature_cache=on", **settings), paths
+        )
+    assert str(error.value) == (
+        "finetune.feature_cache=on needs finetune.augment=false (augmented images give new "
+        "features every epoch); set feature_cache to auto or off, or augment to false"
+    )
+
+
 def test_choose_candidate_prefers_the_lower_validation_loss():
     frozen = {"val_loss": 0.40, "val_accuracy": 0.85}
     assert choose_candidate(frozen, {"val_loss": 0.30, "val_accuracy": 0.9})[0] == "finetune"
