@@ -37,3 +37,19 @@ def archive_server():
 
     with ArchiveServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def offline_weights(tmp_path_factory) -> Path:
+    """A MobileNetV2 ``.weights.h5`` pretrained offline at 32 px (made once per session).
+
+    ``tasks.dev.offline_weights.make_offline_weights`` pretrains it on a generated
+    source task: with random weights the frozen features are collapsed and a head
+    stays at chance (the tiny pipelines then score 0.5, a one-class model), so every
+    run that must learn (the model tests, the e2e and deploy pipelines) uses this
+    real weights file, made without the network.
+    """
+    from tasks.dev.offline_weights import make_offline_weights
+
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
+    return make_offline_weights("mobilenet_v2", path, image_size=32)

@@ -502,8 +502,12 @@ def _http_attempt(
         response = session.get(
             url, headers=headers, stream=True, timeout=(dl.timeout_seconds, dl.timeout_seconds)
         )
-    except requests.exceptions.InvalidURL as error:
-        raise SourceFailed(f"invalid URL: {error}") from None
+    except (requests.exceptions.InvalidURL, urllib3.exceptions.LocationValueError) as error:
+        # urllib3 raises LocationParseError itself (not wrapped by requests) for a host
+        # with an empty or over-long label, e.g. ``http://example..com/x.zip``.
+        raise SourceFailed(
+            f"invalid URL ({error}); correct it under datasets.{ds.name} in params.yaml"
+        ) from None
     except requests.RequestException as error:
         raise _Retry(_reason(error)) from None
     with response:

@@ -1,10 +1,5 @@
-"""Fixtures for the training tests: generated workspaces and offline-made backbone weights.
-
-``offline_weights`` pretrains MobileNetV2 (32 px) on a generated source task once
-per test session (``tasks.dev.offline_weights.make_offline_weights``): with random weights
-the frozen features are collapsed and a head stays at chance, so the tiny
-end-to-end runs need a real weights file, made without the network.
-"""
+"""Fixtures for the training tests: generated workspaces (the offline-made backbone weights,
+``offline_weights``, are a session fixture in tests/conftest.py, shared with the e2e tests)."""
 
 from __future__ import annotations
 
@@ -100,15 +95,6 @@ def model_config(*overrides: str, dataset: str = "cats_vs_dogs", **sections: Any
     train |= sections.pop("train", {})
     params = tiny_params({dataset: "http://127.0.0.1:1/data.zip"}, train=train, **sections)
     return parse_config(params, list(overrides))
-
-
-@pytest.fixture(scope="session")
-def offline_weights(tmp_path_factory) -> Path:
-    """A MobileNetV2 ``.weights.h5`` pretrained offline at 32 px (made once per session)."""
-    from tasks.dev.offline_weights import make_offline_weights
-
-    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
-    return make_offline_weights("mobilenet_v2", path, image_size=MODEL_SIDE)
 
 
 @pytest.fixture

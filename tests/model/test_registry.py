@@ -10,6 +10,7 @@ import pytest
 
 from tasks.cli import main
 from tasks.config import parse_config
+from tasks.errors import StageError
 from tasks.steps import register
 from tasks.tracking import read_record, registered_model_name
 from tests.datagen import tiny_params
@@ -201,6 +202,46 @@ def test_the_champion_is_rescored_on_the_current_test_data(paths, models):
     assert new.promoted and new.verdict == "better", new.reason
     assert aliases() == {"champion": "2", "previous": "1"}
     assert json.loads(paths.gate.read_text())["champion_score"] == pytest.approx(0.0)
+
+
+def test_a_champion_that_cannot_be_loaded_stops_the_gate_in_one_line(paths, models):
+    """Its files are gone from the artifact store: no silent promotion over it."""
+    import shutil
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    from mlflow import MlflowClient
+
+    assert gate(paths, models["good"], "register.floor=0.4").promoted
+    client = MlflowClient()
+    store = client.get_experiment_by_name("cats_vs_dogs").artifact_location
+    shutil.rmtree(Path(unquote(urlparse(store).path)))
+    with pytest.raises(StageError) as error:
+        gate(paths, models["retrain"], "register.floor=0.4")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"cannot re-score the current champion: cannot load MLflow model models:/{NAME}/1: "
+    )
+    assert message.endswith(
+        "; restore its artifacts or move the alias with `mlflow` before registering"
+    )
+    assert aliases() == {"champion": "1"}  # nothing registered, no alias moved
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
+
+
+def test_a_metric_undefined_on_the_test_data_is_a_one_line_error(paths, models):
+    """ROC AUC needs both classes in the test split; here it holds cats only."""
+    manifest = pd.read_parquet(paths.manifest)
+    dogs = (manifest["split"] == "test") & (manifest["label"] == "dogs")
+    manifest[~dogs].to_parquet(paths.manifest, index=False)
+    with pytest.raises(StageError) as error:
+        gate(paths, models["good"], "register.metric=roc_auc", "register.method=bootstrap")
+    assert str(error.value) == (
+        "register.metric roc_auc is undefined on this test data (one class only?); "
+        "pick accuracy or f1_macro in params.yaml"
+    )
+    assert not paths.gate.exists()
 
 
 def test_the_gate_scores_only_the_held_out_test_rows(paths, models):

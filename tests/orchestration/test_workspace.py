@@ -149,6 +149,13 @@ def test_unknown_conf_key_is_a_one_line_error_listing_the_keys():
         conf_overrides({"set": 3}, "x")
 
 
+@pytest.mark.parametrize("conf", [["train.epochs=3"], "backbone=vgg16", 3])
+def test_a_conf_that_is_not_an_object_is_a_one_line_error_with_an_example(conf):
+    with pytest.raises(ConfigError) as error:
+        conf_overrides(conf, "x")
+    assert str(error.value) == 'run conf: must be a JSON object, e.g. {"backbone": "vgg16"}'
+
+
 def test_prepare_writes_the_run_params_into_the_workspace_only(project):
     before = project.params.read_text()
     prepared = prepare_workspace(

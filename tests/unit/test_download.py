@@ -115,10 +115,17 @@ def test_second_call_is_skipped_without_touching_the_server(server, zips, ws):
     cfg, paths = config(url), DatasetPaths.of(DS, ws)
     first = download.run(cfg, paths)
     before = server.count()
-    started = time.monotonic()
+    files = [paths.raw, *sorted(tree(paths).rglob("*")), paths.download_record]
+
+    def stamps() -> list[tuple[int, int]]:
+        return [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
+
+    before_stamps = stamps()
     again = download.run(cfg, paths)
-    assert time.monotonic() - started < 0.5
     assert server.count() == before == 1
+    # What the old "< 0.5 s" stood for: it returned at once, extracting and writing nothing
+    # (an extraction renames a new tree into place; a record rewrite replaces the file).
+    assert stamps() == before_stamps
     assert again.skipped and not first.skipped
     assert (again.sha256, again.source, again.bytes) == (first.sha256, url, first.bytes)
     assert "already verified" in str(again)
@@ -136,30 +143,47 @@ def test_archive_on_disk_with_a_known_hash_is_reextracted_without_the_network(se
     assert (tree(paths) / "train" / "cats").is_dir()
 
 
-def test_503_twice_then_ok_retries_with_backoff(server, zips, ws):
+def retry_waits(caplog) -> list[str]:
+    """The waits the download announced before each retry ("0.02" for "... in 0.02 s")."""
+    return [
+        r.getMessage().rsplit(" in ", 1)[1].removesuffix(" s")
+        for r in caplog.records
+        if "; retry " in r.getMessage()
+    ]
+
+
+def test_503_twice_then_ok_retries_with_backoff(server, zips, ws, caplog):
     url = server.add("/a.zip", zips[DS], statuses=[503, 503])
-    result = download.run(config(url), DatasetPaths.of(DS, ws))
+    with caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+        result = download.run(config(url), DatasetPaths.of(DS, ws))
     assert [r.status for r in server.requests_for("/a.zip")] == [503, 503, 200]
     assert result.sha256 == sha(zips[DS])
+    assert retry_waits(caplog) == ["0.01", "0.02"]  # backoff_seconds 0.01, doubling
 
 
 @pytest.mark.parametrize("status", [503, 429])
-def test_retry_after_is_honoured(server, zips, ws, status):
+def test_retry_after_is_honoured(server, zips, ws, status, caplog):
     url = server.add("/a.zip", zips[DS], statuses=[status], retry_after="1")
     cfg = config(url, overrides=("download.max_backoff_seconds=5",))
-    download.run(cfg, DatasetPaths.of(DS, ws))
+    with caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+        download.run(cfg, DatasetPaths.of(DS, ws))
     first, second = server.requests_for("/a.zip")
     assert (first.status, second.status) == (status, 200)
-    # backoff_seconds is 0.01: only Retry-After explains a one-second wait.
+    # backoff_seconds is 0.01: the one-second wait is the server's Retry-After ...
+    assert retry_waits(caplog) == ["1.00"]
+    # ... and it was slept, not just announced (a lower bound: load only makes it longer).
     assert second.time - first.time >= 0.95
 
 
-def test_retry_after_is_capped_by_max_backoff(server, zips, ws):
+def test_retry_after_is_capped_by_max_backoff(server, zips, ws, caplog):
     url = server.add("/a.zip", zips[DS], statuses=[429], retry_after="30")
     cfg = config(url, overrides=("download.max_backoff_seconds=0.2",))
-    download.run(cfg, DatasetPaths.of(DS, ws))
+    with caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+        download.run(cfg, DatasetPaths.of(DS, ws))
     first, second = server.requests_for("/a.zip")
-    assert 0.15 <= second.time - first.time < 5
+    assert (first.status, second.status) == (429, 200)
+    assert retry_waits(caplog) == ["0.20"]  # max_backoff_seconds, not the 30 s asked for
+    assert second.time - first.time >= 0.15
 
 
 def test_endless_503_gives_up_after_the_configured_attempts(server, zips, ws):
@@ -518,6 +542,24 @@ def test_cli_reports_an_unreachable_source_in_one_line(write_params, ws, capsys)
     assert "cannot reach any source" in line and url in line
     assert f"--set 'datasets.{DS}.mirrors=[\"file:///path/to.zip\"]'" in line
     assert str(DatasetPaths.of(DS, ws).archive) in line and "--offline" in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:99999/cats.zip",  # requests: InvalidURL (port out of range)
+        "http://example..com/cats.zip",  # urllib3: LocationParseError (empty label), unwrapped
+    ],
+)
+def test_cli_reports_an_invalid_url_in_one_line_naming_the_param(write_params, ws, capsys, url):
+    params = write_params(tiny_params({DS: url}, COUNTS))
+    code = main(["download", DS, "--params", str(params), "--root", str(ws)])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: {DS}: {url}: invalid URL (")
+    assert errors[0].endswith(f"; correct it under datasets.{DS} in params.yaml")
+    assert not DatasetPaths.of(DS, ws).raw.exists()
 
 
 def test_cli_downloads_and_prints_the_summary(server, zips, write_params, ws, capsys):
