@@ -270,7 +270,7 @@ class FinetuneConfig(_Section):
     optimizer: Optimizer = "rmsprop"
     learning_rate: PositiveFloat = 1e-5
     early_stopping_patience: NonNegativeInt = 3
-    augment: bool = True
+    augment: bool = False
     feature_cache: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("feature_cache", mode="before")

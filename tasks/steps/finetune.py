@@ -3,7 +3,9 @@
 Loads ``frozen.keras``, unfreezes the backbone's named top blocks
 (``finetune.unfreeze_from`` or the registry's boundary; every
 BatchNormalization layer stays frozen and in inference mode), recompiles at a
-low rate and trains with augmentation (``finetune.augment``).
+low rate. Without augmentation (``finetune.augment: false``, the default) the
+frozen layers below the boundary run once and the top blocks train on their
+cached activations (``finetune.feature_cache``); with it, on augmented images.
 
 Writes ``models/<ds>/finetuned.keras``, the history of both phases
 (``reports/<ds>/history.csv``, epochs numbered globally, and

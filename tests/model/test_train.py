@@ -105,7 +105,8 @@ def test_train_then_finetune_learns_and_is_tracked(tmp_path, offline_weights, tr
     assert q["unfreeze_from"] == "block_11_expand_relu"
     assert q["trainable_params"] == str(tuned.trainable_params)
     assert q["learning_rate"] == "1e-05"
-    assert q["augment"] == "True"
+    assert q["augment"] == "False"
+    assert q["feature_cache"] == "True"  # the default: the top blocks train on cached activations
     assert tune_run.data.tags["model.md5"] == file_md5(paths.finetuned_model)
     assert tune_run.data.tags["candidate.phase"] == record["phase"]
     assert tune_run.data.metrics["finetune_improved"] == float(record["phase"] == "finetune")
