@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.datagen import make_archive, tiny_params
+from tests.datagen import learnable_train, make_archive, tiny_params
 from tests.deploy.stack import (
     BIN,
     REPO,
@@ -213,15 +213,7 @@ def pipeline(stack, tmp_path_factory, archive_server, offline_weights):
     params = tiny_params(
         {DATASET: url},
         {"train": 8, "validation": 4},
-        train={
-            "backbone": "mobilenet_v2",
-            "image_size": 32,
-            "weights": str(offline_weights),
-            "epochs": 15,
-            "optimizer": "adam",
-            "learning_rate": 0.003,
-            "batch_size": 8,
-        },
+        train=learnable_train(offline_weights),
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 2},
         register={"floor": FLOOR, "promote_if": "not_worse"},

@@ -38,7 +38,7 @@ from tasks.dev.airflow_local import LocalAirflow, stage_seconds, stop_group
 from tasks.dev.httpserver import unused_port
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
 from tests.conftest import REPO
-from tests.datagen import make_archive, tiny_params
+from tests.datagen import learnable_train, make_archive, tiny_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -85,15 +85,7 @@ def airflow(tmp_path_factory, archive_server, offline_weights) -> LocalAirflow:
     params = tiny_params(
         sources,
         {"train": 8, "validation": 4},
-        train={
-            "backbone": "mobilenet_v2",
-            "image_size": 32,
-            "weights": str(offline_weights),
-            "epochs": 15,
-            "optimizer": "adam",
-            "learning_rate": 0.003,
-            "batch_size": 8,
-        },
+        train=learnable_train(offline_weights),
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 2},
         register={"floor": FLOOR, "promote_if": "not_worse"},

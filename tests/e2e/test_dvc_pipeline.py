@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.datagen import make_archive, tiny_params
+from tests.datagen import learnable_train, make_archive, tiny_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -145,15 +145,7 @@ def project(tmp_path_factory, archive_server, offline_weights) -> Path:
         sources,
         {"train": 8, "validation": 4},
         # Frozen-base features are cached: 15 head epochs take seconds.
-        train={
-            "backbone": "mobilenet_v2",
-            "image_size": 32,
-            "weights": str(offline_weights),
-            "epochs": 15,
-            "optimizer": "adam",
-            "learning_rate": 0.003,
-            "batch_size": 8,
-        },
+        train=learnable_train(offline_weights),
         finetune={"epochs": 1},
         evaluate={"gradcam_images": 1, "mistakes": 4},
         register={"floor": FLOOR, "promote_if": "not_worse"},
