@@ -264,6 +264,43 @@ def extract_features(extractor: keras.Model, dataset: tf.data.Dataset) -> tuple[
     return features, labels
 
 
+def fit_on_activations(
+    extractor: keras.Model,
+    trainee: keras.Model,
+    train_images: tf.data.Dataset,
+    val_images: tf.data.Dataset,
+    *,
+    optimizer: str,
+    learning_rate: float,
+    jit_compile: bool,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    callbacks: list[Any],
+) -> None:
+    """Run ``extractor`` once over both datasets, then fit ``trainee`` on its outputs.
+
+    Phase 1's head on the frozen backbone's features, phase 2's top blocks on the
+    activations at the fine-tune boundary: the images do not change between
+    epochs, so the frozen part below need not run again. Shuffled like the
+    image datasets (same seed).
+    """
+    from tasks.ml.model import compile_model, n_outputs
+    from tasks.ml.pipeline import feature_dataset
+
+    train_x, train_y = extract_features(extractor, train_images)
+    val_x, val_y = extract_features(extractor, val_images)
+    compile_model(trainee, optimizer, learning_rate, n_outputs(trainee), jit_compile)
+    trainee.fit(
+        feature_dataset(train_x, train_y, batch_size, True, seed),
+        validation_data=feature_dataset(val_x, val_y, batch_size, False, 0),
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
+    )
+
+
 def validation_scores(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
     """``val_loss`` and ``val_accuracy`` of a compiled model on ``dataset``."""
     values = model.evaluate(dataset, verbose=0, return_dict=True)

@@ -37,7 +37,6 @@ from tasks.paths import DatasetPaths
 if TYPE_CHECKING:
     import keras
 
-    from tasks.ml.devices import DevicePolicy
     from tasks.ml.training import TrainResult
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         TrainResult,
         best_epoch,
         feature_bytes,
+        fit_on_activations,
         use_feature_cache,
         validation_scores,
     )
@@ -160,7 +160,19 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
             callbacks = [*checkpoint.callbacks(tune.early_stopping_patience), logger]
             with devices.scope():
                 if cached and split is not None:
-                    _fit_above_boundary(split, cfg, train_images, val_images, callbacks, policy)
+                    # the layers below the boundary run once; the top blocks train
+                    fit_on_activations(
+                        *split,
+                        train_images,
+                        val_images,
+                        optimizer=tune.optimizer,
+                        learning_rate=rate,
+                        jit_compile=policy.jit_compile,
+                        batch_size=batch,
+                        seed=cfg.train.seed,
+                        epochs=tune.epochs,
+                        callbacks=callbacks,
+                    )
                     compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile)
                 else:
                     model.fit(
@@ -195,36 +207,6 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         feature_cache=cached,
         candidate=f"{record['path']} ({record['phase']})",
         note=record["reason"],
-    )
-
-
-def _fit_above_boundary(
-    split: tuple[keras.Model, keras.Model],
-    cfg: Config,
-    train_images: Any,
-    val_images: Any,
-    callbacks: list[Any],
-    policy: DevicePolicy,
-) -> None:
-    """Fine-tune on activations at the boundary: the frozen layers below it run once."""
-    from tasks.ml.model import compile_model
-    from tasks.ml.pipeline import feature_dataset
-    from tasks.ml.training import extract_features
-
-    lower, upper = split
-    tune, batch = cfg.finetune, policy.global_batch(cfg.train.batch_size)
-    train_x, train_y = extract_features(lower, train_images)
-    val_x, val_y = extract_features(lower, val_images)
-    n_classes = 2 if upper.output_shape[-1] == 1 else int(upper.output_shape[-1])
-    rate = policy.learning_rate(tune.learning_rate)
-    compile_model(upper, tune.optimizer, rate, n_classes, policy.jit_compile)
-    upper.fit(
-        feature_dataset(train_x, train_y, batch, True, cfg.train.seed),
-        validation_data=feature_dataset(val_x, val_y, batch, False, 0),
-        epochs=tune.epochs,
-        callbacks=callbacks,
-        verbose=0,
-        shuffle=False,
     )
 
 

@@ -146,8 +146,7 @@ def _fit_head(
 ) -> None:
     """Train the head: on cached features (the backbone runs once), or end to end."""
     from tasks.ml.model import compile_model, feature_extractor
-    from tasks.ml.pipeline import feature_dataset
-    from tasks.ml.training import extract_features
+    from tasks.ml.training import fit_on_activations
 
     rate = policy.learning_rate(train.learning_rate)
     if not cached:
@@ -161,19 +160,18 @@ def _fit_head(
             shuffle=False,
         )
         return
-    extractor = feature_extractor(model)
-    train_x, train_y = extract_features(extractor, train_images)
-    val_x, val_y = extract_features(extractor, val_images)
-    head = model.get_layer("head")
-    compile_model(head, train.optimizer, rate, n_classes, policy.jit_compile)
-    batch = policy.global_batch(train.batch_size)
-    head.fit(
-        feature_dataset(train_x, train_y, batch, True, train.seed),
-        validation_data=feature_dataset(val_x, val_y, batch, False, 0),
+    fit_on_activations(
+        feature_extractor(model),
+        model.get_layer("head"),
+        train_images,
+        val_images,
+        optimizer=train.optimizer,
+        learning_rate=rate,
+        jit_compile=policy.jit_compile,
+        batch_size=policy.global_batch(train.batch_size),
+        seed=train.seed,
         epochs=train.epochs,
         callbacks=callbacks,
-        verbose=0,
-        shuffle=False,
     )
     compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile)
 
