@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -391,13 +392,16 @@ def epoch_logger(
     offset: int,
     images: int = 0,
     restored: list[dict[str, Any]] | None = None,
+    stream: Any = None,
 ) -> keras.callbacks.Callback:
     """A Keras callback that logs ``loss``/``accuracy``/``val_*`` to MLflow per epoch
     (step = global epoch) and keeps them as history rows in ``.rows``; ``offset`` is
     the epochs of earlier phases.
 
     Each epoch also prints one line (phase, epoch n/N, the metrics, training
-    images per second over ``images``, the time left at that pace). ``restored``:
+    images per second over ``images``, the time left at that pace); on a terminal
+    (``stream`` a TTY, standard output by default) a Keras progress bar runs through
+    each epoch's batches first, and logs and pipes get the lines only. ``restored``:
     the epochs a killed attempt finished (``PhaseCheckpoint.finished``), logged
     again to this attempt's run so its history is whole.
 
@@ -409,18 +413,36 @@ def epoch_logger(
 
     from tasks.ml.training import METRICS
 
+    out = sys.stdout if stream is None else stream
+    terminal = bool(getattr(out, "isatty", lambda: False)())
+
     class EpochLogger(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
             self.rows: list[dict[str, Any]] = []
             self.started = time.perf_counter()
+            self.bar: keras.utils.Progbar | None = None
             for logs in restored or []:
                 self._record(int(logs["epoch"]), logs)
 
         def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             self.started = time.perf_counter()
+            if terminal:
+                total = int(self.params.get("epochs") or 0)
+                out.write(f"{phase}, epoch {epoch + 1}/{total}\n")
+                self.bar = keras.utils.Progbar(self.params.get("steps"), unit_name="batch")
+                self.batches, self.shown = 0, []
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            if self.bar is not None:
+                self.batches = batch + 1
+                self.shown = [(k, float(v)) for k, v in (logs or {}).items() if k in METRICS]
+                self.bar.update(self.batches, values=self.shown, finalize=False)
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if self.bar is not None:  # the bar's last state (it draws at most every 50 ms)
+                self.bar.update(self.batches, values=self.shown, finalize=True)
+                self.bar = None
             values = self._record(epoch, logs or {})
             seconds = time.perf_counter() - self.started
             total = int(self.params.get("epochs") or 0)
