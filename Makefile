@@ -36,9 +36,10 @@ run: setup
 test: setup stack-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# PostgreSQL server binaries for the stack test (instant when already installed).
+# PostgreSQL server binaries for the stack test (instant when already installed). A failed
+# install does not stop the suite: tests/deploy fails with the reason, the rest runs.
 stack-deps:
-	@bash tests/deploy/install_stack_deps.sh
+	@bash tests/deploy/install_stack_deps.sh || echo "make: stack-deps failed; only tests/deploy will fail, with the reason" >&2
 
 # ruff, then the import contracts of pyproject.toml (the layers in docs/architecture.md).
 lint: setup

@@ -4,15 +4,30 @@
 # cluster on 127.0.0.1). Idempotent and instant when they are already there.
 # Needs root (or sudo) only when it has something to install. No cluster is
 # created or started by the package: the tests make their own.
+#
+# A failed install does not stop `make test`: the reason is kept in $STACK_DEPS_LOG
+# (default .venv/stack-deps-failed.log) and tests/deploy fails with it, while the
+# rest of the suite runs and reports. A later successful run removes the file.
 set -euo pipefail
 
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+log="${STACK_DEPS_LOG:-$root/.venv/stack-deps-failed.log}"
+# Where Debian keeps the server binaries (overridable for the test of this script).
+bindirs="${POSTGRES_BINDIRS:-/usr/lib/postgresql/*/bin}"
+
 have_postgres() {
-    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null
+    compgen -G "$bindirs/initdb" >/dev/null || command -v initdb >/dev/null
 }
 
 if have_postgres; then
+    rm -f "$log"
     exit 0
 fi
+
+mkdir -p "$(dirname "$log")"
+: >"$log"
+exec 2> >(tee -a "$log" >&2)
+trap 'status=$?; if [[ $status -ne 0 ]]; then echo "install_stack_deps: failed (exit $status); tests/deploy will fail with this log ($log)" >&2; else rm -f "$log"; fi' EXIT
 
 sudo=()
 if [[ "$(id -u)" -ne 0 ]]; then
@@ -39,4 +54,4 @@ echo "install_stack_deps: installing PostgreSQL (Debian package postgresql)" >&2
     /etc/postgresql-common/createcluster.conf
 "${apt_install[@]}" postgresql
 have_postgres
-echo "install_stack_deps: $(compgen -G '/usr/lib/postgresql/*/bin/initdb' | head -n1) ready" >&2
+echo "install_stack_deps: $(compgen -G "$bindirs/initdb" | head -n1) ready" >&2

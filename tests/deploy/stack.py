@@ -114,17 +114,29 @@ class Process:
             pass
 
 
+def install_failure() -> str:
+    """The last lines of a failed ``install_stack_deps.sh`` run, or "" (see that script)."""
+    log = Path(os.environ.get("STACK_DEPS_LOG", REPO / ".venv" / "stack-deps-failed.log"))
+    if not log.is_file():
+        return ""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return " | ".join(lines[-3:])
+
+
 def postgres_bin() -> Path:
     """The folder with ``initdb`` and ``pg_ctl`` (Debian keeps them off PATH)."""
     found = shutil.which("pg_ctl")
     if found:
         return Path(found).resolve().parent
+    bindirs = os.environ.get("POSTGRES_BINDIRS", "/usr/lib/postgresql/*/bin")
     candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+        glob.glob(f"{bindirs}/pg_ctl"),
         key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
     )
     if not candidates:
-        raise RuntimeError(f"PostgreSQL server binaries not found; {INSTALL_HINT}")
+        failed = install_failure()
+        reason = f"the install failed: {failed}" if failed else INSTALL_HINT
+        raise RuntimeError(f"PostgreSQL server binaries not found; {reason}")
     return Path(candidates[-1]).parent
 
 
