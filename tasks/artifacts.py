@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import StageError
-from tasks.io import atomic_path, write_text
+from tasks.io import atomic_path, storage_error, write_text
 from tasks.paths import DatasetPaths
 
 if TYPE_CHECKING:
@@ -91,9 +91,21 @@ def load_model(path: Path) -> keras.Model:
 
 
 def save_model(model: keras.Model, target: Path) -> Path:
-    """Write ``model`` to ``target`` (a .keras file) atomically."""
-    with atomic_path(target, suffix=".keras") as tmp:
-        model.save(tmp)
+    """Write ``model`` to ``target`` (a .keras file) atomically.
+
+    A full disk (or a file-size limit) is a one-line StageError; ``target`` is then
+    left as it was (the previous model, or nothing).
+    """
+    target = Path(target)
+    try:
+        with atomic_path(target, suffix=".keras") as tmp:
+            model.save(tmp)
+    except OSError as error:
+        full = storage_error(error, f"saving the model to {target}", where=target.parent)
+        if full is None:
+            raise
+        kept = "the previous model there is kept" if target.exists() else "nothing was saved"
+        raise StageError(f"{full}; {kept}") from None
     return target
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks.config import Config, env_overrides, load_config
 from tasks.errors import ConfigError, StageError
+from tasks.io import storage_error
 from tasks.paths import DatasetPaths
 
 StageCommand = Callable[[Config, DatasetPaths, argparse.Namespace], Any]
@@ -308,6 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; previous outputs were left in place", file=sys.stderr)
         return 130
+    except OSError as error:
+        # A full disk (or a quota, or a file-size limit) where no step said more: the
+        # outputs are written atomically, so the previous ones are still there.
+        full = storage_error(error)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
     if result is not None and not isinstance(result, int | bool):
         print(result)
     return 0

@@ -6,18 +6,22 @@
 - Digests: sha256 for archives and weights, MD5 as DVC records it for a file
   (so MLflow tags and ``dvc.lock`` agree).
 - :func:`file_lock`: one holder at a time across processes (``fcntl.flock``).
+- :func:`storage_error`: a write the storage refused (disk full, quota, file-size
+  limit) as one line that names what was being written and the fix.
 
 Standard library only: Airflow's DAG processor imports this.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import resource
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -130,3 +134,69 @@ def file_lock(path: Path, waiting: str = "") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+}
+"""The errors of a write the storage refused, as a person says them."""
+
+
+def storage_error(
+    error: BaseException, doing: str | None = None, where: str | Path | None = None
+) -> str | None:
+    """One line for a write the storage refused (``ENOSPC``, ``EDQUOT``, ``EFBIG``), else None.
+
+    ``error`` or any exception it was raised from (libraries wrap the ``OSError``)
+    counts. ``doing`` says what was being written ("extracting X to Y"), by default
+    the ``OSError``'s file; ``where`` is the folder whose file system is full (by
+    default that file's). The line ends with the fix: free space there (saying how
+    much is free now), or raise the file-size limit (``ulimit -f``) when one is set.
+    """
+    found = _storage_oserror(error)
+    if found is None:
+        return None
+    written = Path(found.filename) if isinstance(found.filename, str) else None
+    doing = doing or (f"writing {written}" if written else "writing a file")
+    reason = STORAGE_ERRNOS[found.errno]
+    if found.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            fix = f"raise the file-size limit (ulimit -f, now {_size(limit)} per file)"
+        else:
+            fix = "write to a file system that allows larger files"
+        return f"{reason} while {doing}; {fix}, then rerun"
+    folder = _existing_folder(Path(where or written or "."))
+    free = f"{_size(shutil.disk_usage(folder).free)} free now" if folder else "free space unknown"
+    fix = f"free space on the file system of {folder} ({free})"
+    if found.errno == errno.EDQUOT:
+        fix += " or raise the quota"
+    return f"{reason} while {doing}; {fix}, then rerun"
+
+
+def _storage_oserror(error: BaseException | None) -> OSError | None:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _existing_folder(path: Path) -> Path | None:
+    path = path.absolute()
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"  # pragma: no cover

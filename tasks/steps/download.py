@@ -56,7 +56,15 @@ from tqdm import tqdm
 
 from tasks.config import Config, DatasetConfig, DownloadConfig
 from tasks.errors import SourceFailed, StageError
-from tasks.io import SHA256_HEX, atomic_path, file_lock, sha256_file, write_json, write_text
+from tasks.io import (
+    SHA256_HEX,
+    atomic_path,
+    file_lock,
+    sha256_file,
+    storage_error,
+    write_json,
+    write_text,
+)
 from tasks.paths import DatasetPaths
 
 log = logging.getLogger(__name__)
@@ -186,7 +194,7 @@ def _install(
     archive = paths.archive
     with atomic_path(paths.raw) as tmp:
         tmp.mkdir()
-        files = extract_archive(archive, tmp)
+        files = extract_archive(archive, tmp, final=paths.raw)
         check_layout(tmp, ds)
         elapsed = time.monotonic() - started
         record = {
@@ -353,6 +361,11 @@ def fetch_any(
             try:
                 sha, size = fetch_source(source, part, ds, dl, session=session)
                 _check_hash(sha, ds, expected)
+            except OSError as error:
+                full = storage_error(error, f"downloading {source} to {part}")
+                if full is None:
+                    raise
+                raise StageError(f"{ds.name}: {full} (the download resumes there)") from None
             except SourceFailed as failure:
                 log.warning("%s: %s failed: %s", ds.name, source, failure.reason)
                 failures.append((source, failure))
@@ -724,13 +737,15 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def extract_archive(archive: Path, target: Path) -> int:
+def extract_archive(archive: Path, target: Path, *, final: Path | None = None) -> int:
     """Extract ``archive`` into the folder ``target`` safely; returns the files written.
 
     Every entry is checked before the first byte is written, so an unsafe
-    archive writes nothing at all.
+    archive writes nothing at all. ``final``: where ``target`` goes once
+    complete (a temporary ``target`` is renamed there), as messages name it.
     """
     target = Path(target)
+    final = Path(final or target)
     try:
         with zipfile.ZipFile(archive) as bundle:
             plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
@@ -768,6 +783,11 @@ def extract_archive(archive: Path, target: Path) -> int:
             f"{archive}: not a readable zip archive ({error}); delete it and download again"
         ) from None
     except OSError as error:
+        doing = f"extracting {archive} to {final}"
+        full = storage_error(error, doing, where=final.parent)
+        if full is not None:
+            kept = "; the previous tree there is kept" if final != target and final.exists() else ""
+            raise StageError(full + kept) from None
         raise StageError(f"{archive}: extracting to {target} failed: {error}") from None
     return files
 
