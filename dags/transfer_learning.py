@@ -39,8 +39,10 @@ GPU stages ``TASKS_GPU_STAGES`` (default ``train,finetune``); ``TASKS_GPU_POOL``
 (default ``gpu``, sized by ``schedule.gpus``); ``TASKS_GPU_QUEUE`` (Celery
 queue of GPU workers; ``gpu`` by default under CeleryExecutor);
 ``TASKS_TRAINER_IMAGE``, ``TASKS_GPUS_PER_TASK``, ``TASKS_K8S_NAMESPACE``,
-``TASKS_K8S_PVC``, ``TASKS_K8S_NODE_SELECTOR`` (JSON), ``TASKS_K8S_TOLERATIONS``
-(JSON list), ``TASKS_DOCKER_URL``; ``TASKS_RETRY_DELAY_SECONDS`` (first retry wait).
+``TASKS_K8S_PVC``, ``TASKS_K8S_STATE_PVC`` (the claim at ``TASKS_STATE_DIR`` when
+that is outside ``TASKS_PROJECT``), ``TASKS_K8S_NODE_SELECTOR`` (JSON),
+``TASKS_K8S_TOLERATIONS`` (JSON list), ``TASKS_DOCKER_URL``;
+``TASKS_RETRY_DELAY_SECONDS`` (first retry wait).
 
 Nothing heavy at import: no tensorflow, great_expectations or mlflow; the
 kubernetes/docker providers are imported only when their backend is chosen.

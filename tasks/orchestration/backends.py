@@ -6,6 +6,13 @@ below); :func:`kubernetes_stage` and :func:`docker_stage` build the operator
 that runs ``python -m tasks dvc-stage <stage> <dataset>`` in the trainer image
 with the GPUs requested. The kubernetes and docker providers are imported only
 when their backend is chosen.
+
+The container must see the project (``TASKS_PROJECT``) and the run state
+(``TASKS_STATE_DIR``: the workspaces, the DVC cache, the embedded MLflow store)
+at the paths the Airflow workers see them. The docker backend bind-mounts both
+(the state only when it is outside the project). A pod mounts the claim
+``TASKS_K8S_PVC`` at the project; a state directory outside the project needs
+its own claim, ``TASKS_K8S_STATE_PVC`` (it may name the same claim).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class Backend:
     gpus_per_task: int = 1
     namespace: str = "default"
     pvc: str = "transfer-learning-project"
+    state_pvc: str | None = None
+    """The claim mounted at ``TASKS_STATE_DIR`` when that is outside ``TASKS_PROJECT``."""
     node_selector: Mapping[str, str] | None = None
     tolerations: tuple[Mapping[str, str], ...] = ()
     docker_url: str = "unix://var/run/docker.sock"
@@ -57,6 +66,7 @@ class Backend:
             gpus_per_task=int(env.get("TASKS_GPUS_PER_TASK", "1")),
             namespace=env.get("TASKS_K8S_NAMESPACE", cls.namespace),
             pvc=env.get("TASKS_K8S_PVC", cls.pvc),
+            state_pvc=env.get("TASKS_K8S_STATE_PVC") or None,
             node_selector=_json_env(
                 env, "TASKS_K8S_NODE_SELECTOR", {"nvidia.com/gpu.present": "true"}
             ),
@@ -96,6 +106,37 @@ def pod_env(project: Project) -> dict[str, str]:
     return env
 
 
+def state_outside_project(project: Project) -> bool:
+    """Whether ``TASKS_STATE_DIR`` is not under ``TASKS_PROJECT`` (a container needs both)."""
+    return not project.state.resolve().is_relative_to(project.root.resolve())
+
+
+def _pod_volumes(project: Project, backend: Backend) -> tuple[list[Any], list[Any]]:
+    """The project's claim at the project root; with the state elsewhere, its claim there."""
+    from kubernetes.client import models as k8s
+
+    def claim(name: str, claim_name: str) -> Any:
+        source = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=claim_name)
+        return k8s.V1Volume(name=name, persistent_volume_claim=source)
+
+    volumes = [claim("project", backend.pvc)]
+    mounts = [k8s.V1VolumeMount(name="project", mount_path=str(project.root))]
+    if state_outside_project(project):
+        if not backend.state_pvc:
+            raise ConfigError(
+                f"TASKS_STATE_DIR={project.state} is outside TASKS_PROJECT={project.root}, "
+                "and a pod mounts only TASKS_K8S_PVC there; set TASKS_K8S_STATE_PVC to the "
+                "claim holding the state (or put the state under the project)"
+            )
+        if backend.state_pvc == backend.pvc:
+            name = "project"
+        else:
+            name = "state"
+            volumes.append(claim(name, backend.state_pvc))
+        mounts.append(k8s.V1VolumeMount(name=name, mount_path=str(project.state)))
+    return volumes, mounts
+
+
 def kubernetes_stage(
     project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
 ) -> Any:
@@ -103,6 +144,7 @@ def kubernetes_stage(
     from kubernetes.client import models as k8s
 
     gpus = str(backend.gpus_per_task)
+    volumes, volume_mounts = _pod_volumes(project, backend)
     return KubernetesPodOperator(
         task_id=stage,
         name=f"{dataset}-{stage}".replace("_", "-"),
@@ -116,15 +158,8 @@ def kubernetes_stage(
         ),
         node_selector=dict(backend.node_selector or {}),
         tolerations=[k8s.V1Toleration(**item) for item in backend.tolerations],
-        volumes=[
-            k8s.V1Volume(
-                name="project",
-                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                    claim_name=backend.pvc
-                ),
-            )
-        ],
-        volume_mounts=[k8s.V1VolumeMount(name="project", mount_path=str(project.root))],
+        volumes=volumes,
+        volume_mounts=volume_mounts,
         labels={"app": "transfer-learning", "dataset": dataset, "stage": stage},
         do_xcom_push=True,
         get_logs=True,
@@ -139,13 +174,15 @@ def docker_stage(
     from airflow.providers.docker.operators.docker import DockerOperator
     from docker.types import DeviceRequest, Mount
 
+    # The same absolute paths on the host as in the worker (docs/deployment.md).
+    paths = [project.root, *([project.state] if state_outside_project(project) else [])]
     return DockerOperator(
         task_id=stage,
         image=backend.image,
         command=["python", "-m", "tasks", "dvc-stage", stage, dataset, "--result-json", "-"],
         environment=pod_env(project),
         device_requests=[DeviceRequest(count=backend.gpus_per_task, capabilities=[["gpu"]])],
-        mounts=[Mount(target=str(project.root), source=str(project.root), type="bind")],
+        mounts=[Mount(target=str(path), source=str(path), type="bind") for path in paths],
         working_dir=str(project.root),
         user=f"{os.getuid()}:{os.getgid()}",
         docker_url=backend.docker_url,
