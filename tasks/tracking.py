@@ -342,24 +342,64 @@ def phase_run(
     """
     import mlflow
 
-    experiment_id = use_experiment(cfg, paths)
-    scheduled = bool(os.environ.get(PARENT_ENV))
-    parent = None if new_parent and not scheduled else _existing_parent(paths, experiment_id)
-    if parent is None:
-        parent = start_pipeline_run(cfg, paths)
-    end_stale_runs(experiment_id, paths, f"a new attempt of {phase} started", phase=phase)
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=phase,
-        parent_run_id=parent,
-        tags={**lineage_tags(cfg, paths), "phase": phase},
-    ) as run:
-        mlflow.log_params(flat_params(cfg, paths.dataset))
-        yield run
-    record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
-    write_json(paths.run_record(phase), record.__dict__)
-    if last and not scheduled:
-        end_pipeline_run(cfg, paths, parent, "FINISHED")
+    with server_errors(tracking_uri(cfg, paths.root), f"python -m tasks {phase} {paths.dataset}"):
+        experiment_id = use_experiment(cfg, paths)
+        scheduled = bool(os.environ.get(PARENT_ENV))
+        parent = None if new_parent and not scheduled else _existing_parent(paths, experiment_id)
+        if parent is None:
+            parent = start_pipeline_run(cfg, paths)
+        end_stale_runs(experiment_id, paths, f"a new attempt of {phase} started", phase=phase)
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=phase,
+            parent_run_id=parent,
+            tags={**lineage_tags(cfg, paths), "phase": phase},
+        ) as run:
+            mlflow.log_params(flat_params(cfg, paths.dataset))
+            yield run
+        record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
+        write_json(paths.run_record(phase), record.__dict__)
+        if last and not scheduled:
+            end_pipeline_run(cfg, paths, parent, "FINISHED")
+
+
+@contextmanager
+def server_errors(uri: str, rerun: str) -> Iterator[None]:
+    """Turn "the tracking server cannot be reached" into a one-line StageError.
+
+    MLflow raises an ``MlflowException`` holding the whole failed request (or,
+    ending the run on the way out, a second one); with an ``http(s)://`` store
+    that could not be reached (refused, timed out, still failing after MLflow's
+    retries: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``)
+    the error names the server and the fix instead. ``rerun``: the command to run again.
+    """
+    try:
+        yield
+    except Exception as error:
+        reason = unreachable_reason(error) if uri.startswith(("http://", "https://")) else None
+        if reason is None:
+            raise
+        raise StageError(
+            f"MLflow tracking server {uri} unreachable ({reason}); start it, or point "
+            f"MLFLOW_TRACKING_URI (or tracking.uri) at a running one, then rerun `{rerun}`"
+        ) from None
+
+
+def unreachable_reason(error: BaseException | None) -> str | None:
+    """Why a server could not be reached, when ``error`` or what it was raised from says so."""
+    import requests
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, requests.exceptions.Timeout):
+            return "timed out"
+        if isinstance(error, requests.exceptions.ConnectionError):
+            return "connection refused" if "refused" in str(error) else "connection failed"
+        if isinstance(error, requests.exceptions.RetryError):
+            return "still failing after retries"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def load_logged_model(uri: str) -> tuple[keras.Model, dict[str, Any]]:

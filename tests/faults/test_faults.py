@@ -14,6 +14,7 @@ sees, what is kept.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from tasks.paths import DatasetPaths
 from tests.conftest import REPO
 from tests.datagen import LAYOUTS, make_archive, tiny_params
-from tests.deploy.stack import base_env
+from tests.deploy.stack import Process, base_env, free_port, http_ok, wait_until
 
 DS = "cats_vs_dogs"
 LAYOUT_ROOT = LAYOUTS[DS]["root"]
@@ -206,3 +207,82 @@ def test_disk_full_while_saving_the_model_keeps_the_previous_model(
     assert message.endswith("per file), then rerun; the previous model there is kept")
     assert snapshot(*outputs) == kept
     assert [p.name for p in paths.models.iterdir()] == ["frozen.keras"]  # no temporary left
+
+
+# ----------------------------------------------------------------------------- 3. MLflow
+
+
+def mlflow_server(store: Path, port: int) -> Process:
+    """``mlflow/serve.sh`` in embedded mode: SQLite and artifacts under ``store``."""
+    env = base_env(MLFLOW_EMBEDDED_DIR=str(store), MLFLOW_PORT=str(port))
+    log = store.parent / f"mlflow-{len(list(store.parent.glob('mlflow-*.log')))}.log"
+    server = Process.start("mlflow server", ["bash", str(REPO / "mlflow/serve.sh")], env, log)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: server.check_alive() and http_ok(f"{url}/health"), 150, "mlflow", log)
+    return server
+
+
+def registry(url: str) -> tuple[dict[str, str], list[str]]:
+    """The model's aliases and its versions, as the tracking server at ``url`` has them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    model = client.get_registered_model(f"{DS}-classifier")
+    versions = sorted(v.version for v in client.search_model_versions(f"name='{DS}-classifier'"))
+    return {k: str(v) for k, v in model.aliases.items()}, [str(v) for v in versions]
+
+
+@pytest.mark.slow
+def test_tracking_server_down_fails_in_one_line_and_the_retry_registers(
+    tmp_path, write_params, monkeypatch
+):
+    """MLflow tracking server down during register → `error: MLflow tracking server <url>
+    unreachable (connection refused); start it, or point MLFLOW_TRACKING_URI (or tracking.uri)
+    at a running one, then rerun ...` → gate.json, the run record and @champion kept; after
+    a restart on the same store the retry registers the candidate."""
+    from tasks.config import parse_config
+    from tasks.steps import register
+    from tests.tinymodel import make_workspace, tiny_models, use_candidate
+
+    models = tiny_models(tmp_path / "tiny")
+    paths = make_workspace(tmp_path / "ws", counts={"train": 2, "validation": 30})
+    raw = tiny_params({DS: "http://127.0.0.1:1/x.zip"})
+    params = write_params(raw)
+    store, port = tmp_path / "mlflow", free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = mlflow_server(store, port)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.delenv("TASKS_PARENT_RUN_ID", raising=False)
+        use_candidate(paths, models["good"])
+        assert register.run(parse_config(raw), paths).promoted  # the earlier good run: v1
+        assert registry(url) == ({"champion": "1"}, ["1"])
+        use_candidate(paths, models["retrain"])
+        outputs = [paths.gate, paths.run_record("register"), paths.models]
+        kept = snapshot(*outputs)
+
+        server.stop()
+        env = stage_env(
+            MLFLOW_TRACKING_URI=url,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+            MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+        )
+        failed = stage("register", params, paths.root, env=env)
+        assert one_line_error(failed) == (
+            f"MLflow tracking server {url} unreachable (connection refused); start it, or "
+            "point MLFLOW_TRACKING_URI (or tracking.uri) at a running one, then rerun "
+            f"`python -m tasks register {DS}`"
+        )
+        assert snapshot(*outputs) == kept
+
+        server = mlflow_server(store, port)  # back, on the same store
+        assert registry(url) == ({"champion": "1"}, ["1"])
+        retried = stage("register", params, paths.root, env=env)
+        assert retried.returncode == 0, retried.stderr[-3000:]
+        gate = json.loads(paths.gate.read_text())
+        assert gate["version"] == "2"
+        champion = "2" if gate["promoted"] else "1"
+        assert registry(url)[0]["champion"] == champion
+        assert registry(url)[1] == ["1", "2"]
+    finally:
+        server.stop()
