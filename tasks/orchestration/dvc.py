@@ -31,7 +31,7 @@ from tasks.errors import StageFailed
 from tasks.io import write_json
 from tasks.orchestration.project import Project
 from tasks.orchestration.stage_graph import read_stage_graph
-from tasks.orchestration.workspace import RUN_RECORD, read_run_record, stage_env
+from tasks.orchestration.workspace import RUN_RECORD, default_remote, read_run_record, stage_env
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,27 @@ class PushResult:
 _PUSHED = re.compile(r"(\d+) files? pushed")
 
 
+_QUERY = re.compile(r"(https?://[^\s\"'?]+)\?[^\s\"']*")
+
+
+def push_failure(ws: Path, dataset: str, lines: list[str]) -> StageFailed:
+    """``dvc push`` failed: one line naming the remote, DVC's reason and the fix.
+
+    Nothing is lost: ``dvc push`` only reads the cache, so every output stays
+    there for the retry (the record task retries: ``NETWORK_STAGES``).
+    """
+    error = failure("push", dataset, lines)
+    reason = str(error).removeprefix(f"push@{dataset} failed: ").removeprefix("ERROR: ")
+    reason = _QUERY.sub(r"\1", reason.removeprefix("unexpected error - "))
+    remote = default_remote(ws) or "the default remote"
+    return StageFailed(
+        f"push@{dataset}: dvc push to remote {remote} failed: {reason}; make the remote "
+        "reachable (endpoint up, bucket and credentials right) and retry; the outputs stay in "
+        "the local DVC cache",
+        retryable=error.retryable,
+    )
+
+
 def push_outputs(project: Project, dataset: str) -> PushResult:
     """``dvc push`` the workspace's outputs (to the project's remote, or ``TASKS_DVC_REMOTE``)."""
     ws = project.workspace(dataset)
@@ -253,7 +274,7 @@ def push_outputs(project: Project, dataset: str) -> PushResult:
     start = time.perf_counter()
     code, lines = dvc_command(ws, ["push"], record)
     if code:
-        raise failure("push", dataset, lines)
+        raise push_failure(ws, dataset, lines)
     found = _PUSHED.findall("\n".join(lines))
     result = PushResult(
         dataset, str(ws), int(found[-1]) if found else 0, round(time.perf_counter() - start, 2)

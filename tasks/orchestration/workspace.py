@@ -276,6 +276,24 @@ def _dvc_configs(root: Path) -> Any:
     return merged
 
 
+def default_remote(root: Path) -> str | None:
+    """The DVC remote ``dvc push`` in ``root`` sends to, as "name (url, endpoint ...)"."""
+    merged = _dvc_configs(root)
+    name = merged.get("core", {}).get("remote")
+    if not name:
+        return None
+    section = merged.get(f'remote "{name}"', {})
+    where = ", ".join(
+        part
+        for part in (
+            section.get("url"),
+            section.get("endpointurl") and f"endpoint {section['endpointurl']}",
+        )
+        if part
+    )
+    return f"'{name}' ({where})" if where else f"'{name}'"
+
+
 def _local_url(url: str, base: Path) -> str:
     if "://" in url or Path(url).is_absolute():
         return url

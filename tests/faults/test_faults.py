@@ -286,3 +286,80 @@ def test_tracking_server_down_fails_in_one_line_and_the_retry_registers(
         assert registry(url)[1] == ["1", "2"]
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------- 4. DVC push
+
+S3 = {
+    "AWS_ACCESS_KEY_ID": "faults-key",
+    "AWS_SECRET_ACCESS_KEY": "faults-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.mark.slow
+def test_dvc_remote_unreachable_at_push_keeps_the_cache_and_the_retry_pushes(tmp_path, monkeypatch):
+    """DVC remote unreachable at push → `push@<ds> failed: ...` → outputs and the DVC cache
+    byte for byte; once the remote answers, the retry pushes every cached output."""
+    import boto3
+    import yaml
+
+    from tasks.errors import StageFailed
+    from tasks.orchestration.dvc import push_outputs, run_stage
+    from tasks.orchestration.project import Project
+    from tasks.orchestration.workspace import prepare_workspace
+    from tests.orchestration.test_workspace import DVC_YAML, STEP
+
+    root = tmp_path / "project"
+    (root / ".dvc").mkdir(parents=True)
+    (root / ".dvc" / "config").write_text("[core]\n    autostage = true\n")
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "step.py").write_text(STEP)
+    sources = {DS: "http://127.0.0.1:9/x.zip"}
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(sources), sort_keys=False))
+    port = free_port()  # nothing listens there until moto_server starts
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {**S3, "AWS_ENDPOINT_URL_S3": endpoint, "DVC_NO_ANALYTICS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("TASKS_PARAMS", "TASKS_ROOT", "TASKS_SET", "TASKS_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    project = Project.from_env(root, environ={"TASKS_DVC_REMOTE": "s3://dvc/store"})
+    prepare_workspace(project, DS)
+    for name in ("first", "second"):
+        assert run_stage(project, DS, name).ran
+    ws = project.workspace(DS)
+    kept = snapshot(ws / "out", root / ".dvc" / "cache")
+
+    with pytest.raises(StageFailed) as error:
+        push_outputs(project, DS)
+    assert str(error.value) == (
+        f"push@{DS}: dvc push to remote 'tasks' (s3://dvc/store, endpoint {endpoint}) failed: "
+        f'Could not connect to the endpoint URL: "{endpoint}/dvc"; make the remote reachable '
+        "(endpoint up, bucket and credentials right) and retry; the outputs stay in the local "
+        "DVC cache"
+    )
+    assert snapshot(ws / "out", root / ".dvc" / "cache") == kept
+
+    moto = Process.start(
+        "moto_server",
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        base_env(),
+        tmp_path / "moto.log",
+    )
+    try:
+        wait_until(lambda: moto.check_alive() and http_ok(f"{endpoint}/moto-api/"), 60, "moto")
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=S3["AWS_DEFAULT_REGION"])
+        s3.create_bucket(Bucket="dvc")
+        assert push_outputs(project, DS).pushed == 2  # first.txt and model.bin
+        stored = s3.list_objects_v2(Bucket="dvc", Prefix="store/")["Contents"]
+        assert {o["Key"].removeprefix("store/") for o in stored} == cached_outputs(root)
+    finally:
+        moto.stop()
+    assert snapshot(ws / "out", root / ".dvc" / "cache") == kept
+
+
+def cached_outputs(root: Path) -> set[str]:
+    """The project's cached output files, as paths under the cache (not its run cache)."""
+    cache = root / ".dvc" / "cache"
+    return {p.relative_to(cache).as_posix() for p in (cache / "files").rglob("*") if p.is_file()}
