@@ -363,3 +363,71 @@ def cached_outputs(root: Path) -> set[str]:
     """The project's cached output files, as paths under the cache (not its run cache)."""
     cache = root / ".dvc" / "cache"
     return {p.relative_to(cache).as_posix() for p in (cache / "files").rglob("*") if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- 5. SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_of_evaluate_keeps_the_earlier_reports_and_the_rerun_succeeds(
+    tmp_path, write_params, monkeypatch
+):
+    """SIGKILL of evaluate while it draws the plots → the process dies (-9), no message →
+    metrics.json, predictions.csv, plots/ and the run record byte for byte; the rerun succeeds."""
+    import signal
+    import time
+
+    from tasks.config import parse_config
+    from tasks.steps import evaluate
+    from tests.tinymodel import make_workspace, tiny_models, use_candidate
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("TASKS_PARENT_RUN_ID", raising=False)
+    paths = make_workspace(tmp_path / "ws", counts={"train": 2, "validation": 20})
+    use_candidate(paths, tiny_models(tmp_path / "tiny")["good"])
+    raw = tiny_params({DS: "http://127.0.0.1:1/x.zip"})
+    params = write_params(raw)
+    evaluate.run(parse_config(raw), paths)  # the earlier good run
+    outputs = [paths.metrics, paths.predictions, paths.plots, paths.run_record("evaluate")]
+    kept = snapshot(*outputs)
+    first_run = json.loads(paths.run_record("evaluate").read_text())["run_id"]
+
+    argv = [sys.executable, "-m", "tasks", "evaluate", DS, "--params", str(params)]
+    victim = subprocess.Popen(
+        [*argv, "--root", str(paths.root)],
+        cwd=REPO,
+        env=stage_env(MLFLOW_TRACKING_URI=store),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        staging = [d for d in paths.reports.glob(".plots.*") if d.is_dir() and any(d.iterdir())]
+        if staging:  # some figures drawn, not all: kill it mid-way
+            break
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    _, stderr = victim.communicate(timeout=30)
+    assert victim.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert staging, "evaluate ended before it drew a figure"
+    assert snapshot(*outputs) == kept
+    assert evaluate_runs(store) == ["FINISHED"]  # killed before it opened its run
+
+    rerun = stage("evaluate", params, paths.root, env=stage_env(MLFLOW_TRACKING_URI=store))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert evaluate_runs(store) == ["FINISHED", "FINISHED"]
+    assert json.loads(paths.run_record("evaluate").read_text())["run_id"] != first_run
+    assert {p.name for p in paths.plots.iterdir()} == {Path(f).name for f in kept if "/plots/" in f}
+
+
+def evaluate_runs(store: str) -> list[str]:
+    """The statuses of the evaluate runs in ``store``, oldest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(DS).experiment_id
+    runs = client.search_runs(
+        [experiment], "tags.phase = 'evaluate'", order_by=["attributes.start_time ASC"]
+    )
+    return [run.info.status for run in runs]
