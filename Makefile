@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 CONF ?=
 AIRFLOW_PORT ?= 8080
 
-.PHONY: setup run test lint bench bench-gpu clean airflow demo stack-deps
+.PHONY: setup run test test-fast lint bench bench-gpu clean airflow demo stack-deps
 
 # GPU=1: TensorFlow with its CUDA libraries (uv.lock's `gpu` group, Linux) instead of
 # tensorflow-cpu; both are locked, `uv sync` alone gives the CPU build.
@@ -35,6 +35,11 @@ run: setup
 
 test: setup stack-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-run loop: every test not marked slow (no training past a tiny head, no whole
+# pipeline, no server stack); under 2 minutes on 2 cores. `make test` runs them all.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # PostgreSQL server binaries for the stack test (instant when already installed). A failed
 # install does not stop the suite: tests/deploy fails with the reason, the rest runs.

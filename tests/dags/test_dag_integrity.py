@@ -82,6 +82,7 @@ def _dvc_edges(dataset: str) -> set[tuple[str, str]]:
     return edges
 
 
+@pytest.mark.slow
 def test_task_graph_equals_dvc_stage_graph(dagbag):
     dataset = next(iter(CFG.datasets))
     dag = dagbag.dags[f"{DAG_PREFIX}{dataset}"]

@@ -18,6 +18,9 @@ import pytest
 
 from tests.conftest import REPO
 
+# each test parses the DAG folder in a fresh interpreter: seconds each
+pytestmark = pytest.mark.slow
+
 HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "torch")
 
 # Audit events of work that has no place in a parse: starting a process, opening a connection.

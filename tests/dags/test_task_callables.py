@@ -289,6 +289,7 @@ def failing_workspace(tmp_path):
     return dag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "kind", "retried"),
     [

@@ -60,6 +60,7 @@ def clean(request, tmp_path_factory):
     return paths, result, root
 
 
+@pytest.mark.slow
 def test_clean_data_passes_every_expectation(clean):
     paths, result, _ = clean
     assert result.passed and result.failed == ()
@@ -70,6 +71,7 @@ def test_clean_data_passes_every_expectation(clean):
         assert [c["ok"] for c in labels.values()] == [c["expected"] for c in labels.values()]
 
 
+@pytest.mark.slow
 def test_clean_run_writes_the_manifest(clean):
     paths, result, _ = clean
     assert result.manifest == paths.manifest
@@ -81,6 +83,7 @@ def test_clean_run_writes_the_manifest(clean):
     assert (paths.raw / manifest["path"]).map(lambda p: p.is_file()).all()
 
 
+@pytest.mark.slow
 def test_clean_run_holds_out_a_test_split_from_the_validation_folder(clean):
     paths, result, _ = clean
     manifest = pd.read_parquet(paths.manifest)
@@ -105,6 +108,7 @@ def validate_folder(dataset: str) -> str:
     return {"cats_vs_dogs": "validation", "ants_vs_bees": "val"}[dataset]
 
 
+@pytest.mark.slow
 def test_the_test_split_follows_the_bytes_not_the_names(tree):
     paths, top = tree
     first = validate.run(config_for(), paths)
@@ -121,6 +125,7 @@ def _test_hashes(paths) -> set[str]:
     return set(manifest.loc[manifest["split"] == "test", "sha256"])
 
 
+@pytest.mark.slow
 def test_an_archive_test_folder_is_the_test_split(tree):
     paths, top = tree
     for index, label in enumerate(("cats", "dogs")):
@@ -145,6 +150,7 @@ def test_an_archive_test_folder_is_the_test_split(tree):
     assert test_paths.str.startswith("cats_and_dogs_filtered/test/").all()
 
 
+@pytest.mark.slow
 def test_a_test_image_copied_into_train_is_leakage(tree):
     paths, top = tree
     validate.run(config_for(), paths)
@@ -158,6 +164,7 @@ def test_a_test_image_copied_into_train_is_leakage(tree):
     assert "no image (sha256) in two splits (train, validation, test)" in leak.line()
 
 
+@pytest.mark.slow
 def test_clean_run_writes_reports_and_metrics(clean):
     paths, result, root = clean
     assert result.report == paths.validation_reports / "index.html"
@@ -181,6 +188,7 @@ def test_clean_run_writes_reports_and_metrics(clean):
     assert not (root / "gx").exists()
 
 
+@pytest.mark.slow
 def test_result_prints_readably(clean):
     paths, result, _ = clean
     text = str(result)

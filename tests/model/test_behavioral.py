@@ -115,6 +115,7 @@ def test_the_brightness_shift_moves_every_unclipped_pixel(delta, originals):
         np.testing.assert_array_equal(after[~unclipped], 0 if delta < 0 else 255)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perturbation", list(PERTURBATIONS))
 def test_invariance_a_confident_prediction_survives(perturbation, good, originals, tmp_path):
     images, labels = originals
@@ -133,6 +134,7 @@ def test_invariance_a_confident_prediction_survives(perturbation, good, original
     assert (after["prob_dogs"] != before["prob_dogs"]).any()
 
 
+@pytest.mark.slow
 def test_minimum_functionality_separable_images_are_classified(good, originals, tmp_path):
     images, labels = originals
     table = score(good, images, tmp_path / "images")
@@ -145,6 +147,7 @@ def test_minimum_functionality_separable_images_are_classified(good, originals, 
     np.testing.assert_allclose(table["confidence"], probs.max(axis=1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_checks_fail_for_a_broken_model(models, originals, tmp_path):
     """Control: a model with its answer reversed, and one that always says 0.6, fail them."""
     images, labels = originals

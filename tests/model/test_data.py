@@ -95,6 +95,7 @@ def test_any_accepted_format_decodes_to_rgb_like_pillow(tmp_path, mode, fmt, suf
     np.testing.assert_allclose(x[0], expected, atol=3)
 
 
+@pytest.mark.slow
 def test_augmentation_changes_every_training_image_and_is_seeded(workspace):
     aug = AugmentationConfig()
 

@@ -53,6 +53,7 @@ def workspace(tmp_path, monkeypatch):
     return make_workspace(tmp_path, counts={"train": 2, "validation": 20}, quarantine=1)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_test_split_and_logs_the_same_numbers(cfg, workspace, models):
     from mlflow.tracking import MlflowClient
 
@@ -112,6 +113,7 @@ def test_evaluate_scores_the_test_split_and_logs_the_same_numbers(cfg, workspace
     assert logged_plots == {f"plots/{name}.png" for name in PLOTS}
 
 
+@pytest.mark.slow
 def test_a_wrong_model_fills_the_mistakes_grid(cfg, workspace, models):
     paths = workspace
     use_candidate(paths, models["inverted"])
@@ -123,6 +125,7 @@ def test_a_wrong_model_fills_the_mistakes_grid(cfg, workspace, models):
     assert set(result.plots) == {f"{name}.png" for name in PLOTS}
 
 
+@pytest.mark.slow
 def test_gradcam_runs_the_model_in_pieces_and_finds_the_pattern(models):
     """A class pattern pasted in one quadrant of a grey image lights up that quadrant."""
     from tasks.artifacts import load_model
@@ -175,6 +178,7 @@ def test_missing_inputs_are_named_with_the_stage_to_run(cfg, tmp_path):
     assert not paths.plots.exists()
 
 
+@pytest.mark.slow
 def test_a_manifest_without_a_test_split_is_refused_with_the_fix(cfg, tmp_path, models):
     paths = make_workspace(tmp_path)
     use_candidate(paths, models["good"])

@@ -18,6 +18,9 @@ from tasks.steps import predict, register
 from tests.datagen import tiny_params
 from tests.tinymodel import make_workspace, tiny_models, use_candidate
 
+# every test here uses a registry holding a trained tiny model: seconds each
+pytestmark = pytest.mark.slow
+
 URI = "models:/cats_vs_dogs-classifier@champion"
 
 

@@ -50,6 +50,7 @@ def aliases():
     return {k: str(v) for k, v in MlflowClient().get_registered_model(NAME).aliases.items()}
 
 
+@pytest.mark.slow
 def test_first_model_passing_the_floor_becomes_champion(paths, models, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
@@ -94,6 +95,7 @@ def test_first_model_passing_the_floor_becomes_champion(paths, models, monkeypat
     assert report["experiment"] == decision.experiment
 
 
+@pytest.mark.slow
 def test_better_candidate_is_promoted_and_the_old_champion_kept_as_previous(paths, models):
     first = gate(paths, models["constant"], "register.floor=0.4")
     assert first.promoted and first.candidate_score == pytest.approx(0.5)
@@ -109,6 +111,7 @@ def test_better_candidate_is_promoted_and_the_old_champion_kept_as_previous(path
     assert second.reason.startswith("significantly better than champion v1 by McNemar's exact test")
 
 
+@pytest.mark.slow
 def test_far_worse_challenger_is_refused_as_significantly_worse(paths, models):
     """Random weights, one epoch: the paired test on the same test images refuses it."""
     from mlflow import MlflowClient
@@ -133,6 +136,7 @@ def test_far_worse_challenger_is_refused_as_significantly_worse(paths, models):
     assert "NOT PROMOTED: worse" in text and "McNemar exact p=" in text and "95% CI" in text
 
 
+@pytest.mark.slow
 def test_an_equally_good_retrain_is_equivalent_and_keeps_the_champion(paths, models):
     gate(paths, models["good"])
     again = gate(paths, models["retrain"])
@@ -143,6 +147,7 @@ def test_an_equally_good_retrain_is_equivalent_and_keeps_the_champion(paths, mod
     assert aliases() == {"champion": "1", "challenger": "2"}
 
 
+@pytest.mark.slow
 def test_not_worse_rule_lets_an_equivalent_retrain_take_over(paths, models):
     gate(paths, models["good"])
     again = gate(paths, models["retrain"], "register.promote_if=not_worse")
@@ -151,6 +156,7 @@ def test_not_worse_rule_lets_an_equivalent_retrain_take_over(paths, models):
     assert aliases() == {"champion": "2", "previous": "1"}
 
 
+@pytest.mark.slow
 def test_bootstrap_method_decides_on_the_interval(paths, models):
     gate(paths, models["good"], "register.floor=0.0")
     worse = gate(
@@ -165,6 +171,7 @@ def test_bootstrap_method_decides_on_the_interval(paths, models):
     assert "by the paired bootstrap interval" in worse.reason
 
 
+@pytest.mark.slow
 def test_below_the_floor_stays_challenger_even_without_a_champion(paths, models):
     from mlflow import MlflowClient
 
@@ -183,6 +190,7 @@ def test_below_the_floor_stays_challenger_even_without_a_champion(paths, models)
     assert "NOT PROMOTED" in str(decision)
 
 
+@pytest.mark.slow
 def test_the_champion_is_rescored_on_the_current_test_data(paths, models):
     """Its stored score (1.0) is stale: on today's labels it is wrong on every image.
 
@@ -204,6 +212,7 @@ def test_the_champion_is_rescored_on_the_current_test_data(paths, models):
     assert json.loads(paths.gate.read_text())["champion_score"] == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_a_champion_that_cannot_be_loaded_stops_the_gate_in_one_line(paths, models):
     """Its files are gone from the artifact store: no silent promotion over it."""
     import shutil
@@ -230,6 +239,7 @@ def test_a_champion_that_cannot_be_loaded_stops_the_gate_in_one_line(paths, mode
     assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
 
 
+@pytest.mark.slow
 def test_a_metric_undefined_on_the_test_data_is_a_one_line_error(paths, models):
     """ROC AUC needs both classes in the test split; here it holds cats only."""
     manifest = pd.read_parquet(paths.manifest)
@@ -244,6 +254,7 @@ def test_a_metric_undefined_on_the_test_data_is_a_one_line_error(paths, models):
     assert not paths.gate.exists()
 
 
+@pytest.mark.slow
 def test_the_gate_scores_only_the_held_out_test_rows(paths, models):
     """Labels of the validation rows are swapped: a gate reading them would see 0.0."""
     manifest = pd.read_parquet(paths.manifest)
@@ -254,6 +265,7 @@ def test_the_gate_scores_only_the_held_out_test_rows(paths, models):
     assert decision.candidate_score == pytest.approx(1.0) and decision.images == TEST_IMAGES
 
 
+@pytest.mark.slow
 def test_human_approval_waits_at_challenger_then_approve_promotes(paths, models, capsys):
     from mlflow import MlflowClient
 
@@ -280,6 +292,7 @@ def test_human_approval_waits_at_challenger_then_approve_promotes(paths, models,
     assert "is not awaiting approval (gate.decision: approved)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_human_rejection_keeps_challenger_with_the_reason(paths, models, capsys):
     from mlflow import MlflowClient
 
@@ -298,6 +311,7 @@ def test_human_rejection_keeps_challenger_with_the_reason(paths, models, capsys)
     assert tags["gate.review_reason"] == "bees in the cat folder"
 
 
+@pytest.mark.slow
 def test_approval_is_refused_when_the_champion_moved_since_the_gate(paths, models, capsys):
     from mlflow import MlflowClient
 
@@ -327,6 +341,7 @@ def test_approval_is_refused_when_the_champion_moved_since_the_gate(paths, model
     assert aliases()["champion"] == "3"
 
 
+@pytest.mark.slow
 def test_history_lists_every_alias_move_and_who_was_champion_when(paths, models, capsys):
     gate(paths, models["constant"], "register.floor=0.4")  # v1 champion
     gate(paths, models["good"], "register.floor=0.4")  # v2 champion, v1 previous

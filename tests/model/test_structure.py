@@ -50,6 +50,7 @@ def raw_images(size: int, count: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_phases_train_the_right_weights_and_the_model_round_trips(name, tmp_path):
     import keras
@@ -116,6 +117,7 @@ def test_phases_train_the_right_weights_and_the_model_round_trips(name, tmp_path
     assert all(moved)
 
 
+@pytest.mark.slow
 def test_a_saved_model_loads_in_a_fresh_process(tmp_path):
     import keras
 
@@ -159,6 +161,7 @@ def test_head_overrides_and_multiclass_output():
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, kind", [("vgg16", "keras"), ("vgg16", "legacy"), ("efficientnet_b0", "legacy")]
 )
@@ -201,6 +204,7 @@ def test_weights_files_load_into_the_backbone(name, kind, tmp_path):
         np.testing.assert_allclose(scales[1], 1 / np.sqrt([0.229, 0.224, 0.225]), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Skipping nested container")
 def test_a_weights_file_for_another_backbone_is_refused(tmp_path):
     import keras

@@ -156,6 +156,7 @@ def test_a_conf_that_is_not_an_object_is_a_one_line_error_with_an_example(conf):
     assert str(error.value) == 'run conf: must be a JSON object, e.g. {"backbone": "vgg16"}'
 
 
+@pytest.mark.slow
 def test_prepare_writes_the_run_params_into_the_workspace_only(project):
     before = project.params.read_text()
     prepared = prepare_workspace(
@@ -191,6 +192,7 @@ def test_prepare_writes_the_run_params_into_the_workspace_only(project):
     assert parent.data.params["train.epochs"] == "3"
 
 
+@pytest.mark.slow
 def test_bad_conf_fails_prepare_with_one_line_and_leaves_the_workspace(project):
     prepare_workspace(project, "cats_vs_dogs", {"finetune_epochs": 4})
     ws = project.workspace("cats_vs_dogs")
@@ -206,6 +208,7 @@ def test_bad_conf_fails_prepare_with_one_line_and_leaves_the_workspace(project):
     assert read_run_record(ws)["overrides"] == ["finetune.epochs=4"]
 
 
+@pytest.mark.slow
 def test_stage_runs_once_then_is_skipped_until_its_params_change(project):
     ws = project.workspace("cats_vs_dogs")
     prepare_workspace(project, "cats_vs_dogs")
@@ -239,6 +242,7 @@ def test_stage_runs_once_then_is_skipped_until_its_params_change(project):
     assert "restored from the run cache" in str(back)
 
 
+@pytest.mark.slow
 def test_user_error_is_not_retryable_and_a_crash_is(project, monkeypatch):
     prepare_workspace(project, "ants_vs_bees")
     monkeypatch.setenv("TOY_FAIL", "first")
@@ -259,6 +263,7 @@ def test_stage_before_prepare_says_what_to_do(project):
         run_stage(project, "cats_vs_dogs", "first")
 
 
+@pytest.mark.slow
 def test_two_datasets_run_at_once_and_push_to_one_remote(project):
     """One workspace per dataset: no DVC lock contention, one shared cache and remote."""
     for ds in DATASETS:
@@ -290,6 +295,7 @@ def test_two_datasets_run_at_once_and_push_to_one_remote(project):
     assert push_outputs(project, "ants_vs_bees").pushed == 2
 
 
+@pytest.mark.slow
 def test_workspace_env_does_not_leak_the_callers_params(project, monkeypatch, tmp_path):
     """A TASKS_PARAMS pointing elsewhere (e.g. make demo's) must not reach the stage."""
     prepare_workspace(project, "cats_vs_dogs", {"epochs": 7})
@@ -352,6 +358,7 @@ def scheduled_run(project: Project, dataset: str, conf: dict | None, run_id: str
     return {"prepared": prepared, "record": record}
 
 
+@pytest.mark.slow
 def test_a_scheduled_run_is_an_experiment_a_fresh_clone_restores(git_project, tmp_path):
     project = git_project
     run = scheduled_run(
@@ -389,6 +396,7 @@ def test_a_scheduled_run_is_an_experiment_a_fresh_clone_restores(git_project, tm
     assert parent.info.end_time >= parent.info.start_time + 2000  # it spanned the stages
 
 
+@pytest.mark.slow
 def test_two_runs_with_different_conf_are_two_restorable_experiments(git_project, tmp_path):
     project = git_project
     first = scheduled_run(project, "cats_vs_dogs", {"epochs": 3}, "run-a")["record"]
@@ -400,6 +408,7 @@ def test_two_runs_with_different_conf_are_two_restorable_experiments(git_project
         assert json.loads(written) == [f"train.epochs={epochs}"]
 
 
+@pytest.mark.slow
 def test_both_datasets_at_once_are_two_experiments_without_lock_errors(git_project):
     project = git_project
     errors: list[BaseException] = []
@@ -422,6 +431,7 @@ def test_both_datasets_at_once_are_two_experiments_without_lock_errors(git_proje
         assert names[ds] in refs
 
 
+@pytest.mark.slow
 def test_a_killed_stage_is_retried_and_no_run_is_left_running(git_project, tmp_path, monkeypatch):
     project = git_project
     good = scheduled_run(project, "ants_vs_bees", None, "good")
@@ -464,6 +474,7 @@ def test_a_killed_stage_is_retried_and_no_run_is_left_running(git_project, tmp_p
     assert client.get_run(good["prepared"].parent_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_failed_run_ends_its_parent_run_failed_naming_the_task(git_project, monkeypatch):
     project = git_project
     prepared = prepare_workspace(project, "cats_vs_dogs", None, run_id="fails")
@@ -480,6 +491,7 @@ def test_a_failed_run_ends_its_parent_run_failed_naming_the_task(git_project, mo
     assert "before it started" in finish_pipeline(project, "cats_vs_dogs", None, "prepare").message
 
 
+@pytest.mark.slow
 def test_an_unchanged_scheduled_rerun_runs_no_stage(git_project):
     project = git_project
     scheduled_run(project, "cats_vs_dogs", {"epochs": 3}, "first")

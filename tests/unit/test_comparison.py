@@ -33,6 +33,7 @@ def test_mcnemar_counts_only_discordant_pairs_and_matches_the_binomial():
     assert mcnemar_exact(cand, cand) == (1.0, 0, 0)
 
 
+@pytest.mark.slow
 def test_the_bootstrap_interval_brackets_the_difference_and_is_reproducible():
     rng = np.random.default_rng(0)
     cand_right = rng.random(40) < 0.9

@@ -81,6 +81,7 @@ def test_concurrent_tasks_get_disjoint_gpus_and_a_killed_task_frees_its_own(tmp_
             proc.wait()
 
 
+@pytest.mark.slow
 def test_a_task_waits_for_a_gpu_to_be_freed(tmp_path):
     journal = str(tmp_path / "journal")
     holder, _ = _hold(tmp_path, 2, journal, gpus="0")

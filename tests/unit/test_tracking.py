@@ -34,6 +34,7 @@ def test_param_names_do_not_depend_on_backbone(cfg):
     assert flat_params(cfg, "x")["train.head.dropout"] is None
 
 
+@pytest.mark.slow
 def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -93,6 +94,7 @@ with phase_run(cfg, paths, "train", new_parent=True) as run:
 """
 
 
+@pytest.mark.slow
 def test_a_killed_phase_leaves_no_run_running(cfg, tmp_path, monkeypatch):
     """SIGKILL mid-phase: the next attempt ends the orphan KILLED, with the reason; the
     parent the pipeline opened ends with the pipeline (local dvc repro: at register)."""

@@ -62,6 +62,7 @@ def rows(checkpoint: PhaseCheckpoint) -> list[dict]:
     return [{k: row[k] for k in ("epoch", *METRICS)} for row in checkpoint.finished]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interrupt", [2, 4])  # before and after the best epoch (3)
 def test_an_interrupted_phase_resumes_to_the_uninterrupted_result(tmp_path, interrupt):
     reference = PhaseCheckpoint(tmp_path / "reference", {"phase": "train"})
@@ -86,6 +87,7 @@ def test_an_interrupted_phase_resumes_to_the_uninterrupted_result(tmp_path, inte
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)  # best weights restored
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_params_is_discarded_not_resumed(tmp_path, caplog):
     first = PhaseCheckpoint(tmp_path / "run", {"phase": "train", "learning_rate": 0.1})
     with pytest.raises(KeyboardInterrupt):
@@ -96,6 +98,7 @@ def test_a_checkpoint_of_other_params_is_discarded_not_resumed(tmp_path, caplog)
     assert "made with other params or inputs" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_finished_early_stop_is_not_trained_again(tmp_path):
     first = PhaseCheckpoint(tmp_path / "run", {"phase": "train"})
     _, history = fit(first, patience=1)
