@@ -19,6 +19,8 @@ import hashlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -244,8 +246,19 @@ class ArchiveServer:
             return sum(1 for r in self.requests if path is None or r.path == path)
 
 
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs: bound and
+    never listening, so no other process can take it meanwhile."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
 def unused_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
+    """A loopback port that nothing listens on (bound, then released), for a server that
+    must know its port before it starts (Airflow's api-server is named in the task's
+    execution API URL)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,13 @@ BIN = Path(sys.executable).parent
 INSTALL_HINT = "run `bash tests/deploy/install_stack_deps.sh` (installs Debian's postgresql)"
 
 
+# What moto_server (werkzeug) and mlflow server (uvicorn) print once they listen.
+LISTENING = re.compile(r"running on https?://127\.0\.0\.1:(\d+)", re.IGNORECASE)
+
+
 def free_port() -> int:
+    """A loopback port free now, for a server that cannot bind port 0 (PostgreSQL): whoever
+    uses it retries with another when it was taken meanwhile (see :meth:`Postgres.start`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -96,6 +103,21 @@ class Process:
             tail = self.log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
         return True
+
+    def announced_port(self, timeout: float) -> int:
+        """The port a server started on port 0 says it listens on (its log's first
+        ``Running on http://127.0.0.1:PORT``)."""
+        found: list[int] = []
+
+        def listening() -> bool:
+            self.check_alive()
+            match = LISTENING.search(self.log.read_text(errors="replace"))
+            if match:
+                found.append(int(match.group(1)))
+            return bool(match)
+
+        wait_until(listening, timeout, f"{self.name} listening", self.log)
+        return found[0]
 
     def stop(self, timeout: float = 5) -> None:
         if self.popen.poll() is None:
@@ -186,18 +208,36 @@ class Postgres:
             check=True,
             capture_output=True,
         )  # fmt: skip
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        subprocess.run(
-            self._as_owner(
-                [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(self.root / "log"),
-                 "-o", options, "-w", "-t", "30", "start"]
-            ),
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
+        # PostgreSQL cannot bind port 0: a free port is picked, and picked again when
+        # another process took it between the pick and the bind.
+        for attempt in range(5):
+            if attempt:
+                self.port = free_port()
+            options = (
+                f"-c listen_addresses=127.0.0.1 -p {self.port}"
+                f" -c unix_socket_directories={self.root}"
+                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            )
+            log = self.root / "log"
+            seen = log.stat().st_size if log.exists() else 0  # pg_ctl -l appends
+            started = subprocess.run(
+                self._as_owner(
+                    [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log),
+                     "-o", options, "-w", "-t", "30", "start"]
+                ),
+                capture_output=True,
+                text=True,
+            )  # fmt: skip
+            if started.returncode == 0:
+                break
+            server_log = log.read_bytes()[seen:].decode(errors="replace") if log.exists() else ""
+            if "could not bind" not in server_log:
+                raise RuntimeError(
+                    f"pg_ctl start failed (exit {started.returncode}): "
+                    f"{started.stderr.strip()}\n{server_log[-2000:]}"
+                )
+        else:
+            raise RuntimeError(f"PostgreSQL could not bind a free port in 5 tries:\n{server_log}")
         return self
 
     def stop(self) -> None:
@@ -239,13 +279,12 @@ class Postgres:
 
 
 def start_moto(log: Path) -> tuple[Process, str]:
-    port = free_port()
     proc = Process.start(
         "moto_server",
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", "0"],
         base_env(),
         log,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{proc.announced_port(30)}"
     wait_until(lambda: proc.check_alive() and http_ok(f"{url}/moto-api/"), 30, "moto_server", log)
     return proc, url

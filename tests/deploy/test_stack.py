@@ -40,7 +40,6 @@ from tests.deploy.stack import (
     Postgres,
     Process,
     base_env,
-    free_port,
     http_ok,
     start_moto,
     wait_until,
@@ -134,7 +133,6 @@ def stack(tmp_path_factory):
         for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
             stack_s3.s3().create_bucket(Bucket=bucket)
 
-        port = free_port()
         mlflow_env = base_env(
             **S3_CREDS,
             MLFLOW_BACKEND_STORE_URI=pg.url(
@@ -142,13 +140,12 @@ def stack(tmp_path_factory):
             ),
             MLFLOW_ARTIFACTS_DESTINATION=f"s3://{MLFLOW_BUCKET}/artifacts",
             MLFLOW_S3_ENDPOINT_URL=s3_url,
-            MLFLOW_PORT=str(port),
+            MLFLOW_PORT="0",  # it prints the port it got
         )
         mlflow = Process.start(
             "mlflow server", ["bash", REPO / "mlflow/serve.sh"], mlflow_env, base / "mlflow.log"
         )
         started.append(mlflow)
-        mlflow_url = f"http://127.0.0.1:{port}"
 
         # Airflow migrates its schema while the MLflow server migrates its own.
         dags = base / "dags"
@@ -161,7 +158,6 @@ def stack(tmp_path_factory):
             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=pg.url(
                 DB["AIRFLOW_DB_USER"], DB["AIRFLOW_DB_PASSWORD"], "airflow", "postgresql+psycopg2"
             ),
-            MLFLOW_TRACKING_URI=mlflow_url,
             TASKS_DVC_REMOTE=f"s3://{DVC_BUCKET}/store",
             AWS_ENDPOINT_URL_S3=s3_url,
             DVC_NO_ANALYTICS="1",
@@ -169,6 +165,8 @@ def stack(tmp_path_factory):
             **S3_CREDS,
         )
         run(["airflow", "db", "migrate"], airflow_env)
+        mlflow_url = f"http://127.0.0.1:{mlflow.announced_port(150)}"
+        airflow_env["MLFLOW_TRACKING_URI"] = mlflow_url
         wait_until(
             lambda: mlflow.check_alive() and http_ok(f"{mlflow_url}/health"),
             150,
@@ -427,14 +425,13 @@ def test_init_databases_is_idempotent(stack):
 
 
 def test_serve_script_embedded_mode_serves_the_project_sqlite_store(tmp_path):
-    port = free_port()
     store = tmp_path / "store"
-    env = base_env(MLFLOW_EMBEDDED_DIR=str(store), MLFLOW_PORT=str(port))
+    env = base_env(MLFLOW_EMBEDDED_DIR=str(store), MLFLOW_PORT="0")
     server = Process.start(
         "mlflow embedded", ["bash", str(REPO / "mlflow/serve.sh")], env, tmp_path / "log"
     )
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{server.announced_port(90)}"
         wait_until(
             lambda: server.check_alive() and http_ok(f"{url}/health"), 90, "embedded", server.log
         )

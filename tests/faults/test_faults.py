@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.dev.httpserver import closed_port
 from tasks.paths import DatasetPaths
 from tests.conftest import REPO
 from tests.datagen import LAYOUTS, make_archive, tiny_params
-from tests.deploy.stack import Process, base_env, free_port, http_ok, wait_until
+from tests.deploy.stack import Process, base_env, http_ok, wait_until
 
 DS = "cats_vs_dogs"
 LAYOUT_ROOT = LAYOUTS[DS]["root"]
@@ -212,14 +213,15 @@ def test_disk_full_while_saving_the_model_keeps_the_previous_model(
 # ----------------------------------------------------------------------------- 3. MLflow
 
 
-def mlflow_server(store: Path, port: int) -> Process:
-    """``mlflow/serve.sh`` in embedded mode: SQLite and artifacts under ``store``."""
+def mlflow_server(store: Path, port: int = 0) -> tuple[Process, str]:
+    """``mlflow/serve.sh`` in embedded mode: SQLite and artifacts under ``store``; on the
+    port it picks (0) or, for a restart at the same URL, on ``port``. Returns its URL."""
     env = base_env(MLFLOW_EMBEDDED_DIR=str(store), MLFLOW_PORT=str(port))
     log = store.parent / f"mlflow-{len(list(store.parent.glob('mlflow-*.log')))}.log"
     server = Process.start("mlflow server", ["bash", str(REPO / "mlflow/serve.sh")], env, log)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{server.announced_port(150)}"
     wait_until(lambda: server.check_alive() and http_ok(f"{url}/health"), 150, "mlflow", log)
-    return server
+    return server, url
 
 
 def registry(url: str) -> tuple[dict[str, str], list[str]]:
@@ -248,9 +250,8 @@ def test_tracking_server_down_fails_in_one_line_and_the_retry_registers(
     paths = make_workspace(tmp_path / "ws", counts={"train": 2, "validation": 30})
     raw = tiny_params({DS: "http://127.0.0.1:1/x.zip"})
     params = write_params(raw)
-    store, port = tmp_path / "mlflow", free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = mlflow_server(store, port)
+    store = tmp_path / "mlflow"
+    server, url = mlflow_server(store)
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.delenv("TASKS_PARENT_RUN_ID", raising=False)
@@ -275,7 +276,7 @@ def test_tracking_server_down_fails_in_one_line_and_the_retry_registers(
         )
         assert snapshot(*outputs) == kept
 
-        server = mlflow_server(store, port)  # back, on the same store
+        server, _ = mlflow_server(store, port=int(url.rsplit(":", 1)[1]))  # back, same store
         assert registry(url) == ({"champion": "1"}, ["1"])
         retried = stage("register", params, paths.root, env=env)
         assert retried.returncode == 0, retried.stderr[-3000:]
@@ -317,29 +318,30 @@ def test_dvc_remote_unreachable_at_push_keeps_the_cache_and_the_retry_pushes(tmp
     (root / "step.py").write_text(STEP)
     sources = {DS: "http://127.0.0.1:9/x.zip"}
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(sources), sort_keys=False))
-    port = free_port()  # nothing listens there until moto_server starts
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {**S3, "AWS_ENDPOINT_URL_S3": endpoint, "DVC_NO_ANALYTICS": "1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name in ("TASKS_PARAMS", "TASKS_ROOT", "TASKS_SET", "TASKS_PARENT_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    project = Project.from_env(root, environ={"TASKS_DVC_REMOTE": "s3://dvc/store"})
-    prepare_workspace(project, DS)
-    for name in ("first", "second"):
-        assert run_stage(project, DS, name).ran
-    ws = project.workspace(DS)
-    kept = snapshot(ws / "out", root / ".dvc" / "cache")
+    # the port refuses connections (held, not listening) until moto_server takes it
+    with closed_port() as port:
+        endpoint = f"http://127.0.0.1:{port}"
+        for name, value in {**S3, "AWS_ENDPOINT_URL_S3": endpoint, "DVC_NO_ANALYTICS": "1"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        for name in ("TASKS_PARAMS", "TASKS_ROOT", "TASKS_SET", "TASKS_PARENT_RUN_ID"):
+            monkeypatch.delenv(name, raising=False)
+        project = Project.from_env(root, environ={"TASKS_DVC_REMOTE": "s3://dvc/store"})
+        prepare_workspace(project, DS)
+        for name in ("first", "second"):
+            assert run_stage(project, DS, name).ran
+        ws = project.workspace(DS)
+        kept = snapshot(ws / "out", root / ".dvc" / "cache")
 
-    with pytest.raises(StageFailed) as error:
-        push_outputs(project, DS)
-    assert str(error.value) == (
-        f"push@{DS}: dvc push to remote 'tasks' (s3://dvc/store, endpoint {endpoint}) failed: "
-        f'Could not connect to the endpoint URL: "{endpoint}/dvc"; make the remote reachable '
-        "(endpoint up, bucket and credentials right) and retry; the outputs stay in the local "
-        "DVC cache"
-    )
-    assert snapshot(ws / "out", root / ".dvc" / "cache") == kept
+        with pytest.raises(StageFailed) as error:
+            push_outputs(project, DS)
+        assert str(error.value) == (
+            f"push@{DS}: dvc push to remote 'tasks' (s3://dvc/store, endpoint {endpoint}) failed: "
+            f'Could not connect to the endpoint URL: "{endpoint}/dvc"; make the remote reachable '
+            "(endpoint up, bucket and credentials right) and retry; the outputs stay in the local "
+            "DVC cache"
+        )
+        assert snapshot(ws / "out", root / ".dvc" / "cache") == kept
 
     moto = Process.start(
         "moto_server",

@@ -19,7 +19,7 @@ import pytest
 
 from tasks.cli import main
 from tasks.config import Config, parse_config
-from tasks.dev.httpserver import LOGIN_PAGE, ArchiveServer, unused_port
+from tasks.dev.httpserver import LOGIN_PAGE, ArchiveServer, closed_port
 from tasks.errors import StageError
 from tasks.paths import DatasetPaths
 from tasks.steps import download
@@ -458,12 +458,12 @@ def test_file_urls_and_plain_paths_are_sources(zips, ws, tmp_path, monkeypatch):
 
 def test_mirrors_are_tried_in_order_after_url(server, zips, ws, tmp_path, caplog):
     missing = server.url("/gone.zip")
-    dead = f"http://127.0.0.1:{unused_port()}/cats.zip"
     local = tmp_path / "cats.zip"
     local.write_bytes(zips[DS])
     later = server.add("/later.zip", zips[DS])
-    cfg = config(missing, mirrors=[dead, local.as_uri(), later])
-    with caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+    with closed_port() as port, caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+        dead = f"http://127.0.0.1:{port}/cats.zip"
+        cfg = config(missing, mirrors=[dead, local.as_uri(), later])
         result = download.run(cfg, DatasetPaths.of(DS, ws))
     assert result.source == local.as_uri()
     assert [r.status for r in server.requests_for("/gone.zip")] == [404]
@@ -488,11 +488,12 @@ def test_offline_uses_an_archive_already_on_disk(zips, ws, how):
     paths = DatasetPaths.of(DS, ws)
     paths.archive.parent.mkdir(parents=True)
     paths.archive.write_bytes(zips[DS])
-    url = f"http://127.0.0.1:{unused_port()}/never.zip"
-    if how == "argument":
-        result = download.run(config(url), paths, offline=True)
-    else:
-        result = download.run(config(url, overrides=("download.offline=true",)), paths)
+    with closed_port() as port:  # offline: never contacted, and it would refuse
+        url = f"http://127.0.0.1:{port}/never.zip"
+        if how == "argument":
+            result = download.run(config(url), paths, offline=True)
+        else:
+            result = download.run(config(url, overrides=("download.offline=true",)), paths)
     assert result.source == str(paths.archive) and not result.skipped
     assert paths.known_hashes.read_text().split()[0] == sha(zips[DS])
     assert (tree(paths) / "train" / "dogs").is_dir()
@@ -532,9 +533,10 @@ def test_two_concurrent_downloads_fetch_once(server, zips, ws):
 
 
 def test_cli_reports_an_unreachable_source_in_one_line(write_params, ws, capsys):
-    url = f"http://127.0.0.1:{unused_port()}/cats_and_dogs_filtered.zip"
-    params = write_params(tiny_params({DS: url}, COUNTS))
-    code = main(["download", DS, "--params", str(params), "--root", str(ws)])
+    with closed_port() as port:
+        url = f"http://127.0.0.1:{port}/cats_and_dogs_filtered.zip"
+        params = write_params(tiny_params({DS: url}, COUNTS))
+        code = main(["download", DS, "--params", str(params), "--root", str(ws)])
     assert code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
@@ -604,6 +606,7 @@ def _dvc_dir_hash(root: Path, dataset: str) -> str:
     return entry["md5"]
 
 
+@pytest.mark.slow
 def test_the_same_archive_gets_the_same_dvc_hash_on_every_download(server, zips, tmp_path):
     """Run metadata (source, time, overrides) lives beside the tree, not in it."""
     url = server.add("/same.zip", zips[DS])
