@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,67 @@ REPO = Path(__file__).resolve().parents[1]
 # Quiet, deterministic, offline defaults for every test process.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+# Every process the session starts inherits this variable (unless given an environment
+# built from nothing); the session's end finds leftovers by it, orphans included.
+SESSION_MARK = "TESTS_SESSION_ID"
+# Temporary folders tests make outside pytest's tmp_path, each removed by its owner.
+OWN_TEMP_PREFIXES = ("stack-postgres-",)
+
+
+def _session_processes(token: str) -> dict[int, str]:
+    """Live processes (not this one) whose environment carries ``SESSION_MARK=token``."""
+    needle = f"{SESSION_MARK}={token}".encode()
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if needle not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if command.strip():  # a zombie has no command line: its parent reaps it
+            found[pid] = command.strip()[:200]
+    return found
+
+
+def _own_temp_dirs() -> set[str]:
+    return {
+        p.name
+        for p in Path(tempfile.gettempdir()).iterdir()
+        if p.name.startswith(OWN_TEMP_PREFIXES)
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """At the session's end no process it started runs and no temp folder of ours is left.
+
+    A leftover fails the teardown of the last test (an error in the report, naming each
+    process and folder); the processes are then killed so that they do not outlive the run.
+    """
+    token = f"{os.getpid()}-{time.time_ns()}"
+    os.environ[SESSION_MARK] = token
+    temp_before = _own_temp_dirs()
+    yield
+    # servers being stopped get a moment to exit
+    deadline = time.monotonic() + float(os.environ.get("TESTS_LEFTOVER_GRACE_S", "10"))
+    while (left := _session_processes(token)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    temp_left = sorted(_own_temp_dirs() - temp_before)
+    problems = [f"process {pid}: {command}" for pid, command in sorted(left.items())]
+    problems += [f"temp folder {Path(tempfile.gettempdir()) / name}" for name in temp_left]
+    if problems:
+        pytest.fail("the tests left behind (now killed / to remove):\n  " + "\n  ".join(problems))
 
 
 @pytest.fixture

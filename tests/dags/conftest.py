@@ -5,11 +5,14 @@ Set before anything imports ``airflow`` (it reads AIRFLOW_HOME once, at import).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from tests.conftest import REPO
 
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="tests-airflow-home-")
+atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], ignore_errors=True)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
