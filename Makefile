@@ -73,5 +73,7 @@ airflow: setup
 
 # No internet, no GPU: generated archives served from 127.0.0.1, tiny params, offline
 # weights, the same DAGs; everything under .demo/. Ends by printing where to look.
+# DEMO_ARGS='--dataset ants_vs_bees': one dataset's DAG (and the summary) only.
+DEMO_ARGS ?=
 demo: setup
-	$(PY) -m tasks.dev.demo
+	$(PY) -m tasks.dev.demo $(DEMO_ARGS)

@@ -122,24 +122,32 @@ class LocalAirflow:
         # An interactive run should fail in seconds, not wait out the scheduled retry delays.
         env.setdefault("TASKS_RETRY_DELAY_SECONDS", "3")
         cause = ""
-        with subprocess.Popen(
-            [str(self.bin / "airflow"), *args],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        ) as proc:
+        # `dags test` runs the tasks in its own process: their logs come on its output, not
+        # under logs/dag_id=...; a copy is kept to read after the terminal has scrolled.
+        transcript = self.home / "logs" / "dags-test" / f"{dag_id}.log"
+        transcript.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            open(transcript, "w") as copy,
+            subprocess.Popen(
+                [str(self.bin / "airflow"), *args],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            ) as proc,
+        ):
             assert proc.stdout is not None
             for line in proc.stdout:
                 print(line, end="", flush=True)
+                copy.write(line)
                 if "StageFailed: " in line:
                     cause = line.split("StageFailed: ", 1)[1].strip()
         seconds = time.perf_counter() - start
         if proc.returncode:
-            detail = f"\n{cause}" if cause else "; the task logs above name the stage"
+            detail = f"\n{cause}" if cause else "; the task logs there name the stage"
             raise StageError(
-                f"DAG {dag_id} failed (exit {proc.returncode}); logs under "
-                f"{self.home / 'logs'}{detail}"
+                f"DAG {dag_id} failed (exit {proc.returncode}); its output is in {transcript}"
+                f"{detail}"
             )
         return seconds
 
@@ -182,7 +190,7 @@ def where_to_look(project: Project, home: Path) -> str:
         "  MLflow UI      "
         f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
         f"sqlite:///{store / 'mlflow.db'} --port 5000   (then open http://127.0.0.1:5000)",
-        f"  Airflow logs   {home / 'logs'}",
+        f"  DAG output     {home / 'logs' / 'dags-test'}/<dag id>.log  (the tasks' logs)",
     ]
     lines += experiments_to_restore(project, list(cfg.datasets))
     return "\n".join(lines)
@@ -296,6 +304,14 @@ def _conf(args: argparse.Namespace) -> dict[str, Any] | None:
     return conf or None
 
 
+# After an error whose fix is a parameter override: how `make run` spells one.
+MAKE_RUN_HINT = (
+    "hint: `make run` takes such overrides as SET='key=value' (several separated by spaces), "
+    "e.g. make run SET='datasets.cats_vs_dogs.mirrors=[\"file:///path/to.zip\"]'; with no "
+    "network at all, `make demo` runs the same DAGs on generated data"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.dev.airflow_local", description=__doc__)
     parser.add_argument("command", choices=["run", "standalone"])
@@ -314,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings = run_dags(airflow, args.dataset, _conf(args))
     except (ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
+        if "--set '" in str(error):
+            print(MAKE_RUN_HINT, file=sys.stderr)
         return 2
     print_timings(timings)
     print(where_to_look(project, home))

@@ -111,7 +111,7 @@ def demo_params(archives: dict[str, Path], base_url: str, weights: str) -> dict[
     return params
 
 
-def run_demo(root: Path, state: Path, port: int = 8080) -> int:
+def run_demo(root: Path, state: Path, port: int = 8080, datasets: list[str] | None = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     archives = make_archives(state / "archives")
@@ -128,7 +128,7 @@ def run_demo(root: Path, state: Path, port: int = 8080) -> int:
         parse_config(params, source="demo params")
         project.params.write_text(yaml.safe_dump(params, sort_keys=False))
         print(f"demo: archives served from {base}/, params in {project.params}", flush=True)
-        timings = run_dags(airflow)
+        timings = run_dags(airflow, datasets)
     print_timings(timings)
     print(where_to_look(project, airflow.home))
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s.")
@@ -139,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.dev.demo", description=__doc__)
     parser.add_argument("--state", default=".demo", help="where the demo keeps everything")
     parser.add_argument("--port", type=int, default=8080, help="Airflow api-server port")
+    parser.add_argument(
+        "--dataset", action="append", help="only this dataset's DAG (repeatable; default both)"
+    )
     args = parser.parse_args(argv)
     root = Path.cwd().resolve()
     try:
-        return run_demo(root, (root / args.state).resolve(), port=args.port)
+        return run_demo(root, (root / args.state).resolve(), args.port, args.dataset)
     except (ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -378,6 +379,19 @@ def _run_state(stack: Stack, dag_id: str, run_id: str) -> str | None:
     return state if state in ("success", "failed") else None
 
 
+def _task_log(home: Path, dag_id: str, run_id: str, task_id: str) -> list[tuple[str, str]]:
+    """(logger, message) of each line of a task's first attempt, as the UI shows them."""
+    path = home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+    events = []
+    for line in (path / "attempt=1.log").read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        events.append((str(entry.get("logger", "")), str(entry.get("event", ""))))
+    return events
+
+
 def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack):
     project = stack.airflow.project
     for dag_id in (CATS, ANTS, SUMMARY_DAG_ID):
@@ -403,6 +417,13 @@ def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack
     }
     both = time.perf_counter() - started
     assert states == {CATS: "success", ANTS: "success"}, stack.tail()
+
+    # What a person reads in the Airflow UI: the train task's log shows each epoch and ends
+    # with the stage's one-line result (nothing of ours after it).
+    events = _task_log(stack.airflow.home, ANTS, runs[ANTS], "train")
+    assert any(re.search(r"epoch 1/\d+: loss \d", event) for _, event in events), events
+    ours = [event for logger, event in events if logger.startswith("tasks.")]
+    assert re.fullmatch(r"train@ants_vs_bees: ran in [\d.]+ s; MLflow run [0-9a-f]{32}", ours[-1])
 
     # Skip-if-unchanged across runs: cats_vs_dogs reran only the stage whose params changed.
     ran = {
