@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,49 @@ REPO = Path(__file__).resolve().parents[1]
 # Quiet, deterministic, offline defaults for every test process.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+# What a DAG run needs of the project: the copies the end-to-end tests make.
+PIPELINE_FILES = (
+    "tasks",
+    "dags",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+)
+
+
+def copy_project(dst: Path, items: Sequence[str]) -> Path:
+    """The project's ``items`` (files or folders, without bytecode) copied under ``dst``."""
+    for item in items:
+        src, target = REPO / item, dst / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    return dst
+
+
+def git_project(
+    dst: Path, items: Sequence[str], params: dict | None = None, env: dict | None = None
+) -> Path:
+    """:func:`copy_project`, with ``params`` as its params.yaml, committed to a fresh git
+    repository: the checkout a user clones or a deployment holds."""
+    copy_project(dst, items)
+    if params is not None:
+        (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (
+        ["init", "-q"],
+        ["config", "user.email", "ci@example.com"],
+        ["config", "user.name", "CI"],
+        ["add", "-A"],
+        ["commit", "-qm", "project"],
+    ):
+        subprocess.run(["git", *args], cwd=dst, env=env, check=True, capture_output=True)
+    return dst
 
 
 # Every process the session starts inherits this variable (unless given an environment

@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import json
 import re
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -31,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.conftest import git_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 from tests.deploy.stack import (
     BIN,
@@ -180,24 +179,6 @@ def stack(tmp_path_factory):
         pg.stop()
 
 
-def project_copy(path: Path, params: dict, env: dict[str, str]) -> Path:
-    """The pipeline's files, committed to a fresh git repository: the deployed checkout."""
-    for item in PROJECT_FILES:
-        src, dst = REPO / item, path / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], env, cwd=path)
-    run(["git", "config", "user.email", "ci@example.com"], env, cwd=path)
-    run(["git", "config", "user.name", "CI"], env, cwd=path)
-    run(["git", "add", "-A"], env, cwd=path)
-    run(["git", "commit", "-qm", "project"], env, cwd=path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pipeline(stack, tmp_path_factory, archive_server, offline_weights):
     """The real cats_vs_dogs DAG through the stack; returns what the tests inspect.
@@ -217,7 +198,8 @@ def pipeline(stack, tmp_path_factory, archive_server, offline_weights):
         register={"floor": FLOOR, "promote_if": "not_worse"},
         schedule={"cron": None, "owner": "ci", "retries": 0, "gpus": 1},
     )
-    project = project_copy(base / "project", params, stack.airflow_env)
+    # the deployed checkout
+    project = git_project(base / "project", PROJECT_FILES, params, stack.airflow_env)
     env = {
         **stack.airflow_env,
         "AIRFLOW__CORE__DAGS_FOLDER": str(project / "dags"),

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,20 +37,11 @@ import yaml
 from tasks.dev.airflow_local import LocalAirflow, stage_seconds, stop_group
 from tasks.dev.httpserver import unused_port
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
-from tests.conftest import REPO
+from tests.conftest import PIPELINE_FILES, git_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PROJECT_FILES = [
-    "tasks",
-    "dags",
-    "dvc.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "pyproject.toml",
-]
 DATASETS = ("cats_vs_dogs", "ants_vs_bees")
 STAGES = ("download", "validate", "train", "finetune", "evaluate", "register")
 # The gate's floor: each model must get both of its 2 test images right (a one-class model
@@ -75,14 +65,6 @@ def airflow(tmp_path_factory, archive_server, offline_weights) -> LocalAirflow:
             base / "served" / f"{name}.zip", name, {"train": 8, "validation": 4}, 40, seed=seed
         )
         sources[name] = archive_server.add(f"/airflow/{name}.zip", archive.read_bytes())
-    repo = base / "repo"
-    for item in PROJECT_FILES:
-        src, dst = REPO / item, repo / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
     params = tiny_params(
         sources,
         {"train": 8, "validation": 4},
@@ -94,12 +76,7 @@ def airflow(tmp_path_factory, archive_server, offline_weights) -> LocalAirflow:
         # the latest scheduled run at once, and max_active_runs=1 would queue ours behind it).
         schedule={"cron": None, "owner": "ci", "retries": 1, "gpus": 1},
     )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.email", "ci@example.com")
-    _git(repo, "config", "user.name", "CI")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "project")
+    repo = git_project(base / "repo", PIPELINE_FILES, params)
     project = Project.from_env(repo, environ={})
     instance = LocalAirflow(
         project,

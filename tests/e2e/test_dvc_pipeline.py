@@ -14,7 +14,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -131,16 +130,7 @@ def project(tmp_path_factory, archive_server, offline_weights) -> Path:
             base / "served" / f"{name}.zip", name, {"train": 8, "validation": 4}, 40, seed=index
         )
         sources[name] = archive_server.add(f"/{name}.zip", archive.read_bytes())
-    repo = base / "repo"
-    repo.mkdir()
-    for item in PROJECT_FILES:
-        src = REPO / item
-        dst = repo / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dst)
+    repo = copy_project(base / "repo", PROJECT_FILES)
     params = tiny_params(
         sources,
         {"train": 8, "validation": 4},

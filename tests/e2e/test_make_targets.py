@@ -22,43 +22,12 @@ import pytest
 
 from tasks.dev.airflow_local import MAKE_RUN_HINT
 from tasks.dev.httpserver import closed_port
-from tests.conftest import REPO
+from tests.conftest import PIPELINE_FILES, git_project
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-FILES = [
-    "Makefile",
-    "pyproject.toml",
-    "uv.lock",
-    "params.yaml",
-    "tasks",
-    "dags",
-    "dvc.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-]
+FILES = [*PIPELINE_FILES, "Makefile", "uv.lock", "params.yaml"]
 VENV = Path(sys.executable).parents[1]
-
-
-def _project(path: Path) -> Path:
-    """The project's files, committed to a fresh git repository, as a clone gives them."""
-    for item in FILES:
-        src, dst = REPO / item, path / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    for args in (
-        ["init", "-q"],
-        ["config", "user.email", "ci@example.com"],
-        ["config", "user.name", "CI"],
-        ["add", "-A"],
-        ["commit", "-qm", "project"],
-    ):
-        subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
-    return path
 
 
 def _make(project: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -84,7 +53,7 @@ def _sha(path: Path) -> str:
 
 
 def test_make_run_offline_stops_at_the_download_with_its_cause_and_the_make_fix(tmp_path):
-    project = _project(tmp_path / "project")
+    project = git_project(tmp_path / "project", FILES)
     with closed_port() as port:
         url = f"http://127.0.0.1:{port}/cats_and_dogs_filtered.zip"
         run = _make(
@@ -118,7 +87,7 @@ def test_make_run_offline_stops_at_the_download_with_its_cause_and_the_make_fix(
 
 
 def test_make_demo_for_one_dataset_finishes_and_leaves_the_project_alone(tmp_path, offline_weights):
-    project = _project(tmp_path / "project")
+    project = git_project(tmp_path / "project", FILES)
     before = {name: _sha(project / name) for name in ("params.yaml", "dvc.yaml")}
     weights = project / ".demo" / "weights" / "mobilenet_v2_32.weights.h5"
     weights.parent.mkdir(parents=True)
