@@ -36,6 +36,8 @@ def _make(project: Path, *args: str, timeout: float) -> subprocess.CompletedProc
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("MLFLOW_", "AIRFLOW", "TASKS_", "DVC_", "AWS_"))
+        # under `make test` these would make it a sub-make ("make[1]: Entering directory")
+        and k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
     }
     return subprocess.run(
         # -o: this venv is set up already (the suite runs in it); make must not sync it again
