@@ -15,7 +15,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.dev.httpserver import unused_port
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 INSTALL_HINT = "run `bash tests/deploy/install_stack_deps.sh` (installs Debian's postgresql)"
@@ -33,14 +34,6 @@ INSTALL_HINT = "run `bash tests/deploy/install_stack_deps.sh` (installs Debian's
 
 # What moto_server (werkzeug) and mlflow server (uvicorn) print once they listen.
 LISTENING = re.compile(r"running on https?://127\.0\.0\.1:(\d+)", re.IGNORECASE)
-
-
-def free_port() -> int:
-    """A loopback port free now, for a server that cannot bind port 0 (PostgreSQL): whoever
-    uses it retries with another when it was taken meanwhile (see :meth:`Postgres.start`)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None):
@@ -168,7 +161,7 @@ class Postgres:
 
     password: str = "stack-superuser"
     superuser: str = "postgres"
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=unused_port)
     root: Path | None = None
 
     def _as_owner(self, args: list[str]) -> list[str]:
@@ -208,11 +201,11 @@ class Postgres:
             check=True,
             capture_output=True,
         )  # fmt: skip
-        # PostgreSQL cannot bind port 0: a free port is picked, and picked again when
-        # another process took it between the pick and the bind.
+        # PostgreSQL cannot bind port 0: a free port is picked (unused_port), and picked
+        # again when another process took it between the pick and the bind.
         for attempt in range(5):
             if attempt:
-                self.port = free_port()
+                self.port = unused_port()
             options = (
                 f"-c listen_addresses=127.0.0.1 -p {self.port}"
                 f" -c unix_socket_directories={self.root}"
