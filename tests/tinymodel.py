@@ -1,7 +1,7 @@
 """A tiny model that follows the saved-model contract, and a workspace to score it in.
 
 Contract (see tasks.ml.model): one end-to-end Keras model, raw 0-255 RGB in, the
-``Preprocess`` layer, a nested functional sub-model named ``backbone`` called
+``preprocess`` Sequential, a nested functional sub-model named ``backbone`` called
 with ``training=False``, then a ``keras.Sequential`` named ``head``; two classes
 give ``Dense(1, sigmoid)`` = P(classes[1]). Only the backbone is a tiny conv
 net here, so the tests train in seconds.
@@ -32,7 +32,7 @@ def build_tiny_model(image_size: int = IMAGE_SIZE, n_classes: int = 2, seed: int
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = preprocess_layer("tf")(inputs)  # the project's custom layer, as trained models have
+    x = preprocess_layer("tf")(inputs)  # the project's preprocessing, as trained models have
     base_in = keras.Input((image_size, image_size, 3))
     y = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(base_in)
     y = keras.layers.MaxPooling2D()(y)

@@ -2,16 +2,18 @@
 
 Layout (what evaluate, Grad-CAM, predict and the registry rely on)::
 
-    image (H, W, 3) 0-255  ->  Preprocess (the backbone's preprocess_input, a layer)
+    image (H, W, 3) 0-255  ->  "preprocess": the backbone's preprocess_input as a
+                               keras.Sequential of built-in layers
                            ->  "backbone": nested functional keras.applications model,
                                called with training=False (BatchNorm in inference mode)
                            ->  "head": keras.Sequential (pooling, [Dense relu], Dropout, Dense)
 
 Two classes end in ``Dense(1, sigmoid)`` = P(classes[1]); more in ``Dense(n, softmax)``.
 
-Importing this module registers the custom layer, so ``keras.saving.load_model``
-works in a fresh process after ``import tasks.ml.model`` (``tasks.artifacts.load_model``
-does both).
+Every layer is one of Keras's own, so ``keras.saving.load_model`` works in any
+Python with Keras 3, without this package (a serving host, a colleague's notebook).
+Importing this module also registers ``Preprocess``, the custom layer of models
+saved by earlier versions (``tasks.artifacts.load_model`` does so).
 """
 
 from __future__ import annotations
@@ -38,11 +40,10 @@ MODES = ("tf", "caffe", "torch", "none")
 
 @keras.saving.register_keras_serializable(package="tasks")
 class Preprocess(keras.layers.Layer):
-    """``keras.applications.<net>.preprocess_input`` as a serializable layer.
+    """The custom layer models saved before preprocessing became Keras layers carry.
 
-    ``tf``: scale to [-1, 1] (MobileNetV2, InceptionV3, Xception); ``caffe``: RGB to
-    BGR minus the ImageNet mean (VGG16, ResNet50); ``torch``: [0, 1] then ImageNet
-    mean/std; ``none``: the backbone rescales itself (EfficientNet).
+    Kept registered so those files (an older champion in the registry) still load
+    here; new models use :func:`preprocess_layer`, which needs no project code.
     """
 
     def __init__(self, mode: str = "tf", **kwargs: Any) -> None:
@@ -72,8 +73,45 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def preprocess_layer(mode: str, name: str = "preprocess") -> Preprocess:
-    return Preprocess(mode, name=name)
+def preprocess_layer(mode: str, name: str = "preprocess") -> keras.Sequential:
+    """``keras.applications.<net>.preprocess_input`` built from Keras's own layers.
+
+    ``tf``: scale to [-1, 1] (MobileNetV2, InceptionV3, Xception); ``caffe``: RGB to
+    BGR (a fixed, frozen channel permutation) minus the ImageNet mean (VGG16,
+    ResNet50); ``torch``: [0, 1] then the ImageNet mean/std; ``none``: the backbone
+    rescales itself (EfficientNet). Only built-in layers, so a saved model loads
+    wherever Keras 3 does, without this package.
+    """
+    if mode not in MODES:
+        raise ValueError(f"preprocess mode {mode!r}; use one of {MODES}")
+    layers: list[Any] = [keras.Input((None, None, 3), name="rgb")]
+    if mode == "tf":
+        layers.append(keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="to_minus1_1"))
+    elif mode == "caffe":
+        flip = [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+        layers.append(
+            keras.layers.Dense(
+                3,
+                use_bias=False,
+                trainable=False,
+                kernel_initializer=keras.initializers.Constant(flip),
+                name="rgb_to_bgr",
+            )
+        )
+        offset = [-mean for mean in _CAFFE_MEAN_BGR]
+        layers.append(keras.layers.Rescaling(1.0, offset=offset, name="minus_imagenet_mean"))
+    elif mode == "torch":
+        layers.append(keras.layers.Rescaling(1 / 255.0, name="to_0_1"))
+        layers.append(
+            keras.layers.Normalization(
+                mean=list(_TORCH_MEAN),
+                variance=[std**2 for std in _TORCH_STD],
+                name="imagenet_mean_std",
+            )
+        )
+    else:
+        layers.append(keras.layers.Identity(name="as_is"))
+    return keras.Sequential(layers, name=name)
 
 
 def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], n_classes: int) -> keras.Sequential:
