@@ -61,6 +61,9 @@ AIRFLOW_ENV_TAGS = {
 }
 """Environment the scheduler (or ``dvc exp run``) sets, and the run tag each becomes."""
 PARENT_TAG = "pipeline.parent"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"
 WORKSPACE_TAG = "tasks.workspace"
 END_REASON_TAG = "tasks.end_reason"
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
@@ -132,23 +135,58 @@ def experiment_name(cfg: Config, dataset: str) -> str:
 
 def use_experiment(cfg: Config, paths: DatasetPaths) -> str:
     """Point MLflow at our store and make sure the dataset's experiment exists; returns its id."""
+    name = experiment_name(cfg, paths.dataset)
+    return open_experiment(cfg, paths.root, name, experiment_tags(cfg, paths.dataset))
+
+
+def open_experiment(cfg: Config, root: Path, name: str, tags: dict[str, str]) -> str:
+    """Point MLflow at our store; create experiment ``name`` with ``tags`` if it is not
+    there (and tag one a store made before these tags); returns its id."""
     import mlflow
 
-    uri = tracking_uri(cfg, paths.root)
+    uri = tracking_uri(cfg, root)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    name = experiment_name(cfg, paths.dataset)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+            for key, value in tags.items():
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         artifacts = Path(cfg.tracking.artifact_location)
         if not artifacts.is_absolute():
-            artifacts = store_root(paths.root) / artifacts
+            artifacts = store_root(Path(root)) / artifacts
         location = artifacts.as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags=tags)
+
+
+def sweep_experiment(cfg: Config, root: Path) -> str:
+    """The experiment holding one comparison run per sweep; returns its id."""
+    note = (
+        "One run per sweep of the `transfer_learning__sweep` DAG: its comparison table "
+        "(comparison.md/.csv), the test accuracy against training seconds plot with the "
+        "Pareto front, and the best combination per dataset. Each combination's own "
+        "pipeline run is in its dataset's experiment, tagged `sweep.id`."
+    )
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: note}
+    return open_experiment(cfg, root, f"{cfg.tracking.experiment_prefix}sweeps", tags)
+
+
+def experiment_tags(cfg: Config, dataset: str) -> dict[str, str]:
+    """What makes the MLflow UI open the experiment as model training, with a description."""
+    spec = cfg.dataset(dataset)
+    note = (
+        f"**{dataset}**: {' vs '.join(spec.classes)} images from {spec.url}, classified by "
+        "transfer learning on a frozen ImageNet backbone, then fine-tuned.\n\n"
+        "One parent run per pipeline execution (download, validate, train, finetune, "
+        "evaluate, register), carrying the headline parameters and metrics to compare; "
+        "its child runs hold each phase's detail. Registered model: "
+        f"`{registered_model_name(cfg, dataset)}`."
+    )
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: note}
 
 
 def locked_hash(root: Path, stage: str, out: str) -> str | None:
@@ -220,6 +258,131 @@ def flat_params(cfg: Config, dataset: str) -> dict[str, Any]:
     return params
 
 
+def log_headline(
+    metrics: dict[str, float] | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
+    """Copy a phase's headline figures onto the parent run of the active child run.
+
+    The parent is the one row per pipeline execution that the runs table compares,
+    so its names are the same for every backbone and dataset. A param the parent
+    already holds with another value (a parent resumed under other settings) is
+    left as it was, with a warning: MLflow params cannot change.
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = mlflow.MlflowClient()
+    active = mlflow.active_run()
+    if active is None:
+        return
+    parent = client.get_run(active.info.run_id).data.tags.get(PARENT_RUN_TAG)
+    if parent is None:
+        return
+    held = client.get_run(parent).data.params
+    new_params = []
+    for key, value in (params or {}).items():
+        if key not in held:
+            new_params.append(Param(key, str(value)))
+        elif held[key] != str(value):
+            _log.warning(
+                "parent run %s keeps %s=%s (this phase: %s)", parent, key, held[key], value
+            )
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent,
+        metrics=[Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()],
+        params=new_params,
+        tags=[RunTag(key, str(value)) for key, value in (tags or {}).items()],
+    )
+
+
+def dvc_cache_path(root: Path, md5: str) -> Path | None:
+    """Where DVC keeps the file of hash ``md5`` in this project's cache (None outside DVC)."""
+    import configparser
+
+    dvc = Path(root) / ".dvc"
+    if not dvc.is_dir():
+        return None
+    cache = dvc / "cache"
+    for name in ("config", "config.local"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(dvc / name)
+        except configparser.Error:
+            continue
+        if parser.has_option("cache", "dir"):
+            cache = dvc / parser.get("cache", "dir")
+    path = (cache / "files" / "md5" / md5[:2] / md5[2:]).resolve()
+    return path if path.exists() else None
+
+
+def manifest_dataset(cfg: Config, paths: DatasetPaths) -> mlflow.data.dataset.Dataset | None:
+    """The validated manifest as an MLflow dataset: digest = its DVC md5, source = where
+    DVC keeps it (the workspace file outside DVC), schema = its columns."""
+    if not paths.manifest.exists():
+        return None
+    import mlflow.data
+    import pandas as pd
+
+    md5 = file_md5(paths.manifest)
+    source = dvc_cache_path(paths.root, md5) or paths.manifest.resolve()
+    return mlflow.data.from_pandas(
+        pd.read_parquet(paths.manifest),
+        source=source.as_uri(),
+        targets="label",
+        name=f"{paths.dataset}-manifest",
+        digest=md5,
+    )
+
+
+def log_evaluated_model(
+    cfg: Config,
+    paths: DatasetPaths,
+    model_path: Path,
+    test_metrics: dict[str, float],
+    phase: str | None,
+) -> str:
+    """Record the evaluated model as an MLflow logged model of the active run.
+
+    The file itself is versioned by DVC, so the logged model is *external*: its
+    tags say where DVC keeps it (path, md5); its test metrics are linked to it
+    and to the manifest dataset, and it is an output of the run and of the
+    pipeline's parent run, so the Models column and the model page show its
+    lineage. Returns the model id.
+    """
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    active = mlflow.active_run()
+    md5 = file_md5(model_path)
+    model = mlflow.create_external_model(
+        name=f"{paths.dataset}-{cfg.train.backbone}",
+        source_run_id=active.info.run_id,
+        model_type="keras",
+        params={key: str(value) for key, value in flat_params(cfg, paths.dataset).items()},
+        tags={
+            "dvc.path": model_path.relative_to(paths.root).as_posix(),
+            "dvc.md5": md5,
+            "dvc.cache": str(dvc_cache_path(paths.root, md5) or ""),
+            "model.phase": str(phase),
+            "backbone": cfg.train.backbone,
+            "dataset": paths.dataset,
+        },
+    )
+    mlflow.log_metrics(test_metrics, model_id=model.model_id, dataset=manifest_dataset(cfg, paths))
+    client = mlflow.MlflowClient()
+    parent = client.get_run(active.info.run_id).data.tags.get(PARENT_RUN_TAG)
+    if parent:
+        client.log_outputs(parent, [LoggedModelOutput(model.model_id, 0)])
+    return model.model_id
+
+
+INPUT_CONTEXTS = {"train": "training", "finetune": "training", "evaluate": "evaluation"}
+"""The phases that read the manifest, and the context MLflow shows for it."""
+
+
 @dataclass(frozen=True)
 class RunRecord:
     phase: str
@@ -276,7 +439,21 @@ def start_pipeline_run(cfg: Config, paths: DatasetPaths) -> str:
     )
     params = [Param(key, str(value)) for key, value in flat_params(cfg, paths.dataset).items()]
     mlflow.MlflowClient().log_batch(run.info.run_id, params=params)
+    _log_manifest(cfg, paths, run.info.run_id, "pipeline")
     return run.info.run_id
+
+
+def _log_manifest(cfg: Config, paths: DatasetPaths, run_id: str, context: str) -> None:
+    """Log the manifest as an input of ``run_id`` (what fills the UI's Dataset column)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = manifest_dataset(cfg, paths)
+    if dataset is not None:
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends, for any run id
+        MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
 
 
 def end_pipeline_run(
@@ -356,6 +533,8 @@ def phase_run(
             tags={**lineage_tags(cfg, paths), "phase": phase},
         ) as run:
             mlflow.log_params(flat_params(cfg, paths.dataset))
+            if phase in INPUT_CONTEXTS:
+                _log_manifest(cfg, paths, run.info.run_id, INPUT_CONTEXTS[phase])
             yield run
         record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
         write_json(paths.run_record(phase), record.__dict__)
@@ -460,6 +639,7 @@ def epoch_logger(
         def __init__(self) -> None:
             super().__init__()
             self.rows: list[dict[str, Any]] = []
+            self.epoch_seconds: list[float] = []  # this attempt's epochs
             self.started = time.perf_counter()
             self.bar: keras.utils.Progbar | None = None
             for logs in restored or []:
@@ -485,6 +665,7 @@ def epoch_logger(
                 self.bar = None
             values = self._record(epoch, logs or {})
             seconds = time.perf_counter() - self.started
+            self.epoch_seconds.append(seconds)
             total = int(self.params.get("epochs") or 0)
             shown = " ".join(f"{name} {value:.4f}" for name, value in values.items())
             rate = f", {images / seconds:.0f} images/s" if images and seconds > 0 else ""
@@ -493,6 +674,11 @@ def epoch_logger(
                 "%s epoch %d/%d: %s (%.1f s%s, about %.0f s left)",
                 phase, epoch + 1, total, shown, seconds, rate, left,
             )  # fmt: skip
+
+        def images_per_second(self) -> float | None:
+            """Training images per second over this attempt's epochs (None: none ran)."""
+            spent = sum(self.epoch_seconds)
+            return images * len(self.epoch_seconds) / spent if images and spent > 0 else None
 
         def _record(self, epoch: int, logs: dict[str, Any]) -> dict[str, float]:
             step = offset + epoch + 1

@@ -197,13 +197,17 @@ def predictions_csv(frame: pd.DataFrame, probs: np.ndarray, classes: Sequence[st
     return table.to_csv(index=False)
 
 
+HEADLINE_TEST = ("test.accuracy", "test.f1_macro", "test.roc_auc", "test.ece", "test.log_loss")
+"""The test metrics the parent run (one row per pipeline execution) carries."""
+
+
 def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
     """Score the candidate on the test split (and, labelled, validation); write the reports."""
     import mlflow
 
     from tasks.ml.metrics import classification_metrics, flat_metrics
     from tasks.ml.model import predict_rows
-    from tasks.tracking import phase_run
+    from tasks.tracking import log_evaluated_model, log_headline, phase_run
 
     classes = cfg.dataset(paths.dataset).classes
     model_path, record = read_candidate(paths)
@@ -238,8 +242,14 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
                 "model.md5": file_md5(model_path),
             }
         )
-        mlflow.log_metrics({f"test.{k}": v for k, v in flat_metrics(metrics).items()})
-        mlflow.log_metrics({f"validation.{k}": v for k, v in flat_metrics(validation).items()})
+        test_metrics = {f"test.{k}": v for k, v in flat_metrics(metrics).items()}
+        validation_metrics = {f"validation.{k}": v for k, v in flat_metrics(validation).items()}
+        mlflow.log_metrics(validation_metrics)
+        log_evaluated_model(cfg, paths, model_path, test_metrics, record.get("phase"))
+        log_headline(
+            {key: test_metrics[key] for key in HEADLINE_TEST if key in test_metrics}
+            | {"validation.accuracy": validation_metrics["validation.accuracy"]}
+        )
         mlflow.log_artifact(str(paths.metrics))
         mlflow.log_artifact(str(paths.predictions))
         mlflow.log_artifacts(str(paths.plots), artifact_path="plots")

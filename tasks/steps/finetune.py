@@ -66,7 +66,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         use_feature_cache,
         validation_scores,
     )
-    from tasks.tracking import epoch_logger, log_resume, phase_run
+    from tasks.tracking import epoch_logger, log_headline, log_resume, phase_run
 
     # Load the frozen-base model under the device policy; score it before anything changes
     started = time.perf_counter()
@@ -188,7 +188,15 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         checkpoint.remove()
         record = _write_candidate(paths, frozen_scores, finetuned_scores)
         _record_phase(paths, previous.to_dict("records") + logger.rows, record)
-    final = finetuned_scores or frozen_scores
+        final = finetuned_scores or frozen_scores
+        headline = {
+            "finetuned.val_accuracy": final["val_accuracy"],
+            "finetune.seconds": time.perf_counter() - started,
+            "finetune.improved": float(record["phase"] == "finetune"),
+        }
+        if logger.images_per_second():
+            headline["finetune.images_per_second"] = logger.images_per_second()
+        log_headline(headline, tags={"candidate.phase": record["phase"]})
     return TrainResult(
         phase="finetune",
         dataset=paths.dataset,

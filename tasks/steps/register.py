@@ -49,6 +49,7 @@ from tasks.tracking import (
     CHAMPION,
     PREVIOUS,
     current_experiment,
+    log_headline,
     registered_model_name,
 )
 
@@ -483,6 +484,14 @@ def _record_decision(
         )
     scores["gate.promoted"] = float(decision.promoted)
     mlflow.log_metrics(scores)
+    log_headline(
+        {"gate.promoted": scores["gate.promoted"]},
+        tags={
+            "gate.decision": decision.status,
+            "gate.verdict": decision.verdict,
+            "registered.version": decision.version,
+        },
+    )
 
 
 def gate_report(decision: GateDecision) -> dict[str, Any]:

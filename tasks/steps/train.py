@@ -42,7 +42,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     from tasks.ml.model import ModelSpec, build_model, parameter_counts, with_precision
     from tasks.ml.pipeline import count_rows, phase_datasets
     from tasks.ml.training import PhaseCheckpoint, TrainResult, feature_bytes, use_feature_cache
-    from tasks.tracking import epoch_logger, log_resume, phase_run
+    from tasks.tracking import epoch_logger, log_headline, log_resume, phase_run
 
     # Build the model on the frozen backbone, under the device policy
     started = time.perf_counter()
@@ -116,6 +116,13 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         save_model(with_precision(model, "float32"), paths.frozen_model)
         checkpoint.remove()
         best = _record_phase(model, paths, logger.rows, cached)
+        headline = {
+            "frozen.val_accuracy": best["val_accuracy"],
+            "train.seconds": time.perf_counter() - started,
+        }
+        if logger.images_per_second():
+            headline["train.images_per_second"] = logger.images_per_second()
+        log_headline(headline, {"image_size": size, "precision": policy.precision})
     return TrainResult(
         phase="train",
         dataset=paths.dataset,

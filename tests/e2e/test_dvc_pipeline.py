@@ -24,6 +24,7 @@ import yaml
 
 from tests.conftest import REPO, copy_project
 from tests.datagen import learnable_train, make_archive, tiny_params
+from tests.deploy.stack import Process, base_env, http_ok, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -200,6 +201,117 @@ def test_repro_runs_every_stage_for_both_datasets(project, first_repro):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert {f"{s}@{d}" for s in STAGES for d in DATASETS} <= set(lock["stages"])
     print(f"\nwhole tiny dvc repro: {seconds:.1f} s")
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def test_the_mlflow_ui_gets_training_runs_one_comparable_row_each(project, first_repro, tmp_path):
+    """What the experiment page reads, through the REST API of `mlflow server` on the store."""
+    import hashlib
+
+    server = Process.start(
+        "mlflow",
+        ["bash", str(REPO / "mlflow/serve.sh")],
+        base_env(MLFLOW_EMBEDDED_DIR=str(project / "mlflow"), MLFLOW_PORT="0"),
+        tmp_path / "mlflow.log",
+    )
+    try:
+        url = f"http://127.0.0.1:{server.announced_port(90)}"
+        wait_until(lambda: server.check_alive() and http_ok(f"{url}/health"), 90, "mlflow")
+        ds = "cats_vs_dogs"
+        experiment = _rest(url, f"experiments/get-by-name?experiment_name={ds}")["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment["tags"]}
+        parents = _rest(
+            url,
+            "runs/search",
+            {
+                "experiment_ids": [experiment["experiment_id"]],
+                "filter": "tags.`pipeline.parent` = 'true'",
+                "order_by": ["attributes.start_time ASC"],
+            },
+        )["runs"]
+        children = _rest(
+            url,
+            "runs/search",
+            {
+                "experiment_ids": [experiment["experiment_id"]],
+                "filter": f"tags.`mlflow.parentRunId` = '{parents[0]['info']['run_id']}'",
+            },
+        )["runs"]
+        models = _rest(
+            url, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]}
+        )["models"]
+    finally:
+        server.stop()
+
+    # the UI opens it as model training, with a description naming the data
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "127.0.0.1" in tags["mlflow.note.content"] and "cats vs dogs" in tags[
+        "mlflow.note.content"
+    ].replace("_", " ")
+
+    # one parent row per execution, carrying the headline params, metrics and gate
+    parent = parents[0]
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    run_tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    report = json.loads((project / "reports" / ds / "metrics.json").read_text())
+    assert metrics["test.accuracy"] == report["accuracy"]
+    assert metrics["test.roc_auc"] == report["roc_auc"]
+    assert metrics["validation.accuracy"] == report["validation"]["accuracy"]
+    for key in ("frozen.val_accuracy", "finetuned.val_accuracy", "test.ece", "test.f1_macro"):
+        assert 0 <= metrics[key] <= 1, key
+    for key in ("train.seconds", "finetune.seconds", "train.images_per_second"):
+        assert metrics[key] > 0, key
+    assert params["train.backbone"] == "mobilenet_v2" and params["image_size"] == "32"
+    assert params["precision"] == "float32" and "finetune.learning_rate" in params
+    assert run_tags["gate.decision"] == "promoted" and metrics["gate.promoted"] == 1.0
+    assert parent["info"]["end_time"] - parent["info"]["start_time"] > 1000  # not a 42 ms stub
+
+    # the manifest as the dataset of the parent, train, finetune and evaluate runs
+    manifest = project / "data" / "manifests" / f"{ds}.parquet"
+    md5 = hashlib.md5(manifest.read_bytes()).hexdigest()
+    cached = project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    by_phase = {
+        next(t["value"] for t in r["data"]["tags"] if t["key"] == "phase"): r for r in children
+    }
+    for run_, context in [
+        (parent, "pipeline"),
+        (by_phase["train"], "training"),
+        (by_phase["finetune"], "training"),
+        (by_phase["evaluate"], "evaluation"),
+    ]:
+        (entry,) = run_["inputs"]["dataset_inputs"]
+        dataset = entry["dataset"]
+        assert (dataset["name"], dataset["digest"]) == (f"{ds}-manifest", md5)
+        assert json.loads(dataset["source"])["uri"] == cached.resolve().as_uri()
+        columns = {c["name"] for c in json.loads(dataset["schema"])["mlflow_colspec"]}
+        assert {"path", "split", "label", "sha256"} <= columns
+        assert {t["key"]: t["value"] for t in entry["tags"]}["mlflow.data.context"] == context
+    assert "dataset_inputs" not in by_phase["register"].get("inputs", {})
+
+    # the evaluated model: a logged model of the evaluate run, an output of the parent
+    (model,) = [
+        m for m in models if m["info"]["source_run_id"] == by_phase["evaluate"]["info"]["run_id"]
+    ]
+    model_tags = {t["key"]: t["value"] for t in model["info"]["tags"]}
+    evaluated = project / report["model"]
+    assert model_tags["dvc.md5"] == hashlib.md5(evaluated.read_bytes()).hexdigest()
+    assert model_tags["dvc.path"] == report["model"]
+    linked = {m["key"]: m for m in model["data"]["metrics"]}
+    assert linked["test.accuracy"]["value"] == report["accuracy"]
+    assert linked["test.accuracy"]["dataset_digest"] == md5
+    outputs = [o["model_id"] for o in parent["outputs"]["model_outputs"]]
+    assert model["info"]["model_id"] in outputs
 
 
 def test_second_repro_is_a_noop(project, first_repro):
