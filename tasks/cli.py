@@ -86,6 +86,25 @@ def predict(args: argparse.Namespace) -> Any:
     )
 
 
+def export(args: argparse.Namespace) -> Any:
+    """The champion (or --model) as SavedModel / LiteRT / ONNX, each checked against Keras."""
+    from tasks.steps import export
+
+    cfg, paths = _dataset_args(args)
+    return export.run(cfg, paths, args.formats, model=args.model)
+
+
+EXPORT_FORMATS = ("saved_model", "litert", "onnx")
+"""``export --format`` choices (``tasks.ml.export.FORMATS``, named here so parsing stays light)."""
+
+
+def sweep_report(args: argparse.Namespace) -> Any:
+    """A sweep's comparison table, Pareto plot and MLflow run, from its rows.json."""
+    from tasks.steps import sweep_report
+
+    return sweep_report.run(load_config(args.params), Path(args.folder))
+
+
 def approve(args: argparse.Namespace) -> Any:
     """A person's decision on the candidate awaiting approval (register.approval: human)."""
     import getpass
@@ -229,6 +248,40 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--note", default="", help="a note recorded with an approval")
     command.add_argument("--by", help="who decides (default: the current user)")
     command.set_defaults(command_fn=approve)
+
+    command = sub.add_parser(
+        "export",
+        help="write the champion (or --model) as SavedModel, LiteRT or ONNX, checked against Keras",
+        description="Export the dataset's @champion (or --model) to models/<dataset>/export/"
+        "<format>/ with a report in export.json. Each format is read back with its own runtime "
+        "and must match the Keras model's probabilities on the test images to 1e-4, or it is "
+        "refused and nothing is written for it.",
+    )
+    command.add_argument("dataset")
+    _common(command)
+    command.add_argument(
+        "--format",
+        dest="formats",
+        action="extend",
+        nargs="+",
+        choices=EXPORT_FORMATS,
+        metavar="FORMAT",
+        help=f"one or more of {', '.join(EXPORT_FORMATS)} (default: saved_model; repeatable)",
+    )
+    command.add_argument(
+        "--model",
+        help="a .keras file or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS) "
+        "instead of the champion",
+    )
+    command.set_defaults(command_fn=export)
+
+    command = sub.add_parser(
+        "sweep-report",
+        help="a sweep's comparison: table, Pareto plot and MLflow run (the sweep DAG runs it)",
+    )
+    command.add_argument("folder", help="reports/sweep/<sweep id>, holding rows.json")
+    command.add_argument("--params", default=os.environ.get("TASKS_PARAMS", "params.yaml"))
+    command.set_defaults(command_fn=sweep_report)
 
     command = sub.add_parser(
         "history", help="who was @champion when: every alias move of a dataset's model"

@@ -161,6 +161,29 @@ def build_model(spec: ModelSpec, weights: WeightsSource | None = None) -> keras.
     return keras.Model(inputs, head(features), name=f"{spec.backbone}_classifier")
 
 
+def probability_model(
+    model: keras.Model, n_classes: int, *, list_input: bool = False
+) -> keras.Model:
+    """``model`` with one probability per class as output: the served and exported form.
+
+    A two-class model with one sigmoid output gets ``[1 - p, p]``; a model that
+    already has ``n_classes`` outputs is wrapped as it is. ``list_input``: a list of
+    one input (MLflow's pyfunc wrapper feeds a list; our own code an array).
+    """
+    inputs = keras.Input(tuple(model.input_shape[1:]), name="image")
+    p = model(inputs)
+    width = int(p.shape[-1])
+    if width == 1 and n_classes == 2:
+        complement = keras.layers.Rescaling(-1.0, offset=1.0, name="complement")(p)
+        p = keras.layers.Concatenate(name="probabilities")([complement, p])
+    elif width != n_classes:
+        raise StageError(
+            f"the model outputs {width} values per image but the dataset has {n_classes} "
+            "classes; use a model trained for this dataset"
+        )
+    return keras.Model([inputs] if list_input else inputs, p, name="classifier")
+
+
 OUTPUT_LAYERS = ("probability", "probabilities")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 

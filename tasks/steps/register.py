@@ -210,19 +210,6 @@ class GateDecision:
         return "\n".join(lines)
 
 
-def serving_model(model: keras.Model, n_classes: int) -> keras.Model:
-    """``model`` with one probability per class as output (two-class sigmoids get [1-p, p])."""
-    import keras
-
-    inputs = keras.Input(model.input_shape[1:], name="image")
-    p = model(inputs)
-    if model.output_shape[-1] == 1 and n_classes == 2:
-        complement = keras.layers.Rescaling(-1.0, offset=1.0, name="complement")(p)
-        p = keras.layers.Concatenate(name="probabilities")([complement, p])
-    # A list of one input: MLflow's pyfunc wrapper feeds a list, our own code an array.
-    return keras.Model([inputs], p, name="classifier")
-
-
 def log_classifier(
     model: keras.Model,
     classes: list[str],
@@ -240,7 +227,7 @@ def log_classifier(
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    from tasks.ml.model import model_image_size
+    from tasks.ml.model import model_image_size, probability_model
 
     height, width = model_image_size(model)
     signature = ModelSignature(
@@ -251,7 +238,7 @@ def log_classifier(
     keras.utils.disable_interactive_logging()  # no progress bar from MLflow's example check
     try:
         info = mlflow.tensorflow.log_model(
-            serving_model(model, len(classes)),
+            probability_model(model, len(classes), list_input=True),
             name=ARTIFACT,
             signature=signature,
             input_example=np.asarray(example, np.uint8)[:1],
