@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -328,13 +329,22 @@ def manifest_dataset(cfg: Config, paths: DatasetPaths) -> mlflow.data.dataset.Da
 
     md5 = file_md5(paths.manifest)
     source = dvc_cache_path(paths.root, md5) or paths.manifest.resolve()
-    return mlflow.data.from_pandas(
-        pd.read_parquet(paths.manifest),
-        source=source.as_uri(),
-        targets="label",
-        name=f"{paths.dataset}-manifest",
-        digest=md5,
-    )
+    try:
+        frame = pd.read_parquet(paths.manifest)
+    except (OSError, ValueError) as error:  # lineage only: the stage reports a bad manifest
+        _log.warning("manifest %s not logged as a dataset: %s", paths.manifest, error)
+        return None
+    with warnings.catch_warnings():
+        # MLflow registers its local source twice (an "interpreted in multiple ways" warning
+        # naming the same class twice) and hints that integer columns cannot hold NaN.
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(
+            frame,
+            source=source.as_uri(),
+            targets="label",
+            name=f"{paths.dataset}-manifest",
+            digest=md5,
+        )
 
 
 def log_evaluated_model(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from tasks.config import parse_config
@@ -43,7 +44,8 @@ def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monke
     monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "transfer_learning__cats_vs_dogs")
     paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
     paths.manifest.parent.mkdir(parents=True)
-    paths.manifest.write_bytes(b"manifest")
+    rows = {"path": ["a.jpg", "b.jpg"], "split": ["train"] * 2, "label": ["cats", "dogs"]}
+    pd.DataFrame(rows).to_parquet(paths.manifest)
 
     with phase_run(cfg, paths, "train", new_parent=True):
         mlflow.log_metric("loss", 1.0)
@@ -58,6 +60,15 @@ def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monke
     assert child.data.tags["mlflow.parentRunId"] == train.parent_run_id
     assert child.data.tags["phase"] == "finetune"
     assert child.data.tags["data.manifest_md5"] == file_md5(paths.manifest)
+    # the manifest is the run's (and the parent's) dataset: digest = its md5, its columns
+    for run_id, context in [(finetune.run_id, "training"), (train.parent_run_id, "pipeline")]:
+        (entry,) = client.get_run(run_id).inputs.dataset_inputs
+        assert entry.dataset.digest == file_md5(paths.manifest)
+        assert entry.dataset.name == "cats_vs_dogs-manifest"
+        assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == context
+        assert {c["name"] for c in json.loads(entry.dataset.schema)["mlflow_colspec"]} == set(rows)
+    experiment_tags = client.get_experiment(train.experiment_id).tags
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
     assert child.data.tags["airflow.dag_id"] == "transfer_learning__cats_vs_dogs"
     assert json.loads(child.data.tags["overrides"]) == ["train.epochs=3"]
     assert child.data.params["train.epochs"] == "3"
