@@ -55,14 +55,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Asset, AssetAny, get_current_context, task
+from airflow.sdk import DAG, Asset, AssetAny, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
 
 from tasks.config import Config
 from tasks.errors import ConfigError
 from tasks.orchestration.backends import Backend, docker_stage, kubernetes_stage
 from tasks.orchestration.dvc import NO_RETRY_STAGES
-from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
+from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
 from tasks.orchestration.runconf import CONF_KEYS
 
 TAG = "transfer-learning"
@@ -207,6 +207,123 @@ def _summary_callable(project: Project) -> Any:
         return write_summary(project).xcom()
 
     return summarize_champions
+
+
+# --- the sweep's task callables -----------------------------------------------------
+
+
+def _plan_callable(project: Project) -> Any:
+    def plan_sweep() -> list[dict[str, Any]]:
+        from tasks.orchestration.sweep import plan_sweep
+
+        dag_run = get_current_context()["dag_run"]
+        try:
+            combos = plan_sweep(project, dag_run.conf, dag_run.run_id)
+        except ConfigError as error:
+            raise AirflowFailException(str(error)) from None
+        return [combo.xcom() for combo in combos]
+
+    return plan_sweep
+
+
+def _lane_prepare_callable(project: Project) -> Any:
+    def prepare_lane(combination: dict[str, Any]) -> dict[str, Any]:
+        from tasks.orchestration.sweep import Combination, prepare_lane
+
+        dag_run = get_current_context()["dag_run"]
+        combo = Combination.from_xcom(combination)
+        try:
+            return prepare_lane(project, combo, dag_run.run_id).xcom()
+        except ConfigError as error:
+            raise AirflowFailException(f"{combo.key}: {error}") from None
+
+    return prepare_lane
+
+
+def _lane_stage_callable(project: Project, stage: str) -> Any:
+    def run_lane_stage(combination: dict[str, Any]) -> dict[str, Any]:
+        from tasks.errors import StageFailed
+        from tasks.orchestration.dvc import should_retry
+        from tasks.orchestration.sweep import Combination, run_lane_stage
+
+        try:
+            return run_lane_stage(project, Combination.from_xcom(combination), stage).xcom()
+        except StageFailed as error:
+            if not should_retry(stage, error):
+                raise AirflowFailException(str(error)) from None
+            raise
+
+    return run_lane_stage
+
+
+def _lane_record_callable(project: Project, stages: list[str]) -> Any:
+    def record_lane(combination: dict[str, Any]) -> dict[str, Any]:
+        from tasks.orchestration.experiments import record_experiment
+        from tasks.orchestration.sweep import Combination
+
+        combo = Combination.from_xcom(combination)
+        return record_experiment(combo.project(project), combo.dataset, stages).xcom()
+
+    return record_lane
+
+
+def _lane_finish_callable(project: Project, group: str, tasks_in_order: list[str]) -> Any:
+    def end_lane(combination: dict[str, Any]) -> dict[str, Any]:
+        from tasks.orchestration.experiments import finish_pipeline
+        from tasks.orchestration.sweep import Combination
+
+        combo = Combination.from_xcom(combination)
+        ti = get_current_context()["ti"]
+        results = {
+            name: ti.xcom_pull(task_ids=f"{group}.{name}", map_indexes=ti.map_index)
+            for name in tasks_in_order
+        }
+        failed = next((name for name, value in results.items() if value is None), None)
+        outcome = finish_pipeline(
+            combo.project(project), combo.dataset, results["prepare"], failed, combo.tags
+        )
+        if failed:
+            raise AirflowFailException(f"{combo.key}: {outcome.message}")
+        return outcome.xcom()
+
+    return end_lane
+
+
+def _compare_callable(project: Project) -> Any:
+    def compare_sweep() -> dict[str, Any]:
+        from tasks.errors import StageError
+        from tasks.orchestration.sweep import Combination, compare_sweep
+
+        plan = get_current_context()["ti"].xcom_pull(task_ids="plan") or []
+        try:
+            return compare_sweep(project, [Combination.from_xcom(c) for c in plan]).xcom()
+        except StageError as error:
+            raise AirflowFailException(str(error)) from None
+
+    return compare_sweep
+
+
+def _gate_callable(project: Project) -> Any:
+    def gate_best() -> dict[str, Any]:
+        from tasks.errors import StageFailed
+        from tasks.orchestration.sweep import Combination, gate_best
+
+        ti = get_current_context()["ti"]
+        plan = [Combination.from_xcom(c) for c in ti.xcom_pull(task_ids="plan")]
+        comparison = ti.xcom_pull(task_ids="compare")
+        try:
+            gated = gate_best(project, plan, comparison["best"])
+        except StageFailed as error:
+            raise AirflowFailException(str(error)) from None
+        failed = [row["combination"] for row in comparison["rows"] if row["status"] != "ok"]
+        if failed:  # the sweep run fails, after the rest was compared and gated
+            raise AirflowFailException(
+                f"sweep: {len(failed)} of {len(plan)} combinations failed ({', '.join(failed)}); "
+                f"the others were compared in {comparison['folder']} and the best gated"
+            )
+        return gated
+
+    return gate_best
 
 
 # --- the factory -------------------------------------------------------------------
@@ -354,8 +471,110 @@ Triggered by any dataset DAG's model asset. Writes
     return dag
 
 
+def _gpu_args(backend: Backend, stage: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A GPU stage's pool slot (and Celery queue): what spreads them over GPU workers."""
+    if stage in backend.gpu_stages:
+        args.update(pool=backend.pool, pool_slots=1)
+        if backend.queue and backend.kind == "local":
+            args["queue"] = backend.queue
+    return args
+
+
+def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = None) -> DAG:
+    """Datasets × backbones (× learning rates) from the conf: one full pipeline per
+    combination (a mapped task group), then a comparison, then the gate for the best."""
+    backend = backend or Backend.from_env()
+    first = next(iter(cfg.datasets))
+    stages = [s for s in project.stage_graph(first).names if s != "register"]
+    group_id = "pipeline"
+    with DAG(
+        dag_id=SWEEP_DAG_ID,
+        description="Compare backbones (and learning rates) on datasets: one pipeline each",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,  # one sweep at a time; its combinations run in parallel
+        tags=[TAG, "sweep"],
+        doc_md=f"""\
+### Transfer learning: sweep
+
+Trigger with a conf naming what to compare, e.g.
+`{{"backbones": ["mobilenet_v2", "efficientnet_b0"], "datasets": ["cats_vs_dogs"]}}`
+(optional: `"learning_rates": [0.001, 0.0001]`, `"set": {{"train.epochs": 5}}` for every
+combination, `"per_backbone": {{"inception_v3": {{"train.image_size": 150}}}}`).
+
+`plan` validates it; `{group_id}` is mapped over the combinations: each one runs
+`prepare` → {" → ".join(f"`{s}`" for s in stages)} → `record` → `finish` in its own
+workspace (`{project.workspaces / "sweeps"}/<sweep>/<combination>`), recorded like a
+run of its dataset's DAG (DVC experiment, MLflow parent run tagged `sweep.id`). GPU
+stages ({", ".join(sorted(backend.gpu_stages))}) take a slot of pool `{backend.pool}`
+(and the GPU queue under Celery), so combinations spread over the GPU workers.
+`compare` writes `{project.reports / "sweep"}/<sweep>/` (comparison.md/.csv and a
+test accuracy × training seconds plot with the Pareto front, also on an MLflow run in
+experiment `sweeps`); `gate` runs `register` (the registry gate) for the best
+combination of each dataset.
+""",
+        default_args={"owner": cfg.schedule.owner, **_retry_args(cfg, "default")},
+    ) as dag:
+        plan = task(_plan_callable(project), task_id="plan", multiple_outputs=False, retries=0)()
+
+        @task_group(group_id=group_id)
+        def pipeline(combination: Any) -> None:
+            prepare = task(
+                _lane_prepare_callable(project),
+                task_id="prepare",
+                multiple_outputs=False,
+                **_retry_args(cfg, "prepare"),
+            )(combination)
+            chain = [prepare]
+            for stage in stages:
+                args = _gpu_args(backend, stage, _retry_args(cfg, stage))
+                chain.append(
+                    task(
+                        _lane_stage_callable(project, stage),
+                        task_id=stage,
+                        multiple_outputs=False,
+                        **args,
+                    )(combination)
+                )
+            chain.append(
+                task(
+                    _lane_record_callable(project, stages),
+                    task_id="record",
+                    multiple_outputs=False,
+                    **_retry_args(cfg, "record"),
+                )(combination)
+            )
+            finish = task(
+                _lane_finish_callable(project, group_id, ["prepare", *stages, "record"]),
+                task_id="finish",
+                multiple_outputs=False,
+                trigger_rule="all_done",
+                retries=0,
+            )(combination)
+            for up, down in zip(chain, chain[1:] + [finish], strict=True):
+                up >> down
+
+        lanes = pipeline.expand(combination=plan)
+        compare = task(
+            _compare_callable(project),
+            task_id="compare",
+            multiple_outputs=False,
+            trigger_rule="all_done",
+            retries=0,
+        )()
+        gate = task(
+            _gate_callable(project),
+            task_id="gate",
+            multiple_outputs=False,
+            **_gpu_args(backend, "register", _retry_args(cfg, "register")),
+        )()
+        lanes >> compare >> gate
+    return dag
+
+
 def build_dags(project: Project | None = None, backend: Backend | None = None) -> dict[str, DAG]:
-    """Every DAG of the project: one per dataset in params.yaml, plus the summary."""
+    """Every DAG of the project: one per dataset in params.yaml, the summary, the sweep."""
     project = project or Project.from_env(
         os.environ.get("TASKS_PROJECT") or Path(__file__).resolve().parents[1]
     )
@@ -365,6 +584,7 @@ def build_dags(project: Project | None = None, backend: Backend | None = None) -
         f"{DAG_PREFIX}{ds}": build_dataset_dag(project, cfg, ds, backend) for ds in cfg.datasets
     }
     dags[SUMMARY_DAG_ID] = build_summary_dag(project, cfg)
+    dags[SWEEP_DAG_ID] = build_sweep_dag(project, cfg, backend)
     return dags
 
 

@@ -3,7 +3,9 @@
 ``python -m tasks.dev.airflow_local run`` (``make run``) runs every dataset DAG with
 ``airflow dags test`` (one after the other, tasks in-process) and then the
 summary DAG, on a SQLite Airflow database under ``.airflow/``; it ends by
-printing where the results are and how much time Airflow itself added.
+printing where the results are and how much time Airflow itself added. A conf
+that names ``backbones`` runs the sweep DAG instead (``make run CONF='{"backbones":
+["mobilenet_v2", "efficientnet_b0"]}'``) and prints its comparison table.
 
 ``python -m tasks.dev.airflow_local standalone`` (``make airflow``) starts
 ``airflow standalone`` (api-server, scheduler, dag-processor, triggerer) and
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import ConfigError, StageError
-from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
+from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
 from tasks.orchestration.workspace import RUN_RECORD
 
 ADMIN_USER = "admin"
@@ -177,6 +179,23 @@ def run_dags(
         timings[ds] = {"total": total, "stages": stages, "airflow": total - stages}
     timings["summary"] = {"total": airflow.dags_test(SUMMARY_DAG_ID)}
     return timings
+
+
+def run_sweep(airflow: LocalAirflow, conf: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``dags test`` the sweep DAG with ``conf`` (one that names ``backbones``)."""
+    airflow.prepare()
+    return {"sweep": {"total": airflow.dags_test(SWEEP_DAG_ID, conf)}}
+
+
+def sweep_results(project: Project) -> str:
+    """Where the latest sweep's comparison is."""
+    folder = project.reports / "sweep"
+    sweeps = sorted(folder.glob("*/comparison.md"), key=lambda p: p.stat().st_mtime)
+    if not sweeps:
+        return ""
+    latest = sweeps[-1].parent
+    plots = " ".join(p.name for p in sorted(latest.glob("pareto_*.png")))
+    return f"\nSweep comparison: {latest}/comparison.md (and {plots})\n{sweeps[-1].read_text()}"
 
 
 def where_to_look(project: Project, home: Path) -> str:
@@ -327,7 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "standalone":
             return standalone(airflow)
-        timings = run_dags(airflow, args.dataset, _conf(args))
+        conf = _conf(args)
+        if conf and "backbones" in conf:  # a sweep: datasets × backbones, compared
+            timings = run_sweep(airflow, conf)
+            print(sweep_results(project))
+        else:
+            timings = run_dags(airflow, args.dataset, conf)
     except (ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         if "--set '" in str(error):

@@ -7,6 +7,9 @@ are made offline (no ImageNet download); then the same DAGs ``make run`` runs
 ``dvc push``, the summary) run on it. Everything lands under ``.demo/`` (its
 own Airflow home, MLflow store, workspaces and DVC remote); the checked-in
 params.yaml, the project's MLflow store and remote are not touched.
+
+``--sweep mobilenet_v2,efficientnet_b0`` then runs the sweep DAG over those
+backbones (each on its own offline-made weights) and prints its comparison.
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ from typing import Any
 
 import yaml
 
-from tasks.config import parse_config
-from tasks.dev.airflow_local import LocalAirflow, print_timings, run_dags, where_to_look
+from tasks.config import BACKBONES, parse_config
+from tasks.dev.airflow_local import (
+    LocalAirflow,
+    print_timings,
+    run_dags,
+    run_sweep,
+    sweep_results,
+    where_to_look,
+)
 from tasks.dev.synthetic import LAYOUTS, make_archive, tiny_params
 from tasks.errors import ConfigError, StageError
 from tasks.orchestration.project import Project
@@ -111,7 +121,29 @@ def demo_params(archives: dict[str, Path], base_url: str, weights: str) -> dict[
     return params
 
 
-def run_demo(root: Path, state: Path, port: int = 8080, datasets: list[str] | None = None) -> int:
+def sweep_conf(folder: Path, backbones: list[str], datasets: list[str] | None) -> dict[str, Any]:
+    """The sweep DAG's conf for ``backbones``, each on its own offline-made weights."""
+    unknown = [b for b in backbones if b not in BACKBONES]
+    if unknown:
+        raise ConfigError(f"--sweep: unknown backbone {unknown}; use some of {list(BACKBONES)}")
+    conf: dict[str, Any] = {
+        "backbones": backbones,
+        "per_backbone": {
+            b: {"train.weights": offline_weights(folder, b, MODEL_SIDE)} for b in backbones
+        },
+    }
+    if datasets:
+        conf["datasets"] = datasets
+    return conf
+
+
+def run_demo(
+    root: Path,
+    state: Path,
+    port: int = 8080,
+    datasets: list[str] | None = None,
+    sweep: list[str] | None = None,
+) -> int:
     state.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     archives = make_archives(state / "archives")
@@ -129,8 +161,13 @@ def run_demo(root: Path, state: Path, port: int = 8080, datasets: list[str] | No
         project.params.write_text(yaml.safe_dump(params, sort_keys=False))
         print(f"demo: archives served from {base}/, params in {project.params}", flush=True)
         timings = run_dags(airflow, datasets)
+        if sweep:
+            conf = sweep_conf(state / "weights", sweep, datasets)
+            timings |= run_sweep(airflow, conf)
     print_timings(timings)
     print(where_to_look(project, airflow.home))
+    if sweep:
+        print(sweep_results(project))
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s.")
     return 0
 
@@ -142,10 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dataset", action="append", help="only this dataset's DAG (repeatable; default both)"
     )
+    parser.add_argument(
+        "--sweep",
+        metavar="BACKBONES",
+        help="then run the sweep DAG over these comma-separated backbones, e.g. "
+        "mobilenet_v2,efficientnet_b0",
+    )
     args = parser.parse_args(argv)
     root = Path.cwd().resolve()
+    sweep = [b.strip() for b in args.sweep.split(",") if b.strip()] if args.sweep else None
     try:
-        return run_demo(root, (root / args.state).resolve(), args.port, args.dataset)
+        return run_demo(root, (root / args.state).resolve(), args.port, args.dataset, sweep)
     except (ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -360,3 +360,43 @@ def gradcam_overlays(
     grid = f" ({feature_map[0]}x{feature_map[1]} feature map)" if feature_map else ""
     fig.suptitle(f"Grad-CAM: where the backbone's features drove the predicted class{grid}")
     return _save(fig, out)
+
+
+def _draw_pareto(
+    labels: Sequence[str],
+    seconds: Sequence[float],
+    accuracy: Sequence[float],
+    front: Sequence[bool],
+    title: str,
+) -> Figure:
+    fig = _figure(7.5, 5)
+    ax = fig.add_subplot(1, 1, 1)
+    x, y = np.asarray(seconds, float), np.asarray(accuracy, float)
+    on = np.asarray(front, bool)
+    ax.scatter(x[~on], y[~on], s=60, color="tab:gray", label="dominated", zorder=2)
+    ax.scatter(x[on], y[on], s=80, color="tab:red", label="Pareto front", zorder=3)
+    order = np.argsort(x[on])
+    ax.plot(x[on][order], y[on][order], color="tab:red", linewidth=1, zorder=1)
+    for label, px, py in zip(labels, x, y, strict=True):
+        ax.annotate(label, (px, py), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    ax.set_xlabel("training seconds (train + finetune)")
+    ax.set_ylabel("test accuracy")
+    low = min(0.0, float(y.min()) - 0.05) if len(y) else 0.0
+    ax.set_ylim(low, 1.05)
+    ax.set_xlim(0, float(x.max()) * 1.25 + 1 if len(x) else 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    return fig
+
+
+def pareto_plot(
+    labels: Sequence[str],
+    seconds: Sequence[float],
+    accuracy: Sequence[float],
+    front: Sequence[bool],
+    out: Path,
+    title: str = "Test accuracy against training time",
+) -> Path:
+    """One point per combination (training seconds, test accuracy), the Pareto front in red."""
+    return _save(_draw_pareto(labels, seconds, accuracy, front, title), out)

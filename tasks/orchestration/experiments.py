@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,24 +72,31 @@ class ExperimentRecord:
         )
 
 
-def record_experiment(project: Project, dataset: str) -> ExperimentRecord:
-    """Save the workspace's run as a DVC experiment, push it, and push its outputs."""
+def record_experiment(
+    project: Project, dataset: str, stages: Sequence[str] | None = None
+) -> ExperimentRecord:
+    """Save the workspace's run as a DVC experiment, push it, and push its outputs.
+
+    ``stages``: the stages this run runs (a sweep lane stops before ``register``);
+    default every stage of the dataset.
+    """
     ws = project.workspace(dataset)
     record = read_run_record(ws)
     name = record["experiment"]
     start = time.perf_counter()
     graph = read_stage_graph(ws / "dvc.yaml", dataset)
+    specs = [spec for spec in graph.stages if stages is None or spec.name in stages]
     # This dataset's stages only (the other datasets' outputs are not in this workspace).
     # Uncached outputs (metrics, the gate's decision, run ids, histories) are files git
     # keeps: include them; cached ones are git-ignored and travel through dvc.lock.
     include = [
         arg
-        for spec in graph.stages
+        for spec in specs
         for out in spec.outputs
         if (ws / out).exists() and not _ignored(ws, out)
         for arg in ("--include-untracked", out)
     ]
-    targets = [spec.target for spec in graph.stages]
+    targets = [spec.target for spec in specs]
     save = ["exp", "save", "--force", "--name", name, *include, *targets]
     code, lines = dvc_command(ws, save, record)
     if code:
@@ -148,10 +156,12 @@ def finish_pipeline(
     dataset: str,
     prepared: dict[str, Any] | None,
     failed_task: str | None,
+    tags: dict[str, str] | None = None,
 ) -> PipelineOutcome:
     """End the run's MLflow parent run: FINISHED with the experiment's name and rev, or
     FAILED naming the task that failed. ``prepared`` is the prepare task's XCom (None when
-    prepare itself failed: then no parent run was opened and there is nothing to end)."""
+    prepare itself failed: then no parent run was opened and there is nothing to end);
+    ``tags`` go on the parent run either way (a sweep's id and combination)."""
     from tasks.orchestration.workspace import pipeline_run
 
     if not prepared or not prepared.get("parent_run_id"):
@@ -166,18 +176,20 @@ def finish_pipeline(
     parent = prepared["parent_run_id"]
     record = read_run_record(project.workspace(dataset))
     if failed_task:
-        pipeline_run(project, dataset, "end", "FAILED", **{"pipeline.failed_task": failed_task})
+        failed = {**(tags or {}), "pipeline.failed_task": failed_task}
+        pipeline_run(project, dataset, "end", "FAILED", **failed)
         message = (
             f"{dataset}: {failed_task} failed; MLflow parent run {parent} ended FAILED "
             "(its log names the reason)"
         )
         return PipelineOutcome(dataset, "FAILED", parent, None, failed_task, message)
-    tags = {
+    finished = {
+        **(tags or {}),
         "dvc.exp_name": record["experiment"],
         "dvc.exp_rev": record.get("experiment_rev", ""),
         "dvc.exp_baseline_rev": record["baseline"],
     }
-    pipeline_run(project, dataset, "end", "FINISHED", **tags)
+    pipeline_run(project, dataset, "end", "FINISHED", **finished)
     message = f"{dataset}: finished; experiment {record['experiment']}, MLflow parent run {parent}"
     log.info("%s", message)
     return PipelineOutcome(dataset, "FINISHED", parent, record["experiment"], None, message)

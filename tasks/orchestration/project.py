@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tasks.config import Config, load_config
@@ -24,6 +24,7 @@ from tasks.orchestration.stage_graph import StageGraph, read_stage_graph
 DAG_PREFIX = "transfer_learning__"
 """Airflow DAG ids: ``<prefix><dataset>`` per dataset, ``<prefix>summary`` for the report."""
 SUMMARY_DAG_ID = f"{DAG_PREFIX}summary"
+SWEEP_DAG_ID = f"{DAG_PREFIX}sweep"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Project:
     params: Path
     state: Path
     remote: str | None = None
+    lane: str | None = None
+    """A sweep combination's own workspace (``.workspaces/sweeps/<sweep>/<key>``);
+    None: the dataset's workspace of its DAG (``.workspaces/<dataset>``)."""
 
     @classmethod
     def from_env(
@@ -59,7 +63,13 @@ class Project:
         return self.state / ".workspaces"
 
     def workspace(self, dataset: str) -> Path:
+        if self.lane:
+            return self.workspaces / "sweeps" / self.lane
         return self.workspaces / dataset
+
+    def for_lane(self, sweep: str, key: str) -> Project:
+        """The same project, with one sweep combination's workspace."""
+        return replace(self, lane=f"{sweep}/{key}")
 
     @property
     def mlflow_dir(self) -> Path:

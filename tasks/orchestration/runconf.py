@@ -61,7 +61,7 @@ def conf_overrides(conf: Mapping[str, Any] | None, dataset: str) -> tuple[str, .
     overrides = []
     for key, value in conf.items():
         if key == "set":
-            overrides.extend(_set_entries(value))
+            overrides.extend(set_entries(value))
         elif key in CONF_KEYS:
             overrides.append(f"{CONF_KEYS[key].format(dataset=dataset)}={_as_text(value)}")
         else:
@@ -73,7 +73,8 @@ def conf_overrides(conf: Mapping[str, Any] | None, dataset: str) -> tuple[str, .
     return tuple(overrides)
 
 
-def _set_entries(value: Any) -> list[str]:
+def set_entries(value: Any) -> list[str]:
+    """A conf's ``"set"``: a mapping of dotted keys to values, or ``"key=value"`` strings."""
     if isinstance(value, Mapping):
         return [f"{key}={_as_text(item)}" for key, item in value.items()]
     if isinstance(value, list) and all(isinstance(item, str) for item in value):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.config import load_config
-from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID
+from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID
 from tasks.orchestration.runconf import CONF_KEYS
 from tests.conftest import REPO
 
@@ -29,10 +29,10 @@ def dagbag():
 
 def test_dagbag_has_no_import_errors_and_one_dag_per_dataset(dagbag):
     assert dagbag.import_errors == {}
-    assert set(dagbag.dag_ids) == {*DATASET_DAGS, SUMMARY_DAG_ID}
+    assert set(dagbag.dag_ids) == {*DATASET_DAGS, SUMMARY_DAG_ID, SWEEP_DAG_ID}
 
 
-@pytest.mark.parametrize("dag_id", [*DATASET_DAGS, SUMMARY_DAG_ID])
+@pytest.mark.parametrize("dag_id", [*DATASET_DAGS, SUMMARY_DAG_ID, SWEEP_DAG_ID])
 def test_every_dag_has_owner_tags_docs_and_no_catchup(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     assert dag.catchup is False
@@ -177,3 +177,34 @@ def test_the_approval_step_follows_register_and_holds_up_nothing_else(dagbag):
     assert "Promote" in approve.subject and "McNemar exact p" in approve.body
     assert tasks["record"].upstream_task_ids == {"register"}
     assert tasks["finish"].upstream_task_ids == {"record"}
+
+
+def test_the_sweep_maps_one_pipeline_per_combination_then_compares_and_gates(dagbag):
+    dag = dagbag.dags[SWEEP_DAG_ID]
+    assert dag.schedule is None  # triggered with a conf naming what to compare
+    stages = [s for s in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]]
+    lane = [s for s in stages if s != "register"]
+    tasks = {task.task_id: task for task in dag.tasks}
+    group = {f"pipeline.{t}" for t in ["prepare", *lane, "record", "finish"]}
+    assert set(tasks) == {"plan", *group, "compare", "gate"}
+    # the lane's tasks form one task group mapped over the plan's combinations
+    mapped = [tasks[t].get_closest_mapped_task_group() for t in sorted(group)]
+    lanes = mapped[0]
+    assert lanes is not None and lanes.group_id == "pipeline"
+    assert all(other is lanes for other in mapped)
+    assert lanes.upstream_task_ids == {"plan"}
+    for t in ("plan", "compare", "gate"):
+        assert tasks[t].get_closest_mapped_task_group() is None
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order[0] == "plan" and order[-2:] == ["compare", "gate"]
+    chain = ["prepare", *lane, "record", "finish"]
+    for up, down in zip(chain, chain[1:], strict=False):
+        assert tasks[f"pipeline.{down}"].upstream_task_ids >= {f"pipeline.{up}"}
+    assert tasks["pipeline.finish"].trigger_rule == "all_done"
+    assert tasks["compare"].trigger_rule == "all_done"
+    assert tasks["compare"].upstream_task_ids == {"pipeline.finish"}
+    # the GPU stages (TASKS_GPU_STAGES, train and finetune by default) take a GPU pool slot
+    for stage in ("train", "finetune"):
+        assert tasks[f"pipeline.{stage}"].pool == "gpu"
+    for task_id in ("pipeline.download", "pipeline.evaluate", "gate"):
+        assert tasks[task_id].pool == "default_pool"

@@ -9,13 +9,18 @@ tiny params. Shared, in order of the fixtures:
    DVC experiment that a fresh clone of the project restores byte for byte
    (the model files' md5 equal the ``model.md5`` tags MLflow recorded);
 2. a bad conf fails the first task with the one-line error;
-3. the real scheduler stack (api-server + scheduler + dag-processor on a free
+3. the sweep DAG over two backbones (``dags test``): one pipeline per backbone in
+   its own workspace, the comparison table, Pareto plot and MLflow run, and only
+   the best through the registry gate;
+4. the real scheduler stack (api-server + scheduler + dag-processor on a free
    loopback port): both dataset DAGs triggered together through the REST API
    both succeed, the GPU pool keeps their training tasks apart, and the model
    assets trigger the summary DAG;
-4. a run with ``register.approval: human`` in its conf stops at the approval task
+5. a run with ``register.approval: human`` in its conf stops at the approval task
    with the gate report; answering it through the REST API promotes the version
-   and the registry's history records who approved it.
+   and the registry's history records who approved it;
+6. the sweep under the scheduler: its two lanes run side by side while the one
+   GPU slot keeps their training apart (its wall time against ``dags test``'s).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import yaml
 
 from tasks.dev.airflow_local import LocalAirflow, stage_seconds, stop_group
 from tasks.dev.httpserver import unused_port
-from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
+from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
+from tasks.orchestration.sweep import sweep_id
 from tests.conftest import PIPELINE_FILES, git_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 
@@ -247,6 +253,118 @@ def test_bad_conf_fails_the_first_task_with_one_line(airflow, dag_test):
     assert "starting task_id=download" not in output
 
 
+# --- the sweep -----------------------------------------------------------------------
+
+# Two backbones on cats_vs_dogs: MobileNetV2 on the offline-made weights (learns: 1.0 on
+# the test images) and EfficientNetB0 with random weights (collapsed features: the head
+# cannot beat chance), so the comparison has a known winner. Two fine-tuning epochs: the
+# MobileNetV2 lane's train stage is the dags-test run's (DVC restores it from the run
+# cache), its finetune, evaluate and register run anew.
+SWEEP_CONF = {
+    "backbones": ["mobilenet_v2", "efficientnet_b0"],
+    "datasets": ["cats_vs_dogs"],
+    "set": {"finetune.epochs": 2},
+    "per_backbone": {"efficientnet_b0": {"train.weights": "none"}},
+}
+
+
+@pytest.fixture(scope="module")
+def sweep(airflow, dag_test):
+    """``airflow dags test`` of the sweep DAG (after the cats_vs_dogs run has a champion):
+    its wall time, its report folder, and the dataset DAG's params before it."""
+    own = airflow.project.workspace("cats_vs_dogs") / "params.yaml"
+    before = own.read_bytes()
+    seconds = airflow.dags_test(SWEEP_DAG_ID, SWEEP_CONF)
+    (folder,) = (airflow.project.reports / "sweep").iterdir()
+    return seconds, folder, before
+
+
+def test_sweep_runs_one_pipeline_per_backbone_in_its_own_workspace(airflow, sweep):
+    seconds, folder, before = sweep
+    project = airflow.project
+    report = json.loads((folder / "comparison.json").read_text())
+    rows = {row["backbone"]: row for row in report["rows"]}
+    assert set(rows) == {"mobilenet_v2", "efficientnet_b0"}
+    workspaces = {row["workspace"] for row in rows.values()}
+    assert workspaces == {
+        str(project.workspaces / "sweeps" / folder.name / f"cats_vs_dogs--{b}") for b in rows
+    }
+    for backbone, row in rows.items():
+        ws = Path(row["workspace"])
+        params = yaml.safe_load((ws / "params.yaml").read_text())
+        assert params["train"]["backbone"] == backbone
+        metrics = json.loads((ws / "reports" / "cats_vs_dogs" / "metrics.json").read_text())
+        assert row["status"] == "ok" and row["test_accuracy"] == metrics["accuracy"]
+        # training seconds: the MLflow runs that trained each phase's model
+        client = _mlflow_client(project)
+        phases = [client.get_run(row[f"{p}_run_id"]).info for p in ("train", "finetune")]
+        spent = sum((info.end_time - info.start_time) / 1000 for info in phases)
+        assert row["training_seconds"] == pytest.approx(spent, abs=0.02) and spent > 0
+    # the MobileNetV2 lane's train stage came from DVC's run cache: its model and its
+    # seconds are those of the dags-test run's train phase
+    assert rows["mobilenet_v2"]["restored"] == ["train"]
+    assert rows["efficientnet_b0"]["restored"] == []
+    dag_run_train = json.loads(
+        (project.workspace("cats_vs_dogs") / "reports/cats_vs_dogs/runs/train.json").read_text()
+    )
+    assert rows["mobilenet_v2"]["train_run_id"] == dag_run_train["run_id"]
+    assert rows["mobilenet_v2"]["test_accuracy"] >= FLOOR
+    # the dataset DAG's own workspace was not touched by the sweep
+    assert (project.workspace("cats_vs_dogs") / "params.yaml").read_bytes() == before
+    print(f"\nairflow dags test (sweep, 2 backbones, one after the other): {seconds:.1f} s")
+
+
+def test_sweep_comparison_table_plot_and_mlflow_runs(airflow, sweep):
+    _, folder, _ = sweep
+    report = json.loads((folder / "comparison.json").read_text())
+    assert report["best"] == {"cats_vs_dogs": "cats_vs_dogs--mobilenet_v2"}
+    rows = {row["backbone"]: row for row in report["rows"]}
+    assert rows["mobilenet_v2"]["pareto"] is True and rows["mobilenet_v2"]["best"] is True
+    # EfficientNetB0 is on the front only if it trained faster (it is less accurate)
+    faster = rows["efficientnet_b0"]["training_seconds"] < rows["mobilenet_v2"]["training_seconds"]
+    less_accurate = rows["efficientnet_b0"]["test_accuracy"] < rows["mobilenet_v2"]["test_accuracy"]
+    assert less_accurate
+    assert rows["efficientnet_b0"]["pareto"] is faster
+    table = (folder / "comparison.md").read_text()
+    assert table.index("cats_vs_dogs--mobilenet_v2") < table.index("cats_vs_dogs--efficientnet_b0")
+    assert (folder / "pareto_cats_vs_dogs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client = _mlflow_client(airflow.project)
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.data.tags["sweep.id"] == folder.name
+    assert run.data.tags["best.cats_vs_dogs"] == "cats_vs_dogs--mobilenet_v2"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"comparison.md", "comparison.csv", "pareto_cats_vs_dogs.png"} <= logged
+    assert "comparison_table.json" in logged
+    # each combination is a pipeline execution of its own, tagged with the sweep
+    experiment = client.get_experiment_by_name("cats_vs_dogs")
+    parents = client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{folder.name}'")
+    by_key = {p.data.tags["sweep.combination"]: p for p in parents}
+    assert set(by_key) == {row["combination"] for row in rows.values()}
+    for key, parent in by_key.items():
+        assert parent.info.status == "FINISHED"
+        assert parent.data.params["train.backbone"] == key.split("--")[1]
+        assert parent.info.run_id == rows[key.split("--")[1]]["parent_run_id"]
+        assert "test.accuracy" in parent.data.metrics
+        assert parent.data.tags["dvc.exp_name"].endswith(key)
+
+
+def test_sweep_sends_only_the_best_combination_through_the_gate(airflow, sweep):
+    _, folder, _ = sweep
+    report = json.loads((folder / "comparison.json").read_text())
+    rows = {row["backbone"]: row for row in report["rows"]}
+    best_ws = Path(rows["mobilenet_v2"]["workspace"])
+    other_ws = Path(rows["efficientnet_b0"]["workspace"])
+    gate = json.loads((best_ws / "reports" / "cats_vs_dogs" / "gate.json").read_text())
+    assert not (other_ws / "reports" / "cats_vs_dogs" / "gate.json").exists()
+    client = _mlflow_client(airflow.project)
+    version = client.get_model_version("cats_vs_dogs-classifier", gate["version"])
+    register = client.get_run(version.run_id)
+    assert register.data.tags["mlflow.parentRunId"] == rows["mobilenet_v2"]["parent_run_id"]
+    assert gate["status"] == "promoted"  # 1.0 on the 2 test images, as the champion: not worse
+    assert gate["candidate_score"] == rows["mobilenet_v2"]["test_accuracy"]
+
+
 # --- the scheduler stack ------------------------------------------------------------
 
 
@@ -376,6 +494,11 @@ def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack
             f"{dag_id} to be parsed",
             lambda d=dag_id: stack.session.get(f"{stack.base}/api/v2/dags/{d}", timeout=5).ok,
         )
+    cats_before = int(
+        _mlflow_client(project)
+        .get_model_version_by_alias("cats_vs_dogs-classifier", "champion")
+        .version
+    )
     started = time.perf_counter()
     # ants_vs_bees runs from scratch; cats_vs_dogs keeps the dags-test run's evaluate setting and
     # changes only the gate, so just `register` reruns (a second registry write, at the same time).
@@ -432,7 +555,8 @@ def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack
         versions = {
             ds: (entry["champion"] or {}).get("version") for ds, entry in report["datasets"].items()
         }
-        return report if versions == {"cats_vs_dogs": "2", "ants_vs_bees": "1"} else None
+        want = {"cats_vs_dogs": str(cats_before + 1), "ants_vs_bees": "1"}
+        return report if versions == want else None
 
     report = stack.wait_for("the summary of both champions", summary_with_both, timeout=300)
     triggered = [
@@ -514,3 +638,62 @@ def test_human_approval_through_the_rest_api_promotes_the_candidate(stack):
     tenures = history.split("@champion, who held it when:")[1].strip().splitlines()
     assert tenures[-1].strip().startswith(f"v{pending.version}  ")
     assert tenures[-1].endswith("-> now") and tenures[-2].strip().startswith(f"v{before}  ")
+
+
+# --- the sweep under the scheduler (last: the stack is up, its gate registers a version) ---
+
+
+def test_sweep_under_the_scheduler_runs_its_lanes_side_by_side(stack, sweep):
+    sequential, _, _ = sweep
+    stack.wait_for(
+        "the sweep DAG to be parsed",
+        lambda: stack.session.get(f"{stack.base}/api/v2/dags/{SWEEP_DAG_ID}", timeout=5).ok,
+    )
+    started = time.perf_counter()
+    run_id = _api(
+        stack,
+        f"/dags/{SWEEP_DAG_ID}/dagRuns",
+        "POST",
+        json={"logical_date": None, "conf": SWEEP_CONF},
+    )["dag_run_id"]
+    state = stack.wait_for(
+        "the sweep to finish", lambda: _run_state(stack, SWEEP_DAG_ID, run_id), timeout=1500
+    )
+    wall = time.perf_counter() - started
+    assert state == "success", stack.tail()
+    tis = _api(stack, f"/dags/{SWEEP_DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100")
+    lanes: dict[int, dict[str, tuple[str, str]]] = {}
+    for ti in tis["task_instances"]:
+        if ti["task_id"].startswith("pipeline."):
+            assert ti["state"] == "success", ti
+            lanes.setdefault(ti["map_index"], {})[ti["task_id"]] = (
+                ti["start_date"],
+                ti["end_date"],
+            )
+    assert sorted(lanes) == [0, 1]
+    assert all(len(tasks) == 8 for tasks in lanes.values())  # prepare..evaluate, record, finish
+    # the two lanes ran side by side: some task of one overlapped some task of the other
+    overlaps = [
+        (a, b)
+        for a, (a_start, a_end) in lanes[0].items()
+        for b, (b_start, b_end) in lanes[1].items()
+        if a_start < b_end and b_start < a_end
+    ]
+    assert overlaps, lanes
+    # ... while the one GPU slot kept their train/finetune tasks apart
+    spans = sorted(
+        span
+        for tasks in lanes.values()
+        for task_id, span in tasks.items()
+        if task_id in ("pipeline.train", "pipeline.finetune")
+    )
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start, spans
+    folder = stack.airflow.project.reports / "sweep" / sweep_id(run_id)
+    report = json.loads((folder / "comparison.json").read_text())
+    assert report["best"] == {"cats_vs_dogs": "cats_vs_dogs--mobilenet_v2"}
+    print(
+        f"\nsweep, 2 backbones: {wall:.1f} s under the scheduler (lanes side by side, "
+        f"1 GPU slot) vs {sequential:.1f} s with `airflow dags test` (one after the other)",
+        file=sys.stderr,
+    )

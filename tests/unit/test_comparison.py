@@ -132,3 +132,29 @@ def test_below_the_floor_keeps_the_comparisons_verdict_and_says_both():
     better = _cmp("better")  # a better candidate that still misses a high floor is refused
     ok, word, _ = gate_verdict(RegisterConfig(floor=0.8), 0.7, better, "3")
     assert (ok, word) == (False, "better")
+
+
+def test_pareto_front_keeps_only_the_trade_offs():
+    from tasks.ml.comparison import pareto_front
+
+    #            fast+ok  slow+best  slow+worse  dominated  tie with the first
+    costs = [10.0, 50.0, 60.0, 20.0, 10.0]
+    scores = [0.80, 0.95, 0.90, 0.70, 0.80]
+    assert pareto_front(costs, scores) == [True, True, False, False, True]
+    assert pareto_front([5.0], [0.5]) == [True]
+    assert pareto_front([], []) == []
+    with pytest.raises(ValueError):
+        pareto_front([1.0, 2.0], [0.5])
+
+
+def test_best_by_group_is_the_most_accurate_then_the_cheapest():
+    from tasks.ml.comparison import best_by_group
+
+    rows = [
+        {"ds": "a", "key": "a-vgg", "acc": 0.9, "s": 40.0},
+        {"ds": "a", "key": "a-mobile", "acc": 0.9, "s": 10.0},  # as accurate, faster
+        {"ds": "a", "key": "a-fast", "acc": 0.7, "s": 1.0},
+        {"ds": "b", "key": "b-only", "acc": 0.6, "s": 5.0},
+        {"ds": "c", "key": "c-failed", "acc": None, "s": 0.0},  # no score: never wins
+    ]
+    assert best_by_group(rows, "ds", "acc", "s", "key") == {"a": "a-mobile", "b": "b-only"}

@@ -1,0 +1,225 @@
+"""``sweep-report``: a sweep's comparison, from the rows the sweep DAG gathered.
+
+Reads ``<folder>/rows.json`` (one row per combination: status, test and validation
+accuracy, training seconds, ...; written by ``tasks.orchestration.sweep``) and
+writes, in ``<folder>``:
+
+- ``comparison.md`` and ``comparison.csv``: the table, best first per dataset;
+- ``pareto_<dataset>.png``: test accuracy against training seconds, one point per
+  combination, the Pareto front (nothing both faster and as accurate) in red;
+- ``comparison.json``: the rows with ``pareto`` marks, the best per dataset and the
+  MLflow run id — written last: its presence means the report is complete.
+
+The same files, a ``comparison_table.json`` (``mlflow.log_table``) and one metric
+per combination go on one MLflow run in the ``sweeps`` experiment.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Config
+from tasks.errors import StageError
+from tasks.io import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "dataset",
+    "combination",
+    "backbone",
+    "learning_rate",
+    "status",
+    "test_accuracy",
+    "validation_accuracy",
+    "test_f1_macro",
+    "test_roc_auc",
+    "train_seconds",
+    "finetune_seconds",
+    "training_seconds",
+    "restored",
+    "pareto",
+    "best",
+    "parent_run_id",
+)
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    sweep: str
+    folder: Path
+    rows: int
+    best: dict[str, str]
+    plots: tuple[str, ...]
+    mlflow_run_id: str
+
+    def __str__(self) -> str:
+        winners = ", ".join(f"{ds}: {key}" for ds, key in self.best.items()) or "none"
+        return (
+            f"sweep {self.sweep}: {self.rows} combinations compared in {self.folder} "
+            f"(comparison.md, {', '.join(self.plots)}); best {winners}; MLflow run "
+            f"{self.mlflow_run_id}"
+        )
+
+
+def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(row: dict[str, Any]) -> tuple:
+        ok = row.get("status") == "ok"
+        return (row["dataset"], not ok, -(row.get("test_accuracy") or 0.0), row["combination"])
+
+    return sorted(rows, key=key)
+
+
+def _plain(value: Any) -> Any:
+    """A value as a table shows it: yes/blank for flags, lists joined, numbers as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return value
+
+
+def _cell(value: Any) -> str:
+    value = _plain(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def table_markdown(sweep: str, rows: list[dict[str, Any]]) -> str:
+    shown = [c for c in COLUMNS if c != "parent_run_id"]
+    lines = [
+        f"# Sweep {sweep}",
+        "",
+        "Best first per dataset. Seconds: the MLflow runs of each phase; `restored`: "
+        "phases DVC restored from its run cache (trained earlier with the same code, params "
+        "and data; the seconds are that training's). `pareto`: no other combination is both "
+        "faster and as accurate; `best`: goes through the registry gate.",
+        "",
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _plain(row.get(c)) for c in COLUMNS})
+    return out.getvalue()
+
+
+def _phase_seconds(rows: list[dict[str, Any]]) -> None:
+    """Each finished row's training seconds: the wall time of the MLflow runs of its train
+    and finetune phases (for a lane DVC restored from its run cache, the runs that made
+    the models), so restored and fresh lanes compare on the same footing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        total = 0.0
+        for phase in ("train", "finetune"):
+            run_id = row.get(f"{phase}_run_id")
+            try:
+                info = client.get_run(run_id).info if run_id else None
+            except MlflowException:
+                info = None
+            if info is not None and info.end_time:
+                row[f"{phase}_seconds"] = round((info.end_time - info.start_time) / 1000, 2)
+            total += row.get(f"{phase}_seconds") or 0.0
+        row["training_seconds"] = round(total, 2)
+
+
+def _label(row: dict[str, Any]) -> str:
+    rate = row.get("learning_rate")
+    return row["backbone"] + ("" if rate is None else f" lr {rate:g}")
+
+
+def run(cfg: Config, folder: Path) -> SweepReport:
+    """Write the comparison in ``folder`` and log it as one MLflow run (see module doc)."""
+    import mlflow
+
+    from tasks.ml.comparison import best_by_group, pareto_front
+    from tasks.ml.plots import pareto_plot
+    from tasks.tracking import sweep_experiment
+
+    source = folder / "rows.json"
+    if not source.is_file():
+        raise StageError(f"{source} is missing; the sweep DAG's compare task writes it")
+    data = json.loads(source.read_text())
+    sweep, rows = data["sweep"], data["rows"]
+    experiment_id = sweep_experiment(cfg, Path.cwd())
+    _phase_seconds(rows)
+    done = [row for row in rows if row.get("status") == "ok"]
+    best = best_by_group(done, "dataset", "test_accuracy", "training_seconds", "combination")
+    for row in rows:
+        row["best"] = best.get(row["dataset"]) == row["combination"]
+    rows = _ranked(rows)
+    plots = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        done = [r for r in rows if r["dataset"] == dataset and r.get("status") == "ok"]
+        front = pareto_front(
+            [r["training_seconds"] for r in done], [r["test_accuracy"] for r in done]
+        )
+        for row, on in zip(done, front, strict=True):
+            row["pareto"] = on
+        if done:
+            labels = [
+                r["backbone"]
+                + ("" if r.get("learning_rate") is None else f" lr {r['learning_rate']:g}")
+                for r in done
+            ]
+            out = pareto_plot(
+                labels,
+                [r["training_seconds"] for r in done],
+                [r["test_accuracy"] for r in done],
+                front,
+                folder / f"pareto_{dataset}.png",
+                title=f"{dataset}: test accuracy against training time (sweep {sweep})",
+            )
+            plots.append(out.name)
+    write_text(folder / "comparison.md", table_markdown(sweep, rows))
+    write_text(folder / "comparison.csv", table_csv(rows))
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep-{sweep}") as run:
+        mlflow.set_tags({"sweep.id": sweep, **{f"best.{ds}": key for ds, key in best.items()}})
+        mlflow.log_params(
+            {
+                "datasets": ",".join(dict.fromkeys(r["dataset"] for r in rows)),
+                "backbones": ",".join(dict.fromkeys(r["backbone"] for r in rows)),
+                "combinations": len(rows),
+            }
+        )
+        for row in rows:
+            if row.get("status") == "ok":
+                mlflow.log_metrics(
+                    {
+                        f"{row['combination']}.test_accuracy": row["test_accuracy"],
+                        f"{row['combination']}.training_seconds": row["training_seconds"],
+                    }
+                )
+        mlflow.log_table(
+            {c: [_cell(r.get(c)) for r in rows] for c in COLUMNS}, "comparison_table.json"
+        )
+        for name in ("comparison.md", "comparison.csv", *plots):
+            mlflow.log_artifact(str(folder / name))
+    write_json(
+        folder / "comparison.json",
+        {"sweep": sweep, "best": best, "mlflow_run_id": run.info.run_id, "rows": rows},
+    )
+    report = SweepReport(sweep, folder, len(rows), best, tuple(plots), run.info.run_id)
+    log.info("%s", report)
+    return report
