@@ -12,6 +12,7 @@ This module must stay cheap to import: Airflow's DAG processor imports it.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import re
@@ -36,6 +37,9 @@ from tasks.errors import ConfigError
 from tasks.io import SHA256_HEX
 
 DEFAULT_PARAMS = Path("params.yaml")
+RECIPES = Path(__file__).parent / "recipes"
+"""The named presets (``recipe:``): one ``<name>.yaml`` of parameter values each."""
+DEFAULT_RECIPE = "default"
 SET_ENV = "TASKS_SET"
 """JSON list of ``key=value`` overrides applied before ``--set`` (the DAGs set it per run)."""
 BACKBONES = (
@@ -262,6 +266,19 @@ class AugmentationConfig(_Section):
     rotation: float = Field(0.1, ge=0, le=1)
     zoom: float = Field(0.1, ge=0, lt=1)
     translation: float = Field(0.1, ge=0, lt=1)
+    width_shift: float | None = Field(None, ge=0, lt=1)
+    """Horizontal shift, a fraction of the width; null = ``translation``."""
+    height_shift: float | None = Field(None, ge=0, lt=1)
+    """Vertical shift, a fraction of the height; null = ``translation``."""
+    shear: float = Field(0.0, ge=0, le=1)
+    """Horizontal shear factor (x moves by up to ``shear`` * y: 0.2 is about 11 degrees)."""
+
+    @property
+    def shifts(self) -> tuple[float, float]:
+        """(height, width) shift fractions, each defaulting to ``translation``."""
+        height = self.translation if self.height_shift is None else self.height_shift
+        width = self.translation if self.width_shift is None else self.width_shift
+        return height, width
 
 
 class FinetuneConfig(_Section):
@@ -329,6 +346,8 @@ class ScheduleConfig(_Section):
 
 
 class Config(_Section):
+    recipe: str = DEFAULT_RECIPE
+    """The preset under the file's own keys (``tasks/recipes/<recipe>.yaml``)."""
     datasets: dict[str, DatasetConfig] = Field(min_length=1)
     download: DownloadConfig = DownloadConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
@@ -452,13 +471,61 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def recipe_names() -> list[str]:
+    """The known presets: the ``*.yaml`` files shipped in ``tasks/recipes``."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def recipe_values(name: Any, source: str = "params") -> dict[str, Any]:
+    """The parameter values of the preset ``name``, or a one-line ConfigError."""
+    known = recipe_names()
+    if not isinstance(name, str) or name not in known:
+        near = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(
+            f"{source}: recipe: {name!r} is not a known recipe{hint}; use one of: "
+            f"{', '.join(known)} (files in tasks/recipes)"
+        )
+    path = RECIPES / f"{name}.yaml"
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: is not valid YAML; fix the syntax there") from None
+    if not isinstance(values, dict) or "recipe" in values or "datasets" in values:
+        raise ConfigError(
+            f"{path}: a recipe must be a mapping of parameter sections (train:, augmentation:, "
+            "finetune:, ...) without recipe: or datasets:"
+        )
+    return values
+
+
+def layered(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``under``: nested mappings merge key by key, ``over``'s keys win."""
+    merged = copy.deepcopy(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = layered(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def parse_config(
     raw: dict[str, Any], overrides: tuple[str, ...] | list[str] = (), source: str = "params"
 ) -> Config:
-    """Validate a parameter mapping (plus ``--set`` overrides) into a Config."""
+    """Validate a parameter mapping (plus ``--set`` overrides) into a Config.
+
+    Layers, each winning over the one before: the field defaults, the ``recipe:``
+    preset's values, the keys ``raw`` actually writes, the ``--set`` overrides
+    (``--set recipe=NAME`` picks the preset). The Config holds the resolved values.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, e.g. datasets:, train:")
-    raw = copy.deepcopy(raw)
+    picked = {"recipe": raw.get("recipe", DEFAULT_RECIPE)}
+    for assignment in overrides:
+        if assignment.partition("=")[0].strip() == "recipe":
+            apply_override(picked, assignment)
+    raw = layered(recipe_values(picked["recipe"], source), {**raw, **picked})
     for assignment in overrides:
         apply_override(raw, assignment)
     raw.pop("overrides", None)

@@ -243,7 +243,7 @@ def lineage_tags(cfg: Config, paths: DatasetPaths) -> dict[str, str]:
 
 def flat_params(cfg: Config, dataset: str) -> dict[str, Any]:
     """The parameters a run depends on, with the same names for every backbone and dataset."""
-    params: dict[str, Any] = {"dataset": dataset}
+    params: dict[str, Any] = {"dataset": dataset, "recipe": cfg.recipe}
     sections = {
         "train": cfg.train,
         "finetune": cfg.finetune,

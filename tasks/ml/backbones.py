@@ -52,7 +52,7 @@ _MOBILENET_SIZES = (96, 128, 160, 192, 224)
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The classifier on top of the backbone: pooling, optional hidden layer, dropout."""
+    """The classifier on top of the backbone: pooling, optional hidden layer, dropout (0: none)."""
 
     pooling: Literal["avg", "flatten"]
     dense_units: int
@@ -61,7 +61,8 @@ class HeadSpec:
     def __str__(self) -> str:
         hidden = f" -> Dense({self.dense_units}, relu)" if self.dense_units else ""
         pool = "GlobalAveragePooling2D" if self.pooling == "avg" else "Flatten"
-        return f"{pool}{hidden} -> Dropout({self.dropout}) -> Dense"
+        dropout = f" -> Dropout({self.dropout})" if self.dropout else ""
+        return f"{pool}{hidden}{dropout} -> Dense"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Layout (what evaluate, Grad-CAM, predict and the registry rely on)::
                                keras.Sequential of built-in layers
                            ->  "backbone": nested functional keras.applications model,
                                called with training=False (BatchNorm in inference mode)
-                           ->  "head": keras.Sequential (pooling, [Dense relu], Dropout, Dense)
+                           ->  "head": keras.Sequential (pooling, [Dense relu], [Dropout], Dense)
 
 Two classes end in ``Dense(1, sigmoid)`` = P(classes[1]); more in ``Dense(n, softmax)``.
 
@@ -126,7 +126,8 @@ def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], n_classes: int) -
     )
     if spec.dense_units:
         layers.append(keras.layers.Dense(spec.dense_units, activation="relu", name="hidden"))
-    layers.append(keras.layers.Dropout(spec.dropout, name="dropout"))
+    if spec.dropout:
+        layers.append(keras.layers.Dropout(spec.dropout, name="dropout"))
     # The output computes in float32 under any mixed precision policy (stable probabilities).
     if n_classes == 2:
         layers.append(

@@ -7,7 +7,7 @@ files named .jpg (TensorFlow sniffs the content), and, through Pillow, what
 TensorFlow cannot decode (CMYK JPEGs, TIFF, WebP, ...). Decoded images are
 resized (bilinear, antialiased, like Pillow's resize at prediction time),
 rounded to uint8 and cached in memory, so later epochs skip decoding.
-Augmentation (flip, rotation, zoom, translation) runs on training batches only,
+Augmentation (flip, rotation, zoom, width/height shift, shear) runs on training batches only,
 seeded: the same seed gives the same batches, each epoch a fresh draw.
 """
 
@@ -110,11 +110,16 @@ def augmentation_layers(aug: AugmentationConfig, seed: int) -> list[Any]:
         layers.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed + 1))
     if aug.zoom > 0:
         layers.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed + 2))
-    if aug.translation > 0:
+    height_shift, width_shift = aug.shifts
+    if height_shift > 0 or width_shift > 0:
         layers.append(
             keras.layers.RandomTranslation(
-                aug.translation, aug.translation, fill_mode="reflect", seed=seed + 3
+                height_shift, width_shift, fill_mode="reflect", seed=seed + 3
             )
+        )
+    if aug.shear > 0:
+        layers.append(
+            keras.layers.RandomShear(x_factor=aug.shear, fill_mode="reflect", seed=seed + 4)
         )
     return layers
 

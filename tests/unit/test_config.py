@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.config import BACKBONES, load_config, parse_config
+from tasks.config import (
+    BACKBONES,
+    RECIPES,
+    AugmentationConfig,
+    Config,
+    load_config,
+    parse_config,
+    recipe_names,
+)
 from tasks.errors import ConfigError
 from tests.conftest import REPO
 from tests.datagen import tiny_params
@@ -87,7 +95,7 @@ def test_overrides_apply_parse_yaml_and_are_recorded(raw):
     assert cfg.train.epochs == 3
     assert cfg.dataset("ants_vs_bees").mirrors == ["file:///m.zip"]
     assert cfg.overrides == ("train.epochs=3", "datasets.ants_vs_bees.mirrors=[file:///m.zip]")
-    assert raw["train"]["epochs"] == 10, "overrides must not touch the caller's mapping"
+    assert "epochs" not in raw["train"], "overrides must not touch the caller's mapping"
 
 
 def test_counts_must_name_exactly_the_classes(raw):
@@ -144,3 +152,157 @@ def test_carve_count_keeps_a_class_in_both_splits(available, share, held):
     from tasks.config import carve_count
 
     assert carve_count(available, share) == held
+
+
+# --- recipes: presets layered under the file's own keys -----------------------------
+
+PRESETS = [
+    "inception_mixed7",
+    "vgg16_block5",
+    "hymenoptera_vgg16",
+    "xception_guide",
+    "mobilenet_v2_tutorial",
+]
+
+
+def recipe_file(name: str) -> dict:
+    return yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+
+
+def key_paths(mapping: dict, prefix: str = "") -> set[str]:
+    """Every leaf key of ``mapping`` as a dotted path (``train.head.dropout``)."""
+    paths = set()
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            paths |= key_paths(value, f"{prefix}{key}.")
+        else:
+            paths.add(f"{prefix}{key}")
+    return paths
+
+
+def test_the_known_recipes_are_the_shipped_files():
+    assert recipe_names() == sorted(["default", *PRESETS])
+
+
+def test_the_checked_in_params_pin_no_key_a_recipe_sets(raw):
+    """A key written in params.yaml wins over the recipe's, so writing one there would make
+    every recipe silently keep the default's value for it."""
+    assert raw["recipe"] == "default"
+    settable = key_paths(recipe_file("default"))
+    assert not settable & key_paths(raw)
+    for name in PRESETS:
+        assert key_paths(recipe_file(name)) <= settable, f"{name} sets a key default.yaml lacks"
+
+
+def test_the_default_recipe_restates_the_field_defaults_and_the_old_params(raw):
+    cfg = parse_config(raw)
+    defaults = Config(datasets=cfg.datasets)
+    assert cfg.recipe == "default"
+    assert cfg.model_dump(exclude={"datasets"}) == defaults.model_dump(exclude={"datasets"})
+    # the values params.yaml wrote before recipes existed
+    assert (cfg.train.backbone, cfg.train.batch_size, cfg.train.epochs) == ("mobilenet_v2", 32, 10)
+    assert (cfg.train.optimizer, cfg.train.learning_rate, cfg.train.augment) == (
+        "rmsprop",
+        1e-4,
+        False,
+    )
+    assert (cfg.finetune.epochs, cfg.finetune.learning_rate, cfg.finetune.augment) == (
+        10,
+        1e-5,
+        False,
+    )
+    assert cfg.augmentation.shifts == (0.1, 0.1) and cfg.augmentation.shear == 0.0
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_recipe_resolves_to_its_files_values(raw, name):
+    cfg = parse_config(raw, [f"recipe={name}"])
+    assert cfg.recipe == name
+    for path in key_paths(recipe_file(name)):
+        node: object = cfg
+        for part in path.split("."):
+            node = getattr(node, part)
+        expected = recipe_file(name)
+        for part in path.split("."):
+            expected = expected[part]
+        assert node == expected, path
+
+
+def test_params_keys_win_over_the_recipe_and_set_wins_over_both(raw):
+    raw["recipe"] = "xception_guide"
+    raw["train"]["batch_size"] = 8
+    raw["train"]["head"] = {"dropout": 0.3}
+    cfg = parse_config(raw)
+    # the recipe's values where params.yaml writes nothing (not the fields' defaults)
+    assert (cfg.train.backbone, cfg.train.epochs, cfg.train.optimizer) == ("xception", 20, "adam")
+    assert cfg.finetune.unfreeze_from == "all" and cfg.augmentation.rotation == 0.1
+    # the keys params.yaml writes, a nested one merged into the recipe's section
+    assert cfg.train.batch_size == 8
+    assert (cfg.train.head.pooling, cfg.train.head.dense_units, cfg.train.head.dropout) == (
+        "avg",
+        0,
+        0.3,
+    )
+    # --set wins over both, and can pick the recipe
+    cfg = parse_config(raw, ["train.batch_size=16", "recipe=vgg16_block5"])
+    assert (cfg.recipe, cfg.train.backbone, cfg.train.batch_size) == ("vgg16_block5", "vgg16", 16)
+    assert cfg.train.head.dropout == 0.3 and cfg.train.head.dense_units == 512
+
+
+def test_a_key_written_with_the_fields_default_value_still_wins(raw):
+    raw["recipe"] = "inception_mixed7"
+    raw["train"]["batch_size"] = 32  # TrainConfig's default, written on purpose
+    raw["finetune"]["epochs"] = 10
+    cfg = parse_config(raw)
+    assert cfg.train.batch_size == 32 and cfg.finetune.epochs == 10
+    assert cfg.train.epochs == 20  # not written: the recipe's
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("xception", "recipe: 'xception' is not a known recipe (did you mean xception_guide?)"),
+        ("mobilenet_v2", "(did you mean mobilenet_v2_tutorial?)"),
+        ("resnet", "recipe: 'resnet' is not a known recipe; use one of: default, "),
+        ("null", "recipe: None is not a known recipe"),
+    ],
+)
+def test_an_unknown_recipe_is_one_line_naming_the_known_ones(raw, value, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, [f"recipe={value}"], source="params.yaml")
+    text = str(error.value)
+    assert text.startswith("params.yaml: ") and message in text
+    assert ", ".join(sorted(["default", *PRESETS])) in text
+    assert "\n" not in text
+
+
+def test_a_scheduled_runs_params_file_keeps_the_resolved_values(raw):
+    """The workspace's params.yaml (run_params) writes every resolved value and the recipe;
+    reading it back re-applies the recipe under those explicit keys: the same run."""
+    from tasks.orchestration.runconf import params_mapping
+    from tasks.orchestration.workspace import run_params
+
+    raw["train"]["batch_size"] = 8
+    cfg = parse_config(raw, ["recipe=vgg16_block5", "train.epochs=3"])
+    written = run_params(cfg, "cats_vs_dogs")
+    assert written["recipe"] == "vgg16_block5"
+    assert written["train"]["backbone"] == "vgg16" and written["train"]["epochs"] == 3
+    assert written["train"]["batch_size"] == 8 and written["augmentation"]["shear"] == 0.2
+    reread = parse_config(yaml.safe_load(yaml.safe_dump(written)))
+    assert params_mapping(reread) == written
+    # the recipe key cannot re-apply differently: every key it sets is written explicitly
+    other = parse_config({**written, "recipe": "mobilenet_v2_tutorial"})
+    assert params_mapping(other) == {**written, "recipe": "mobilenet_v2_tutorial"}
+
+
+def test_width_and_height_shift_default_to_translation():
+    assert AugmentationConfig().shifts == (0.1, 0.1)
+    assert AugmentationConfig(translation=0.2, width_shift=0.05).shifts == (0.2, 0.05)
+    assert AugmentationConfig(height_shift=0.0).shifts == (0.0, 0.1)
+
+
+def test_a_bad_augmentation_value_names_the_key(raw):
+    with pytest.raises(ConfigError, match="augmentation.shear: Input should be less than or eq"):
+        parse_config(raw, ["augmentation.shear=2"])
+    with pytest.raises(ConfigError, match="augmentation.width_shift: Input should be less than 1"):
+        parse_config(raw, ["augmentation.width_shift=1.5"])

@@ -1,0 +1,268 @@
+"""Each recipe's architecture, built at a tiny size with random weights from the resolved
+config: the backbone (and where it is cut), the head's layers and widths, what trains in
+each phase, the optimizers, the image and batch size, and the augmentation.
+
+A recipe's defining detail changing (InceptionV3 no longer cut at ``mixed7``, VGG16 fine-tuning
+more than block5, ...) fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from tasks.config import parse_config
+from tasks.ml.backbones import BACKBONES, is_batch_norm, unfreeze_top_blocks
+from tasks.ml.model import ModelSpec, build_model, compile_model
+from tasks.ml.pipeline import augmentation_layers
+from tests.conftest import REPO
+
+TINY = {"inception_v3": 75, "vgg16": 32, "xception": 71, "mobilenet_v2": 32}
+"""The smallest input each backbone builds at (its published size is asserted separately)."""
+
+
+def resolved(recipe: str):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    return parse_config(raw, [f"recipe={recipe}"])
+
+
+def built(recipe: str):
+    """(config, model, backbone) of ``recipe`` at the tiny size, weights=none."""
+    import keras
+
+    cfg = resolved(recipe)
+    entry = BACKBONES[cfg.train.backbone]
+    keras.utils.set_random_seed(0)
+    model = build_model(
+        ModelSpec(cfg.train.backbone, TINY[cfg.train.backbone], entry.head_spec(cfg.train.head), 2)
+    )
+    return cfg, model, model.get_layer("backbone")
+
+
+def head_layers(model) -> list[tuple]:
+    """The head as (type, width or rate): the recipe's classifier, layer by layer."""
+    described = []
+    for layer in model.get_layer("head").layers:
+        kind = type(layer).__name__
+        if kind == "Dense":
+            described.append((kind, layer.units, layer.activation.__name__))
+        elif kind == "Dropout":
+            described.append((kind, layer.rate))
+        else:
+            described.append((kind,))
+    return described
+
+
+def weight_paths(weights) -> set[str]:
+    return {w.path for w in weights}
+
+
+def trainable_layers(base) -> set[str]:
+    return {layer.name for layer in base.layers if layer.trainable and layer.trainable_weights}
+
+
+def phase_two(cfg, model, base) -> set[str]:
+    """Unfreeze as the finetune step does; the backbone layers with weights that now train."""
+    boundary = cfg.finetune.unfreeze_from or BACKBONES[cfg.train.backbone].unfreeze_from
+    unfrozen = set(unfreeze_top_blocks(base, boundary))
+    assert unfrozen == trainable_layers(base)
+    # the whole model trains exactly the head plus those layers
+    expected = weight_paths(model.get_layer("head").trainable_weights) | {
+        w.path for layer in base.layers if layer.name in unfrozen for w in layer.trainable_weights
+    }
+    assert weight_paths(model.trainable_weights) == expected
+    assert not any(layer.trainable for layer in base.layers if is_batch_norm(layer))
+    return unfrozen
+
+
+def assert_phase_one_trains_only_the_head(model, base) -> None:
+    head = model.get_layer("head")
+    assert weight_paths(model.trainable_weights) == weight_paths(head.trainable_weights)
+    assert head.trainable_weights and not base.trainable_weights
+
+
+def optimizer_of(model, name: str, rate: float):
+    compile_model(model, name, rate, 2)
+    return type(model.optimizer).__name__, pytest.approx(float(model.optimizer.learning_rate))
+
+
+def augmentation(cfg) -> list[tuple]:
+    """The training augmentation as (layer, its factors)."""
+    described = []
+    for layer in augmentation_layers(cfg.augmentation, 0):
+        config = layer.get_config()
+        factors = {k: v for k, v in config.items() if k.endswith("factor") or k == "mode"}
+        described.append((type(layer).__name__, factors))
+    return described
+
+
+def test_inception_mixed7():
+    cfg, model, base = built("inception_mixed7")
+    names = [layer.name for layer in base.layers]
+    # the defining cut: the backbone ends at mixed7; nothing of mixed8 onwards is built
+    assert names[-1] == "mixed7"
+    assert "mixed8" not in names and not any(n.startswith("mixed8") for n in names)
+    assert base.output.shape[1:] == base.get_layer("mixed7").output.shape[1:]
+    assert head_layers(model) == [("Flatten",), ("Dense", 1024, "relu"), ("Dense", 1, "sigmoid")]
+    assert_phase_one_trains_only_the_head(model, base)
+    assert (cfg.train.image_size, cfg.train.batch_size, cfg.train.epochs) == (150, 20, 20)
+    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("RMSprop", 1e-4)
+    assert cfg.train.augment and cfg.finetune.epochs == 0  # the head only: no phase 2
+    assert augmentation(cfg) == [
+        ("RandomFlip", {"mode": "horizontal"}),
+        ("RandomRotation", {"factor": (-0.1111, 0.1111)}),  # 40 degrees
+        ("RandomZoom", {"height_factor": 0.2, "width_factor": None}),
+        ("RandomTranslation", {"height_factor": 0.2, "width_factor": 0.2}),
+        ("RandomShear", {"x_factor": (-0.2, 0.2), "y_factor": (-0.0, 0.0)}),
+    ]
+
+
+def test_vgg16_block5():
+    cfg, model, base = built("vgg16_block5")
+    assert [layer.name for layer in base.layers][-1] == "block5_pool"
+    assert head_layers(model) == [
+        ("Flatten",),
+        ("Dense", 512, "relu"),
+        ("Dropout", 0.5),
+        ("Dense", 1, "sigmoid"),
+    ]
+    assert_phase_one_trains_only_the_head(model, base)
+    assert (cfg.train.image_size, cfg.train.batch_size, cfg.train.epochs) == (224, 20, 30)
+    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("Adam", 1e-4)
+    assert phase_two(cfg, model, base) == {"block5_conv1", "block5_conv2", "block5_conv3"}
+    assert cfg.finetune.epochs > 0
+    assert optimizer_of(model, cfg.finetune.optimizer, cfg.finetune.learning_rate) == (
+        "Adam",
+        1e-5,
+    )
+    assert augmentation(cfg) == [
+        ("RandomFlip", {"mode": "horizontal"}),
+        ("RandomRotation", {"factor": (-0.0833, 0.0833)}),  # 30 degrees
+        ("RandomZoom", {"height_factor": 0.2, "width_factor": None}),
+        ("RandomTranslation", {"height_factor": 0.1, "width_factor": 0.1}),
+        ("RandomShear", {"x_factor": (-0.2, 0.2), "y_factor": (-0.0, 0.0)}),
+    ]
+
+
+def test_hymenoptera_vgg16():
+    cfg, model, base = built("hymenoptera_vgg16")
+    assert cfg.train.backbone == "vgg16"
+    assert head_layers(model) == [
+        ("Flatten",),
+        ("Dense", 4096, "relu"),
+        ("Dropout", 0.5),
+        ("Dense", 1, "sigmoid"),
+    ]
+    assert_phase_one_trains_only_the_head(model, base)
+    assert (cfg.train.image_size, cfg.train.batch_size, cfg.train.epochs) == (224, 4, 12)
+    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("SGD", 0.01)
+    assert cfg.finetune.epochs == 0  # the feature extractor stays frozen
+    assert augmentation(cfg) == [("RandomFlip", {"mode": "horizontal"})]
+
+
+def test_xception_guide():
+    cfg, model, base = built("xception_guide")
+    assert head_layers(model) == [
+        ("GlobalAveragePooling2D",),
+        ("Dropout", 0.2),
+        ("Dense", 1, "sigmoid"),
+    ]
+    assert_phase_one_trains_only_the_head(model, base)
+    assert (cfg.train.image_size, cfg.train.batch_size, cfg.train.epochs) == (150, 64, 20)
+    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("Adam", 1e-3)
+    # phase 2: the whole base, BatchNormalization excepted (it stays in inference mode)
+    every = {layer.name for layer in base.layers if layer.weights and not is_batch_norm(layer)}
+    assert phase_two(cfg, model, base) == every
+    assert {"block1_conv1", "block14_sepconv2"} <= every
+    assert (cfg.finetune.epochs, cfg.finetune.augment) == (10, True)
+    assert optimizer_of(model, cfg.finetune.optimizer, cfg.finetune.learning_rate) == (
+        "Adam",
+        1e-5,
+    )
+    assert augmentation(cfg) == [
+        ("RandomFlip", {"mode": "horizontal"}),
+        ("RandomRotation", {"factor": (-0.1, 0.1)}),
+    ]
+
+
+def test_mobilenet_v2_tutorial():
+    cfg, model, base = built("mobilenet_v2_tutorial")
+    assert head_layers(model) == [
+        ("GlobalAveragePooling2D",),
+        ("Dropout", 0.2),
+        ("Dense", 1, "sigmoid"),
+    ]
+    assert_phase_one_trains_only_the_head(model, base)
+    assert (cfg.train.image_size, cfg.train.batch_size, cfg.train.epochs) == (160, 32, 10)
+    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("RMSprop", 1e-4)
+    # phase 2: from layer 100 on (the tutorial's fine_tune_at = 100), BatchNorm excepted
+    from_100 = {
+        layer.name for layer in base.layers[100:] if layer.weights and not is_batch_norm(layer)
+    }
+    assert phase_two(cfg, model, base) == from_100
+    assert (cfg.finetune.epochs, cfg.finetune.augment) == (10, True)
+    assert optimizer_of(model, cfg.finetune.optimizer, cfg.finetune.learning_rate) == (
+        "RMSprop",
+        1e-5,
+    )
+    assert augmentation(cfg) == [
+        ("RandomFlip", {"mode": "horizontal"}),
+        ("RandomRotation", {"factor": (-0.2, 0.2)}),
+    ]
+
+
+def test_the_default_recipe_keeps_todays_augmentation_and_head():
+    cfg, model, base = built("default")
+    assert head_layers(model) == [
+        ("GlobalAveragePooling2D",),
+        ("Dropout", 0.2),
+        ("Dense", 1, "sigmoid"),
+    ]
+    assert augmentation(cfg) == [
+        ("RandomFlip", {"mode": "horizontal"}),
+        ("RandomRotation", {"factor": (-0.1, 0.1)}),
+        ("RandomZoom", {"height_factor": 0.1, "width_factor": None}),
+        ("RandomTranslation", {"height_factor": 0.1, "width_factor": 0.1}),
+    ]
+
+
+def rows_and_columns(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Two images: one constant along each row (varies down), one constant along each column."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    by_row = np.broadcast_to(ramp[:, None, None], (size, size, 3))
+    return by_row[None].copy(), np.transpose(by_row, (1, 0, 2))[None].copy()
+
+
+def run_layers(cfg, images: np.ndarray) -> np.ndarray:
+    out = images
+    for layer in augmentation_layers(cfg.augmentation, 3):
+        out = layer(out, training=True)
+    return np.asarray(out)
+
+
+def test_width_and_height_shifts_move_the_image_independently():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    only = ["augmentation.flip=none", "augmentation.rotation=0", "augmentation.zoom=0"]
+    by_row, by_column = rows_and_columns()
+    sideways = parse_config(
+        raw, [*only, "augmentation.width_shift=0.4", "augmentation.height_shift=0"]
+    )
+    # a horizontal shift leaves an image that only varies down the rows as it is
+    np.testing.assert_allclose(run_layers(sideways, by_row), by_row, atol=1e-3)
+    assert not np.allclose(run_layers(sideways, by_column), by_column, atol=1.0)
+    down = parse_config(raw, [*only, "augmentation.width_shift=0", "augmentation.height_shift=0.4"])
+    np.testing.assert_allclose(run_layers(down, by_column), by_column, atol=1e-3)
+    assert not np.allclose(run_layers(down, by_row), by_row, atol=1.0)
+
+
+def test_shear_slants_the_image_and_zero_adds_no_layer():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    only = [f"augmentation.{k}=0" for k in ("rotation", "zoom", "translation")]
+    plain = parse_config(raw, [*only, "augmentation.flip=none"])
+    assert augmentation_layers(plain.augmentation, 0) == []
+    sheared = parse_config(raw, [*only, "augmentation.flip=none", "augmentation.shear=0.5"])
+    by_row, by_column = rows_and_columns()
+    # x moves by a multiple of y: rows slide sideways, so columns no longer stay constant
+    np.testing.assert_allclose(run_layers(sheared, by_row), by_row, atol=1e-3)
+    assert not np.allclose(run_layers(sheared, by_column), by_column, atol=1.0)
