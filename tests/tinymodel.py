@@ -204,6 +204,26 @@ def use_candidate(paths: DatasetPaths, model_file: Path, phase: str = "finetune"
     return target
 
 
+def register_champion(root: Path, model_file: Path, validation: int) -> DatasetPaths:
+    """A workspace at ``root`` whose registry holds ``model_file`` as ``@champion`` (v1).
+
+    The store is ``sqlite:///<root>/mlflow.db`` (the caller's ``MLFLOW_TRACKING_URI`` must
+    say so), its artifacts under ``<root>/artifacts``; ``validation`` images per class.
+    """
+    from tasks.config import parse_config
+    from tasks.steps import register
+    from tests.datagen import tiny_params
+
+    paths = make_workspace(root, counts={"train": 1, "validation": validation})
+    use_candidate(paths, model_file)
+    cfg = parse_config(
+        tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}),
+        ["tracking.artifact_location=artifacts"],
+    )
+    assert register.run(cfg, paths).promoted
+    return paths
+
+
 def write_history(paths: DatasetPaths, frozen_epochs: int = 3, finetune_epochs: int = 2) -> None:
     rows = []
     for epoch in range(frozen_epochs + finetune_epochs):

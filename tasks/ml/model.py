@@ -346,19 +346,16 @@ def model_image_size(model: keras.Model) -> tuple[int, int]:
     return int(shape[1]), int(shape[2])
 
 
-def predict_rows(
+def image_batches(
     model: keras.Model,
     frame: pd.DataFrame,
     raw_root: Path,
     classes: Sequence[str],
     batch_size: int,
-) -> np.ndarray:
-    """(images, classes) probabilities for the rows of ``frame`` (files under ``raw_root``).
-
-    Images come through the training input pipeline (``tasks.ml.pipeline.make_dataset``),
-    so they are decoded and resized exactly as in training; rows keep their order.
-    """
-    from tasks.ml.metrics import class_probabilities
+) -> Any:
+    """The images of ``frame``'s rows (one split) as a ``tf.data`` dataset of float32 0-255
+    batches at the model's input size, decoded and resized exactly as in training
+    (``tasks.ml.pipeline.make_dataset``); rows keep their order."""
     from tasks.ml.pipeline import make_dataset
 
     height, width = model_image_size(model)
@@ -366,7 +363,7 @@ def predict_rows(
         raise StageError(f"the model's input is {height}x{width}; the pipeline makes square images")
     splits = sorted(set(frame["split"]))
     if len(splits) != 1:
-        raise StageError(f"predict_rows scores one split at a time; got rows of {splits}")
+        raise StageError(f"image_batches reads one split at a time; got rows of {splits}")
     dataset = make_dataset(
         frame,
         Path(raw_root),
@@ -378,5 +375,19 @@ def predict_rows(
         shuffle=False,
         seed=0,
     )
-    outputs = model.predict(dataset.map(lambda images, labels: images), verbose=0)
+    return dataset.map(lambda images, labels: images)
+
+
+def predict_rows(
+    model: keras.Model,
+    frame: pd.DataFrame,
+    raw_root: Path,
+    classes: Sequence[str],
+    batch_size: int,
+) -> np.ndarray:
+    """(images, classes) probabilities for the rows of ``frame`` (files under ``raw_root``),
+    read by :func:`image_batches`; rows keep their order."""
+    from tasks.ml.metrics import class_probabilities
+
+    outputs = model.predict(image_batches(model, frame, raw_root, classes, batch_size), verbose=0)
     return class_probabilities(outputs, len(classes))

@@ -284,24 +284,10 @@ def _test_batches(
     batch_size: int,
 ) -> list[np.ndarray]:
     """The test images as float32 0-255 batches, decoded and resized as in training."""
-    from tasks.ml.model import model_image_size
-    from tasks.ml.pipeline import make_dataset
+    from tasks.ml.model import image_batches
 
-    height, width = model_image_size(model)
-    if height != width:
-        raise StageError(f"the model's input is {height}x{width}; the pipeline makes square images")
-    dataset = make_dataset(
-        frame,
-        paths.raw,
-        "test",
-        classes,
-        height,
-        batch_size,
-        augment=None,
-        shuffle=False,
-        seed=0,
-    )
-    return [np.asarray(images, np.float32) for images, _ in dataset]
+    batches = image_batches(model, frame, paths.raw, classes, batch_size)
+    return [np.asarray(images, np.float32) for images in batches]
 
 
 @contextmanager

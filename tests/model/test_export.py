@@ -21,9 +21,9 @@ from tasks.config import parse_config
 from tasks.errors import StageError
 from tasks.ml.export import FORMATS, TOLERANCE, Parity, max_abs_diff
 from tasks.ml.images import read_image
-from tasks.steps import export, register
+from tasks.steps import export
 from tests.datagen import tiny_params
-from tests.tinymodel import make_workspace, tiny_models, use_candidate
+from tests.tinymodel import make_workspace, register_champion, tiny_models
 
 DS = "cats_vs_dogs"
 NAME = f"{DS}-classifier"
@@ -90,9 +90,7 @@ def champion(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         patch.delenv("TASKS_PARENT_RUN_ID", raising=False)
-        paths = make_workspace(root, counts={"train": 1, "validation": 20})
-        use_candidate(paths, models["good"])
-        assert register.run(config(), paths).promoted
+        paths = register_champion(root, models["good"], validation=20)
         params = write_params(root)
         out = io.StringIO()
         argv = ["export", DS, "--format", *ALL, "--params", str(params), "--root", str(root)]

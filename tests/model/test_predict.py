@@ -11,12 +11,11 @@ import pandas as pd
 import pytest
 
 from tasks.cli import main
-from tasks.config import parse_config
 from tasks.errors import StageError
 from tasks.ml.images import read_image
-from tasks.steps import predict, register
+from tasks.steps import predict
 from tests.datagen import tiny_params
-from tests.tinymodel import make_workspace, tiny_models, use_candidate
+from tests.tinymodel import register_champion, tiny_models
 
 # every test here uses a registry holding a trained tiny model: seconds each
 pytestmark = pytest.mark.slow
@@ -32,13 +31,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         patch.delenv("TASKS_PARENT_RUN_ID", raising=False)
-        paths = make_workspace(root, counts={"train": 1, "validation": 4})
-        use_candidate(paths, models["good"])
-        cfg = parse_config(
-            tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}),
-            ["tracking.artifact_location=artifacts"],
-        )
-        assert register.run(cfg, paths).promoted
+        paths = register_champion(root, models["good"], validation=4)
         yield paths, models
     import mlflow
 

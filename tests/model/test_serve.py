@@ -17,12 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import parse_config
 from tasks.dev.httpserver import unused_port
 from tasks.ml.images import read_image
-from tasks.steps import register
-from tests.datagen import tiny_params
-from tests.tinymodel import make_workspace, tiny_models, use_candidate
+from tests.tinymodel import register_champion, tiny_models
 
 pytestmark = pytest.mark.slow  # a registry and a server process that loads TensorFlow
 
@@ -40,13 +37,7 @@ def registered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.delenv("TASKS_PARENT_RUN_ID", raising=False)
-        paths = make_workspace(root, counts={"train": 1, "validation": 10})
-        use_candidate(paths, models["good"])
-        cfg = parse_config(
-            tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}),
-            ["tracking.artifact_location=artifacts"],
-        )
-        assert register.run(cfg, paths).promoted
+        paths = register_champion(root, models["good"], validation=10)
     import mlflow
 
     mlflow.set_tracking_uri(None)
