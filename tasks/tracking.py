@@ -319,6 +319,16 @@ def dvc_cache_path(root: Path, md5: str) -> Path | None:
     return path if path.exists() else None
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """MLflow's dataset code warns about nothing the user can act on: it registers its local
+    source twice ("interpreted in multiple ways", naming the same class twice) and hints
+    that integer columns cannot hold NaN (a manifest has none)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
 def manifest_dataset(cfg: Config, paths: DatasetPaths) -> mlflow.data.dataset.Dataset | None:
     """The validated manifest as an MLflow dataset: digest = its DVC md5, source = where
     DVC keeps it (the workspace file outside DVC), schema = its columns."""
@@ -334,10 +344,7 @@ def manifest_dataset(cfg: Config, paths: DatasetPaths) -> mlflow.data.dataset.Da
     except (OSError, ValueError) as error:  # lineage only: the stage reports a bad manifest
         _log.warning("manifest %s not logged as a dataset: %s", paths.manifest, error)
         return None
-    with warnings.catch_warnings():
-        # MLflow registers its local source twice (an "interpreted in multiple ways" warning
-        # naming the same class twice) and hints that integer columns cannot hold NaN.
-        warnings.simplefilter("ignore", UserWarning)
+    with _quiet_datasets():
         return mlflow.data.from_pandas(
             frame,
             source=source.as_uri(),
@@ -381,7 +388,9 @@ def log_evaluated_model(
             "dataset": paths.dataset,
         },
     )
-    mlflow.log_metrics(test_metrics, model_id=model.model_id, dataset=manifest_dataset(cfg, paths))
+    with _quiet_datasets():
+        dataset = manifest_dataset(cfg, paths)
+        mlflow.log_metrics(test_metrics, model_id=model.model_id, dataset=dataset)
     client = mlflow.MlflowClient()
     parent = client.get_run(active.info.run_id).data.tags.get(PARENT_RUN_TAG)
     if parent:
@@ -462,7 +471,8 @@ def _log_manifest(cfg: Config, paths: DatasetPaths, run_id: str, context: str) -
     dataset = manifest_dataset(cfg, paths)
     if dataset is not None:
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
-        entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends, for any run id
+        with _quiet_datasets():
+            entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends, for any run id
         MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
 
 
