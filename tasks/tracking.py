@@ -555,6 +555,9 @@ def phase_run(
             mlflow.log_params(flat_params(cfg, paths.dataset))
             if phase in INPUT_CONTEXTS:
                 _log_manifest(cfg, paths, run.info.run_id, INPUT_CONTEXTS[phase])
+                # a scheduled parent opens before validate writes the manifest
+                if not mlflow.MlflowClient().get_run(parent).inputs.dataset_inputs:
+                    _log_manifest(cfg, paths, parent, "pipeline")
             yield run
         record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
         write_json(paths.run_record(phase), record.__dict__)

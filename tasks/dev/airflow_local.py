@@ -198,6 +198,10 @@ def sweep_results(project: Project) -> str:
     return f"\nSweep comparison: {latest}/comparison.md (and {plots})\n{sweeps[-1].read_text()}"
 
 
+MLFLOW_UI_RUNS = "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+"""The MLflow UI's experiments in its model-training view (3.x opens on GenAI otherwise)."""
+
+
 def where_to_look(project: Project, home: Path) -> str:
     cfg = project.load_config()
     store = project.mlflow_dir
@@ -208,7 +212,8 @@ def where_to_look(project: Project, home: Path) -> str:
     lines += [
         "  MLflow UI      "
         f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
-        f"sqlite:///{store / 'mlflow.db'} --port 5000   (then open http://127.0.0.1:5000)",
+        f"sqlite:///{store / 'mlflow.db'} --port 5000   (then open "
+        f"{MLFLOW_UI_RUNS})",
         f"  DAG output     {home / 'logs' / 'dags-test'}/<dag id>.log  (the tasks' logs)",
     ]
     lines += experiments_to_restore(project, list(cfg.datasets))

@@ -81,6 +81,30 @@ def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monke
     assert read_record(paths, "train").parent_run_id != train.parent_run_id
 
 
+@pytest.mark.slow
+def test_a_scheduled_parent_gets_the_manifest_once_validate_wrote_it(cfg, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import start_pipeline_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
+    parent = start_pipeline_run(cfg, paths)  # the DAG's prepare: no manifest yet
+    client = MlflowClient()
+    assert client.get_run(parent).inputs.dataset_inputs == []
+    monkeypatch.setenv("TASKS_PARENT_RUN_ID", parent)
+    paths.manifest.parent.mkdir(parents=True)
+    pd.DataFrame({"path": ["a.jpg"], "split": ["train"], "label": ["cats"]}).to_parquet(
+        paths.manifest
+    )
+    for phase in ("train", "finetune"):
+        with phase_run(cfg, paths, phase):
+            pass
+    (entry,) = client.get_run(parent).inputs.dataset_inputs  # once, not once per phase
+    assert entry.dataset.digest == file_md5(paths.manifest)
+    assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "pipeline"
+
+
 def test_dvc_temp_experiments_log_to_the_project_store(cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     temp_workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpab12"
