@@ -82,7 +82,7 @@ def _probe(tmp_path, folder=REPO / "dags", **env: str) -> dict:
 def test_parsing_the_dag_folder_imports_nothing_heavy_and_starts_nothing(tmp_path, backend):
     result = _probe(tmp_path, TASKS_GPU_BACKEND=backend)
     assert result["errors"] == {}
-    assert len(result["dags"]) == 3
+    assert len(result["dags"]) == 4  # one per dataset, the summary, the sweep
     assert result["heavy"] == []
     assert result["side_effects"] == []
 
