@@ -13,6 +13,17 @@
 #                mlflow/mlflow.db and the folder mlflow/artifacts that the pipeline
 #                writes when MLFLOW_TRACKING_URI is unset (tasks/tracking.py).
 #
+# Authentication (MLFLOW_AUTH):
+#   none (default) every client may read and write: fine on 127.0.0.1, nowhere else
+#   basic          MLflow's basic-auth app. Accounts and permissions live in the backend
+#                  database (tables of their own); an account sees everything (default
+#                  permission READ) and writes what it created or was granted. Needs
+#                  MLFLOW_AUTH_ADMIN_PASSWORD (the admin account, made on the first start;
+#                  MLFLOW_AUTH_ADMIN_USERNAME, default admin) and
+#                  MLFLOW_FLASK_SERVER_SECRET_KEY (the same on every worker). The other
+#                  accounts: mlflow/accounts.py; clients log in with
+#                  MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
+#
 # Other settings (all optional):
 #   MLFLOW_HOST            interface to bind (127.0.0.1; 0.0.0.0 in a container)
 #   MLFLOW_PORT            port (5000)
@@ -67,14 +78,33 @@ else
         --workers "${MLFLOW_WORKERS:-1}"
     )
 fi
+case "${MLFLOW_AUTH:-none}" in
+    none) ;;
+    basic)
+        [[ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]] || die "MLFLOW_AUTH=basic needs MLFLOW_AUTH_ADMIN_PASSWORD (the admin account's password); set it from your secrets"
+        [[ -n "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]] || die "MLFLOW_AUTH=basic needs MLFLOW_FLASK_SERVER_SECRET_KEY (signs the UI's forms, the same on every worker); set it from your secrets"
+        [[ "$mode" == server ]] && auth_db="$backend" || auth_db="sqlite:///$store/mlflow.db"
+        # The auth app reads its database from a file only: a private one, never in the image.
+        auth_dir="$(mktemp -d)"
+        chmod 700 "$auth_dir"
+        (
+            umask 077
+            printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = %s\nadmin_username = %s\n' \
+                "$auth_db" "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" > "$auth_dir/basic_auth.ini"
+        )
+        export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
+        cmd+=(--app-name basic-auth)
+        ;;
+    *) die "MLFLOW_AUTH='${MLFLOW_AUTH}' is not known; use basic (accounts and permissions) or none" ;;
+esac
 cmd+=("$@")
 
 if [[ "${MLFLOW_SERVE_DRY_RUN:-0}" == 1 ]]; then
-    echo "mode=$mode"
+    echo "mode=$mode auth=${MLFLOW_AUTH:-none}${MLFLOW_AUTH_CONFIG_PATH:+ config=$MLFLOW_AUTH_CONFIG_PATH}"
     printf '%q ' "${cmd[@]}"
     echo
     exit 0
 fi
 [[ "$mode" == server ]] || mkdir -p "$store/artifacts"
-echo "mlflow/serve.sh: $mode mode on http://$host:$port" >&2
+echo "mlflow/serve.sh: $mode mode, auth ${MLFLOW_AUTH:-none}, on http://$host:$port" >&2
 exec "${cmd[@]}"

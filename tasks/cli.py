@@ -362,13 +362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; previous outputs were left in place", file=sys.stderr)
         return 130
-    except OSError as error:
-        # A full disk (or a quota, or a file-size limit) where no step said more: the
-        # outputs are written atomically, so the previous ones are still there.
-        full = storage_error(error)
-        if full is None:
+    except Exception as error:
+        from tasks.tracking import access_error
+
+        # An authenticating MLflow server that refused the login or the request; a full
+        # disk (or a quota, or a file-size limit) where no step said more: the outputs are
+        # written atomically, so the previous ones are still there.
+        message = access_error(error) or (
+            storage_error(error) if isinstance(error, OSError) else None
+        )
+        if message is None:
             raise
-        print(f"error: {full}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     if result is not None and not isinstance(result, int | bool):
         print(result)

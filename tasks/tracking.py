@@ -512,7 +512,9 @@ def _existing_parent(paths: DatasetPaths, experiment_id: str) -> str | None:
         return None
     try:
         run = MlflowClient().get_run(candidate)
-    except MlflowException:
+    except MlflowException as error:
+        if access_error(error):  # a refused login is not "no such run"
+            raise
         return None
     if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
         return None
@@ -578,6 +580,9 @@ def server_errors(uri: str, rerun: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:
+        denied = access_error(error, uri)
+        if denied:
+            raise StageError(f"{denied}, then rerun `{rerun}`") from None
         reason = unreachable_reason(error) if uri.startswith(("http://", "https://")) else None
         if reason is None:
             raise
@@ -585,6 +590,42 @@ def server_errors(uri: str, rerun: str) -> Iterator[None]:
             f"MLflow tracking server {uri} unreachable ({reason}); start it, or point "
             f"MLFLOW_TRACKING_URI (or tracking.uri) at a running one, then rerun `{rerun}`"
         ) from None
+
+
+def access_error(error: BaseException | None, uri: str | None = None) -> str | None:
+    """What to fix when an authenticating server (``mlflow/serve.sh`` with ``MLFLOW_AUTH``)
+    refused the request behind ``error`` (401: no or wrong login; 403: the account may not);
+    ``None`` for any other error. Names the variables, never their values' secrets."""
+    codes = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
+    seen: set[int] = set()
+    while (
+        error is not None
+        and id(error) not in seen
+        and getattr(error, "error_code", "") not in codes
+    ):
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    if error is None or id(error) in seen:
+        return None
+    server = f"MLflow tracking server {uri or os.environ.get('MLFLOW_TRACKING_URI', '')}".rstrip()
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if error.error_code == "PERMISSION_DENIED":
+        request = str(error).split(" failed", 1)[0].removeprefix("API request to endpoint ")
+        return (
+            f"{server} denied MLFLOW_TRACKING_USERNAME={user} the request {request}: run the "
+            "pipeline as the pipeline account (read-only accounts cannot write runs or move "
+            "aliases)"
+        )
+    if not user or not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        missing = "MLFLOW_TRACKING_USERNAME" if not user else "MLFLOW_TRACKING_PASSWORD"
+        return (
+            f"{server} requires a login and {missing} is not set; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to the pipeline account's"
+        )
+    return (
+        f"{server} refused the login of MLFLOW_TRACKING_USERNAME={user}; check "
+        "MLFLOW_TRACKING_PASSWORD (or ask the MLflow admin to reset the account)"
+    )
 
 
 def unreachable_reason(error: BaseException | None) -> str | None:
@@ -743,8 +784,22 @@ def current_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as error:
+        _raise_unless_missing(client, name, error)
         return None
+
+
+def _raise_unless_missing(client: MlflowClient, name: str, error: Exception) -> None:
+    """Re-raise ``error`` unless it says that registered model ``name`` (or its alias) does
+    not exist. A server with logins answers 403 for a model that does not exist yet; a
+    refused login, or a denial on a model that does, is raised."""
+    if not access_error(error):
+        return
+    if getattr(error, "error_code", "") == "PERMISSION_DENIED":
+        escaped = name.replace("'", "\\'")
+        if not client.search_registered_models(filter_string=f"name = '{escaped}'"):
+            return
+    raise error
 
 
 def promote_version(client: MlflowClient, name: str, version: str, previous: str | None) -> None:
@@ -780,7 +835,8 @@ def alias_history(client: MlflowClient, name: str) -> list[dict[str, Any]]:
 
     try:
         tags = client.get_registered_model(name).tags
-    except MlflowException:
+    except MlflowException as error:
+        _raise_unless_missing(client, name, error)
         return []
     moves = []
     for key in sorted(k for k in tags if k.startswith(HISTORY_TAG)):

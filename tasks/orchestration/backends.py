@@ -13,6 +13,12 @@ at the paths the Airflow workers see them. The docker backend bind-mounts both
 (the state only when it is outside the project). A pod mounts the claim
 ``TASKS_K8S_PVC`` at the project; a state directory outside the project needs
 its own claim, ``TASKS_K8S_STATE_PVC`` (it may name the same claim).
+
+The MLflow login (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) never goes into a
+templated field, which Airflow stores and shows rendered: a pod gets it from the
+Kubernetes Secret ``TASKS_K8S_MLFLOW_LOGIN`` (``envFrom``), a container through
+the DockerOperator's ``private_environment``, read from the worker's environment
+when the task runs.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class Backend:
     node_selector: Mapping[str, str] | None = None
     tolerations: tuple[Mapping[str, str], ...] = ()
     docker_url: str = "unix://var/run/docker.sock"
+    mlflow_secret: str | None = None
+    """The Kubernetes Secret holding the pods' MLflow login (``MLFLOW_TRACKING_*`` keys)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Backend:
@@ -78,6 +86,7 @@ class Backend:
                 )
             ),
             docker_url=env.get("TASKS_DOCKER_URL", cls.docker_url),
+            mlflow_secret=env.get("TASKS_K8S_MLFLOW_LOGIN") or None,
         )
 
 
@@ -104,6 +113,14 @@ def pod_env(project: Project) -> dict[str, str]:
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
+
+
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def mlflow_login() -> dict[str, str]:
+    """The worker's MLflow login, for a container's private environment."""
+    return {name: os.environ[name] for name in MLFLOW_LOGIN if os.environ.get(name)}
 
 
 def state_outside_project(project: Project) -> bool:
@@ -153,6 +170,9 @@ def kubernetes_stage(
         cmds=["python", "-m", "tasks", "dvc-stage", stage, dataset],
         arguments=["--result-json", "/airflow/xcom/return.json"],
         env_vars=pod_env(project),
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=backend.mlflow_secret))]
+        if backend.mlflow_secret
+        else None,
         container_resources=k8s.V1ResourceRequirements(
             limits={"nvidia.com/gpu": gpus}, requests={"nvidia.com/gpu": gpus}
         ),
@@ -181,6 +201,7 @@ def docker_stage(
         image=backend.image,
         command=["python", "-m", "tasks", "dvc-stage", stage, dataset, "--result-json", "-"],
         environment=pod_env(project),
+        private_environment=mlflow_login(),
         device_requests=[DeviceRequest(count=backend.gpus_per_task, capabilities=[["gpu"]])],
         mounts=[Mount(target=str(path), source=str(path), type="bind") for path in paths],
         working_dir=str(project.root),

@@ -323,3 +323,38 @@ def test_malformed_json_setting_is_a_one_line_error(name):
 
     with pytest.raises(ConfigError, match=f"{name}: is not valid JSON"):
         Backend.from_env({"TASKS_GPU_BACKEND": "kubernetes", name: "{pool: a100"})
+
+
+LOGIN = {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": "pw-never-stored-9"}
+
+
+def _serialized(dag) -> str:
+    """The DAG as Airflow stores it in its database (and shows in the UI)."""
+    import json
+
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return json.dumps(DagSerialization.to_dict(dag))
+
+
+def test_docker_containers_get_the_mlflow_login_privately(monkeypatch):
+    for name, value in LOGIN.items():
+        monkeypatch.setenv(name, value)
+    dag, _ = _dag({"TASKS_GPU_BACKEND": "docker"})
+    task = _docker(dag, "train")
+    assert task._private_environment == LOGIN  # what the container gets on top
+    assert not set(LOGIN) & set(task.environment)  # templated, stored, shown: never the login
+    assert LOGIN["MLFLOW_TRACKING_PASSWORD"] not in _serialized(dag)
+
+
+def test_kubernetes_pods_get_the_mlflow_login_from_a_secret(monkeypatch):
+    for name, value in LOGIN.items():
+        monkeypatch.setenv(name, value)
+    dag, _ = _dag({**K8S, "TASKS_K8S_MLFLOW_LOGIN": "transfer-learning-mlflow"})
+    container = _main(_pod(dag, "train"))
+    assert container["envFrom"] == [{"secretRef": {"name": "transfer-learning-mlflow"}}]
+    assert not set(LOGIN) & {item["name"] for item in container["env"]}
+    assert LOGIN["MLFLOW_TRACKING_PASSWORD"] not in _serialized(dag)
+    # Without the setting, no secret is referenced (a server without logins).
+    plain, _ = _dag(K8S)
+    assert not _main(_pod(plain, "train")).get("envFrom")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,18 @@ from tests.deploy.dockerfiles import (
 
 HERE = Path(__file__).parent
 COMPOSE = DOCKER / "compose.yaml"
+CONSOLE = DOCKER / "compose.console.yaml"  # the MinIO console, on request
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|PRIVATE|FERNET|ACCESS_KEY|API_KEY", re.I)
-ONE_SHOT = {"minio-volume-init", "createbuckets", "airflow-init", "trainer"}
+ONE_SHOT = {
+    "check-secrets",
+    "minio-volume-init",
+    "createbuckets",
+    "mlflow-accounts",
+    "airflow-init",
+    "trainer",
+}
 ROOT_ALLOWED = {"minio-volume-init"}  # chown of a fresh volume, no network, then exits
 
 
@@ -86,7 +95,7 @@ def test_schema_rejects_a_broken_compose_file(compose):
 
 
 def test_every_variable_is_in_env_example():
-    used = variables(COMPOSE.read_text())
+    used = variables(COMPOSE.read_text()) | variables(CONSOLE.read_text())
     documented = set(read_env_file(ENV_EXAMPLE))
     assert used - documented == set()
     # and .env.example holds nothing the stack does not read
@@ -133,6 +142,87 @@ def test_start_up_order_waits_for_health(compose):
     assert set(svc["mlflow"]["depends_on"]) == {"postgres", "createbuckets"}
     for name in ("airflow-scheduler", "airflow-worker", "airflow-apiserver"):
         assert {"postgres", "redis", "mlflow", "airflow-init"} <= set(svc[name]["depends_on"])
+
+
+def published(compose: dict) -> dict[str, list[str]]:
+    return {name: svc["ports"] for name, svc in services(compose).items() if svc.get("ports")}
+
+
+def test_ports_are_published_on_loopback_only_and_the_console_is_off(compose_raw):
+    env = read_env_file(ENV_EXAMPLE)
+    unset = {k: v for k, v in env.items() if k != "BIND_ADDRESS"}
+    for values in (env, unset):  # .env.example's value, and the default when it is unset
+        ports = published(interpolate(compose_raw, values))
+        assert set(ports) == {"mlflow", "airflow-apiserver"}
+        for name, entries in ports.items():
+            for entry in entries:
+                assert str(entry).startswith("127.0.0.1:"), f"{name}: {entry}"
+    exposed = published(interpolate(compose_raw, {**env, "BIND_ADDRESS": "0.0.0.0"}))
+    assert all(str(e).startswith("0.0.0.0:") for entries in exposed.values() for e in entries)
+    minio = services(compose_raw)["minio"]
+    assert minio["environment"]["MINIO_BROWSER"] == "off" and "ports" not in minio
+    console = interpolate(yaml.safe_load(CONSOLE.read_text()), env)["services"]["minio"]
+    assert console["environment"]["MINIO_BROWSER"] == "on"
+    assert console["ports"] == ["127.0.0.1:9001:9001"]
+
+
+def run_check_secrets(values: dict[str, str], names: str) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], **values, "CHECK_VARIABLES": names}
+    return subprocess.run(
+        ["sh", str(DOCKER / "check-secrets.sh")], env=env, capture_output=True, text=True
+    )
+
+
+def test_the_stack_refuses_the_example_placeholder_secrets(compose):
+    check = services(compose)["check-secrets"]
+    names = check["environment"]["CHECK_VARIABLES"]
+    env = read_env_file(ENV_EXAMPLE)
+    placeholders = {k for k, v in env.items() if v.startswith("change-me")}
+    assert placeholders and placeholders <= set(names.split())  # none forgotten
+    refused = run_check_secrets(check["environment"], names)
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert set(refused.stderr.split("secret(s):")[1].split(";")[0].split()) == placeholders
+    assert "change-me" not in refused.stderr.replace("change-me-*", "")  # names, no values
+    real = {k: f"real-{i:02d}-{'x' * 20}" for i, k in enumerate(names.split())}
+    accepted = run_check_secrets(real, names)
+    assert accepted.returncode == 0, accepted.stderr
+    assert "x" * 20 not in accepted.stdout
+    one_empty = run_check_secrets({**real, "REDIS_PASSWORD": ""}, names)
+    assert one_empty.returncode == 1 and "REDIS_PASSWORD" in one_empty.stderr
+    # Every service waits for the check, directly or through what it depends on.
+    svc = services(compose)
+
+    def reaches(name: str) -> bool:
+        deps = svc[name].get("depends_on") or {}
+        return "check-secrets" in deps or any(reaches(d) for d in deps)
+
+    for name in svc:
+        if name not in ("check-secrets", "trainer"):
+            assert reaches(name), f"{name} starts without the secrets check"
+    assert check["network_mode"] == "none"
+
+
+def test_mlflow_asks_for_logins_and_each_service_holds_its_own_s3_key(compose_raw):
+    svc = services(compose_raw)
+    mlflow_env = svc["mlflow"]["environment"]
+    assert mlflow_env["MLFLOW_AUTH"] == "basic"
+    airflow_env = svc["airflow-scheduler"]["environment"]
+    assert airflow_env["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_PIPELINE_USER:-pipeline}"
+    assert "MLFLOW_PIPELINE_PASSWORD" in airflow_env["MLFLOW_TRACKING_PASSWORD"]
+    assert "S3_MLFLOW_ACCESS_KEY" in mlflow_env["AWS_ACCESS_KEY_ID"]
+    assert "S3_PIPELINE_ACCESS_KEY" in airflow_env["AWS_ACCESS_KEY_ID"]
+    # The policy each key gets allows one bucket, whole, and nothing else.
+    policy = json.loads((DOCKER / "minio" / "bucket-policy.json").read_text())
+    (statement,) = policy["Statement"]
+    assert statement["Resource"] == ["arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"]
+    script = svc["createbuckets"]["command"][0]
+    assert 'grant "$$S3_MLFLOW_ACCESS_KEY" "$$S3_MLFLOW_SECRET_KEY" "$$MLFLOW_BUCKET"' in script
+    assert 'grant "$$S3_PIPELINE_ACCESS_KEY" "$$S3_PIPELINE_SECRET_KEY" "$$DVC_BUCKET"' in script
+    assert "readwrite" not in script
+    accounts = svc["mlflow-accounts"]
+    assert accounts["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
+    assert "mlflow-accounts" in svc["airflow-worker"]["depends_on"]
 
 
 def test_external_images_are_pinned(compose):
@@ -325,7 +415,7 @@ def test_serve_defaults_to_embedded_sqlite_in_the_mlflow_folder():
     result = serve({})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "mode=embedded"
+    assert lines[0] == "mode=embedded auth=none"
     command = lines[1]
     assert f"--backend-store-uri sqlite:///{REPO}/mlflow/mlflow.db" in command
     assert f"--default-artifact-root {REPO}/mlflow/artifacts" in command
@@ -345,7 +435,7 @@ def test_serve_switches_to_server_mode_from_the_environment():
     )
     assert result.returncode == 0, result.stderr
     mode, command = result.stdout.splitlines()
-    assert mode == "mode=server"
+    assert mode == "mode=server auth=none"
     assert "--backend-store-uri postgresql+psycopg2://mlflow:pw@db:5432/mlflow" in command
     assert "--serve-artifacts --artifacts-destination s3://mlflow/artifacts" in command
     assert "--host 0.0.0.0" in command and "--workers 2" in command
@@ -353,9 +443,41 @@ def test_serve_switches_to_server_mode_from_the_environment():
     assert "sqlite" not in command
 
 
+def test_serve_with_basic_auth_keeps_accounts_in_the_backend_database():
+    backend = "postgresql+psycopg2://mlflow:pw@db:5432/mlflow"
+    result = serve(
+        {
+            "MLFLOW_BACKEND_STORE_URI": backend,
+            "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts",
+            "MLFLOW_AUTH": "basic",
+            "MLFLOW_AUTH_ADMIN_USERNAME": "root-admin",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret-value",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-value",
+        }
+    )
+    assert result.returncode == 0, result.stderr
+    mode, command = result.stdout.splitlines()
+    assert command.rstrip().endswith("--app-name basic-auth")
+    config = Path(mode.split("config=")[1])
+    try:
+        assert config.stat().st_mode & 0o077 == 0  # readable by the server's user only
+        text = config.read_text()
+    finally:
+        shutil.rmtree(config.parent)
+    assert f"database_uri = {backend}" in text  # its own tables in the MLflow database
+    assert "default_permission = READ" in text and "admin_username = root-admin" in text
+    assert "secret-value" not in text + result.stdout  # the password stays in the environment
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
+        ({"MLFLOW_AUTH": "ldap"}, "MLFLOW_AUTH='ldap' is not known"),
+        ({"MLFLOW_AUTH": "basic"}, "needs MLFLOW_AUTH_ADMIN_PASSWORD"),
+        (
+            {"MLFLOW_AUTH": "basic", "MLFLOW_AUTH_ADMIN_PASSWORD": "x"},
+            "needs MLFLOW_FLASK_SERVER_SECRET_KEY",
+        ),
         ({"MLFLOW_BACKEND_STORE_URI": "postgresql://x@db/m"}, "MLFLOW_ARTIFACTS_DESTINATION"),
         ({"MLFLOW_ARTIFACTS_DESTINATION": "s3://b/a"}, "MLFLOW_BACKEND_STORE_URI"),
         (
@@ -449,5 +571,58 @@ def test_helm_values_run_gpu_stages_as_pods_on_the_shared_project_volume():
     assert {s["envName"] for s in values["secret"]} == {
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
     }
+    # the trainer pods read the same MLflow login from the same secret
+    mlflow_secrets = {s["secretName"] for s in values["secret"] if "MLFLOW" in s["envName"]}
+    assert mlflow_secrets == {env["TASKS_K8S_MLFLOW_LOGIN"]}
     assert values["postgresql"]["enabled"] is False and values["data"]["metadataSecretName"]
+
+
+def load_accounts():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlflow_accounts", REPO / "mlflow/accounts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ADMIN_LOGIN = {
+    "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": "admin-password-long",
+}
+
+
+def test_accounts_reads_the_pipeline_and_the_readers_from_the_environment():
+    module = load_accounts()
+    env = {
+        **ADMIN_LOGIN,
+        "MLFLOW_PIPELINE_PASSWORD": "p" * 24,
+        "MLFLOW_READERS": "alice:" + "a" * 16 + "  bob:" + "b:c" * 5,
+    }
+    pipeline, readers = module.accounts(env)
+    assert pipeline == ("pipeline", "p" * 24)
+    assert readers == [("alice", "a" * 16), ("bob", "b:c" * 5)]  # a password may hold ':'
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MLFLOW_TRACKING_PASSWORD": ""}, "MLFLOW_TRACKING_PASSWORD is not set"),
+        ({"MLFLOW_PIPELINE_PASSWORD": "change-me-mlflow-pipeline"}, "MLFLOW_PIPELINE_PASSWORD:"),
+        ({"MLFLOW_PIPELINE_PASSWORD": "short"}, "shorter than 12"),
+        ({"MLFLOW_READERS": "alice"}, "MLFLOW_READERS entry 1 is not name:password"),
+        ({"MLFLOW_READERS": "pipeline:" + "x" * 20}, "named twice"),
+        ({"MLFLOW_READERS": "admin:" + "x" * 20}, "named twice (or is the admin)"),
+    ],
+)
+def test_accounts_refuses_a_bad_setting_in_one_line(env, message):
+    module = load_accounts()
+    full = {**ADMIN_LOGIN, "MLFLOW_PIPELINE_PASSWORD": "p" * 24, **env}
+    with pytest.raises(module.AccountError) as caught:
+        module.accounts(full)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert "change-me-mlflow-pipeline" not in str(caught.value)

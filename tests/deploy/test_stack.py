@@ -25,6 +25,7 @@ import re
 import sqlite3
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +56,12 @@ DB = {
     "MLFLOW_DB_PASSWORD": "mlflow-test-pw",
     "MLFLOW_DB_NAME": "mlflow",
 }
-S3_CREDS = {
-    "AWS_ACCESS_KEY_ID": "stack-test-key",
-    "AWS_SECRET_ACCESS_KEY": "stack-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+REGION = "us-east-1"
+# MLflow accounts (docker/.env.example's MLFLOW_ADMIN_*, MLFLOW_PIPELINE_*, MLFLOW_READERS)
+ADMIN = ("admin", "admin-test-password-1")
+PIPELINE = ("pipeline", "pipeline-test-password-1")
+READER = ("viewer", "viewer-test-password-1")
+FLASK_SECRET = "flask-test-secret-value-1"
 MLFLOW_BUCKET = "mlflow"
 DVC_BUCKET = "dvc"
 DATASET = "cats_vs_dogs"
@@ -80,6 +82,10 @@ class Stack:
     mlflow_url: str
     airflow_env: dict[str, str]
     dags: Path
+    keys_by_user: dict[str, dict[str, str]]
+    """S3 keys (AWS_* variables) the S3 server enforces: mlflow-server and pipeline hold one
+    bucket each (docker/minio/bucket-policy.json); auditor, the tests' own, reads both."""
+    logs: Path
 
     def mlflow_sql(self, sql: str, args=()) -> list:
         return self.pg.query(DB["MLFLOW_DB_USER"], DB["MLFLOW_DB_PASSWORD"], "mlflow", sql, args)
@@ -87,16 +93,32 @@ class Stack:
     def airflow_sql(self, sql: str, args=()) -> list:
         return self.pg.query(DB["AIRFLOW_DB_USER"], DB["AIRFLOW_DB_PASSWORD"], "airflow", sql, args)
 
-    def s3(self):
+    def s3(self, user: str = "auditor"):
         import boto3
 
+        keys = self.keys_by_user[user]
         return boto3.client(
             "s3",
             endpoint_url=self.s3_url,
-            aws_access_key_id=S3_CREDS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=S3_CREDS["AWS_SECRET_ACCESS_KEY"],
-            region_name=S3_CREDS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+            region_name=REGION,
         )
+
+    def secrets(self) -> dict[str, str]:
+        """Every secret the stack was given, by where it came from."""
+        found = {
+            "postgres superuser": self.pg.password,
+            "airflow db": DB["AIRFLOW_DB_PASSWORD"],
+            "mlflow db": DB["MLFLOW_DB_PASSWORD"],
+            "mlflow admin": ADMIN[1],
+            "mlflow pipeline": PIPELINE[1],
+            "mlflow reader": READER[1],
+            "flask secret": FLASK_SECRET,
+        }
+        for user, keys in self.keys_by_user.items():
+            found[f"s3 {user}"] = keys["AWS_SECRET_ACCESS_KEY"]
+        return found
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -128,12 +150,15 @@ def stack(tmp_path_factory):
 
         moto, s3_url = start_moto(base / "moto.log")
         started.append(moto)
-        stack_s3 = Stack(pg, s3_url, "", {}, base / "dags")
-        for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
-            stack_s3.s3().create_bucket(Bucket=bucket)
+        keys_by_user = s3_keys(s3_url)
 
         mlflow_env = base_env(
-            **S3_CREDS,
+            **keys_by_user["mlflow-server"],
+            AWS_DEFAULT_REGION=REGION,
+            MLFLOW_AUTH="basic",
+            MLFLOW_AUTH_ADMIN_USERNAME=ADMIN[0],
+            MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN[1],
+            MLFLOW_FLASK_SERVER_SECRET_KEY=FLASK_SECRET,
             MLFLOW_BACKEND_STORE_URI=pg.url(
                 DB["MLFLOW_DB_USER"], DB["MLFLOW_DB_PASSWORD"], "mlflow", "postgresql+psycopg2"
             ),
@@ -161,22 +186,82 @@ def stack(tmp_path_factory):
             AWS_ENDPOINT_URL_S3=s3_url,
             DVC_NO_ANALYTICS="1",
             TF_CPP_MIN_LOG_LEVEL="2",
-            **S3_CREDS,
+            AWS_DEFAULT_REGION=REGION,
+            **keys_by_user["pipeline"],
         )
         run(["airflow", "db", "migrate"], airflow_env)
         mlflow_url = f"http://127.0.0.1:{mlflow.announced_port(150)}"
-        airflow_env["MLFLOW_TRACKING_URI"] = mlflow_url
         wait_until(
             lambda: mlflow.check_alive() and http_ok(f"{mlflow_url}/health"),
             150,
             "MLflow server",
             mlflow.log,
         )
-        yield Stack(pg, s3_url, mlflow_url, airflow_env, dags)
+        # The compose stack's `mlflow-accounts` job, logged in as the admin.
+        accounts = run(
+            [BIN / "python", REPO / "mlflow/accounts.py"],
+            base_env(
+                MLFLOW_TRACKING_URI=mlflow_url,
+                MLFLOW_TRACKING_USERNAME=ADMIN[0],
+                MLFLOW_TRACKING_PASSWORD=ADMIN[1],
+                MLFLOW_PIPELINE_USER=PIPELINE[0],
+                MLFLOW_PIPELINE_PASSWORD=PIPELINE[1],
+                MLFLOW_READERS=":".join(READER),
+            ),
+        )
+        (base / "accounts.log").write_text(accounts.stdout + accounts.stderr)
+        # The pipeline logs in from the environment, as in docker/compose.yaml.
+        airflow_env.update(
+            MLFLOW_TRACKING_URI=mlflow_url,
+            MLFLOW_TRACKING_USERNAME=PIPELINE[0],
+            MLFLOW_TRACKING_PASSWORD=PIPELINE[1],
+        )
+        yield Stack(pg, s3_url, mlflow_url, airflow_env, dags, keys_by_user, base)
     finally:
         for proc in reversed(started):
             proc.stop()
         pg.stop()
+
+
+def s3_keys(url: str) -> dict[str, dict[str, str]]:
+    """The buckets, and what the compose `createbuckets` job makes: a key per service, each
+    with docker/minio/bucket-policy.json for its bucket. Then the S3 server enforces them."""
+    import boto3
+
+    root = {"endpoint_url": url, "region_name": REGION}
+    root |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+    for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
+        boto3.client("s3", **root).create_bucket(Bucket=bucket)
+    iam = boto3.client("iam", **root)
+    template = (REPO / "docker/minio/bucket-policy.json").read_text()
+    policies = {
+        "mlflow-server": template.replace("BUCKET", MLFLOW_BUCKET),
+        "pipeline": template.replace("BUCKET", DVC_BUCKET),
+        "auditor": json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": ["s3:Get*", "s3:List*"], "Resource": "*"}
+                ],
+            }
+        ),
+    }
+    keys = {}
+    for user, document in policies.items():
+        iam.create_user(UserName=user)
+        iam.put_user_policy(UserName=user, PolicyName=f"{user}-only", PolicyDocument=document)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        keys[user] = {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        }
+    # From now on every request needs a known key, and its policy must allow the action.
+    request = urllib.request.Request(
+        f"{url}/moto-api/reset-auth", data=b"0", headers={"Content-Type": "text/plain"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    return keys
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +295,9 @@ def pipeline(stack, tmp_path_factory, archive_server, offline_weights):
     }
     run(["airflow", "pools", "set", "gpu", "1", "GPU tasks"], env)
     start = time.perf_counter()
-    run(["airflow", "dags", "test", DAG_ID], env, timeout=900)
+    result = run(["airflow", "dags", "test", DAG_ID], env, timeout=900)
     print(f"\nairflow dags test {DAG_ID}: {time.perf_counter() - start:.1f} s")
+    (stack.logs / "dags-test.log").write_text(result.stdout + result.stderr)
     ws = project / ".workspaces" / DATASET
     return {"project": project, "workspace": ws, "tasks": TASKS, "env": env}
 
@@ -353,10 +439,9 @@ def test_model_and_plots_live_in_the_object_store(stack, pipeline):
         .read()
     )
     assert b"signature" in mlmodel
-    # And the server hands them back to a client over HTTP.
-    url = f"{stack.mlflow_url}/api/2.0/mlflow/logged-models/{model_id}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert json.load(response)["model"]["info"]["model_id"] == model_id
+    # And the server hands them back to a client over HTTP, to a read-only account too.
+    status, body = mlflow_api(stack, READER, "GET", f"logged-models/{model_id}")
+    assert status == 200 and body["model"]["info"]["model_id"] == model_id
 
 
 def test_dvc_pushes_to_s3_and_pulls_back_byte_identical(stack, pipeline):
@@ -372,7 +457,7 @@ def test_dvc_pushes_to_s3_and_pulls_back_byte_identical(stack, pipeline):
     local = (ws / ".dvc" / "config.local").read_text()
     assert "s3://" not in committed
     assert f"s3://{DVC_BUCKET}/store" in local
-    assert S3_CREDS["AWS_SECRET_ACCESS_KEY"] not in committed + local
+    assert stack.keys_by_user["pipeline"]["AWS_SECRET_ACCESS_KEY"] not in committed + local
     ignored = run(["git", "check-ignore", ".dvc/config.local"], stack.airflow_env, cwd=ws)
     assert ignored.stdout.strip() == ".dvc/config.local"
 
@@ -389,6 +474,186 @@ def test_dvc_pushes_to_s3_and_pulls_back_byte_identical(stack, pipeline):
         run([BIN / "dvc", *args], stack.airflow_env, cwd=clone)
     for path in [*files, *images]:
         assert (clone / path.relative_to(ws)).read_bytes() == path.read_bytes(), path
+
+
+def mlflow_api(stack: Stack, login: tuple[str, str] | None, method: str, path: str, body=None):
+    """One REST call to the MLflow server as ``login`` (None: no login); (status, JSON or {})."""
+    import base64
+
+    headers = {"Content-Type": "application/json"}
+    if login:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
+    url = f"{stack.mlflow_url}/api/2.0/mlflow/{path}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+
+
+MODEL = f"{DATASET}-classifier"
+# account x action -> what the server must answer (the table in docs/deployment.md)
+PERMISSIONS = {
+    ("nobody", "search runs"): "refused",
+    ("nobody", "read @champion"): "refused",
+    ("wrong password", "search runs"): "refused",
+    ("viewer", "search runs"): "allowed",
+    ("viewer", "read @champion"): "allowed",
+    ("viewer", "set @champion"): "refused",
+    ("viewer", "delete a run"): "refused",
+    ("viewer", "log to a pipeline run"): "refused",
+    ("pipeline", "search runs"): "allowed",
+    ("pipeline", "set @champion"): "allowed",
+    ("pipeline", "delete a run"): "allowed",
+    ("pipeline", "log to a pipeline run"): "allowed",
+    ("pipeline", "manage accounts"): "refused",
+    ("admin", "set @champion"): "allowed",
+    ("admin", "manage accounts"): "allowed",
+}
+
+
+def test_mlflow_lets_each_account_do_what_it_may_and_nothing_more(stack, pipeline):
+    logins = {
+        "nobody": None,
+        "wrong password": (PIPELINE[0], "not-the-password"),
+        "viewer": READER,
+        "pipeline": PIPELINE,
+        "admin": ADMIN,
+    }
+    ((experiment_id,),) = stack.mlflow_sql(
+        "SELECT experiment_id FROM experiments WHERE name = %s", (DATASET,)
+    )
+    ((champion,),) = stack.mlflow_sql(
+        "SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'",
+        (MODEL,),
+    )
+    evaluate_run = phase_run_id(stack, "evaluate")
+
+    def scratch_run() -> str:  # a run of the pipeline's experiment, made to be deleted
+        status, body = mlflow_api(
+            stack, PIPELINE, "POST", "runs/create", {"experiment_id": str(experiment_id)}
+        )
+        assert status == 200
+        return body["run"]["info"]["run_id"]
+
+    alias = {"name": MODEL, "alias": "champion", "version": str(champion)}
+    actions = {
+        "search runs": lambda: ("POST", "runs/search", {"experiment_ids": [str(experiment_id)]}),
+        "read @champion": lambda: (
+            "GET",
+            f"registered-models/alias?name={MODEL}&alias=champion",
+            None,
+        ),
+        "set @champion": lambda: ("POST", "registered-models/alias", alias),
+        "delete a run": lambda: ("POST", "runs/delete", {"run_id": scratch_run()}),
+        "log to a pipeline run": lambda: (
+            "POST",
+            "runs/set-tag",
+            {"run_id": evaluate_run, "key": "reviewed", "value": "yes"},
+        ),
+        "manage accounts": lambda: ("GET", f"users/get?username={READER[0]}", None),
+    }
+    measured = {}
+    for account, action in PERMISSIONS:
+        method, path, body = actions[action]()
+        status, answer = mlflow_api(stack, logins[account], method, path, body)
+        assert status in (200, 401, 403), (account, action, status)
+        measured[(account, action)] = "allowed" if status == 200 else "refused"
+        if account in ("nobody", "wrong password"):
+            assert status == 401, (account, action)
+        elif status != 200:
+            assert status == 403, (account, action)
+    print("\naccount x action (MLflow server, basic auth):")
+    for (account, action), verdict in measured.items():
+        print(f"  {account:15} {action:22} {verdict}")
+    assert measured == PERMISSIONS
+    # Nothing the refused calls tried was done: @champion and the run's tags are as they were.
+    assert stack.mlflow_sql(
+        "SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'",
+        (MODEL,),
+    ) == [(champion,)]
+    assert not stack.mlflow_sql(
+        "SELECT 1 FROM runs WHERE run_uuid = %s AND lifecycle_stage = 'deleted'", (evaluate_run,)
+    )
+
+
+def test_each_s3_key_reaches_its_own_bucket_only(stack, pipeline):
+    from botocore.exceptions import ClientError
+
+    measured = {}
+    for user in ("mlflow-server", "pipeline"):
+        for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
+            client = stack.s3(user)
+            try:
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+                client.put_object(Bucket=bucket, Key="probe/key-check", Body=b"x")
+                measured[(user, bucket)] = "allowed"
+            except ClientError as error:
+                assert error.response["Error"]["Code"] == "AccessDenied", error
+                measured[(user, bucket)] = "refused"
+    print("\nS3 key x bucket:", measured)
+    assert measured == {
+        ("mlflow-server", MLFLOW_BUCKET): "allowed",
+        ("mlflow-server", DVC_BUCKET): "refused",
+        ("pipeline", MLFLOW_BUCKET): "refused",  # its artifacts go through the MLflow server
+        ("pipeline", DVC_BUCKET): "allowed",
+    }
+
+
+@pytest.mark.parametrize(
+    ("login", "named"),
+    [
+        ({}, "MLFLOW_TRACKING_USERNAME is not set"),
+        ({"MLFLOW_TRACKING_USERNAME": PIPELINE[0]}, "MLFLOW_TRACKING_PASSWORD is not set"),
+        (
+            {"MLFLOW_TRACKING_USERNAME": PIPELINE[0], "MLFLOW_TRACKING_PASSWORD": "wrong-one"},
+            "refused the login of MLFLOW_TRACKING_USERNAME=pipeline; "
+            "check MLFLOW_TRACKING_PASSWORD",
+        ),
+    ],
+)
+def test_a_missing_or_wrong_login_is_one_line_naming_the_variable(stack, pipeline, login, named):
+    env = {k: v for k, v in pipeline["env"].items() if not k.startswith("MLFLOW_TRACKING_USER")}
+    env.pop("MLFLOW_TRACKING_PASSWORD", None)
+    result = subprocess.run(
+        [BIN / "python", "-m", "tasks", "history", DATASET],
+        env={**env, **login},
+        cwd=pipeline["workspace"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and named in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert stack.mlflow_url in lines[0]
+    assert "wrong-one" not in result.stderr
+
+
+def test_no_secret_reaches_a_log_an_mlflow_param_or_tag(stack, pipeline):
+    texts = {}
+    for table, sql in (
+        ("params", "SELECT key, value FROM params"),
+        ("run tags", "SELECT key, value FROM tags"),
+        ("experiment tags", "SELECT key, value FROM experiment_tags"),
+        ("model tags", "SELECT key, value FROM registered_model_tags"),
+        ("version tags", "SELECT key, value FROM model_version_tags"),
+    ):
+        rows = stack.mlflow_sql(sql)
+        assert rows or table in ("experiment tags", "model tags", "version tags"), table
+        texts[f"mlflow {table}"] = "\n".join(f"{k}={v}" for k, v in rows)
+    logs = sorted(stack.logs.glob("*.log"))  # the servers', the accounts job's, dags test's
+    airflow_logs = Path(stack.airflow_env["AIRFLOW_HOME"]) / "logs"
+    logs += [p for p in airflow_logs.rglob("*") if p.is_file()]
+    for path in logs:
+        texts[str(path)] = path.read_text(errors="replace")
+    assert any("dags-test" in name for name in texts) and len(texts) > 6
+    for where, text in texts.items():
+        for name, secret in stack.secrets().items():
+            assert secret not in text, f"the {name} secret is in {where}"
 
 
 def test_init_databases_is_idempotent(stack):
