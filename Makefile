@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 CONF ?=
 AIRFLOW_PORT ?= 8080
 
-.PHONY: setup run test test-fast lint bench bench-gpu clean airflow demo stack-deps
+.PHONY: setup run test test-fast lint bench bench-gpu clean airflow demo recipes stack-deps
 
 # GPU=1: TensorFlow with its CUDA libraries (uv.lock's `gpu` group, Linux) instead of
 # tensorflow-cpu; both are locked, `uv sync` alone gives the CPU build.
@@ -77,3 +77,10 @@ airflow: setup
 DEMO_ARGS ?=
 demo: setup
 	$(PY) -m tasks.dev.demo $(DEMO_ARGS)
+
+# Every recipe preset (tasks/recipes) through train -> finetune -> evaluate on one dataset,
+# one comparison table (beside what each walkthrough reported) and one MLflow run; under
+# .recipes/. RECIPES_ARGS='--tiny': minutes on a laptop; '--recipes a,b', '--dataset ...'.
+RECIPES_ARGS ?=
+recipes: setup
+	$(PY) -m tasks.dev.recipes $(RECIPES_ARGS)

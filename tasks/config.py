@@ -229,6 +229,8 @@ class TrainConfig(_Section):
     epochs: PositiveInt = 10
     optimizer: Optimizer = "rmsprop"
     learning_rate: PositiveFloat = 1e-4
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """SGD's momentum (0: plain SGD); only with ``optimizer: sgd``."""
     early_stopping_patience: NonNegativeInt = 3
     feature_cache: Literal["auto", "on", "off"] = "auto"
     augment: bool = False
@@ -236,6 +238,14 @@ class TrainConfig(_Section):
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     jit_compile: Literal["auto", "true", "false"] = "auto"
     distribute: Literal["auto", "none", "mirrored"] = "auto"
+
+    @model_validator(mode="after")
+    def _momentum_is_sgds(self) -> Any:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(
+                f"momentum {self.momentum} is SGD's; set optimizer: sgd or momentum: 0"
+            )
+        return self
 
     @field_validator("feature_cache", mode="before")
     @classmethod
@@ -286,9 +296,19 @@ class FinetuneConfig(_Section):
     epochs: NonNegativeInt = 10
     optimizer: Optimizer = "rmsprop"
     learning_rate: PositiveFloat = 1e-5
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """SGD's momentum (0: plain SGD); only with ``optimizer: sgd``."""
     early_stopping_patience: NonNegativeInt = 3
     augment: bool = False
     feature_cache: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _momentum_is_sgds(self) -> Any:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(
+                f"momentum {self.momentum} is SGD's; set optimizer: sgd or momentum: 0"
+            )
+        return self
 
     @field_validator("feature_cache", mode="before")
     @classmethod
@@ -478,6 +498,19 @@ def recipe_names() -> list[str]:
 
 def recipe_values(name: Any, source: str = "params") -> dict[str, Any]:
     """The parameter values of the preset ``name``, or a one-line ConfigError."""
+    values = _recipe_file(name, source)
+    values.pop("reference", None)
+    return values
+
+
+def recipe_reference(name: str) -> dict[str, Any]:
+    """What the walkthrough behind preset ``name`` reported: ``dataset`` (the one it used)
+    and ``reported`` (its accuracy, as it stated it), each None where it gives none."""
+    reference = _recipe_file(name).get("reference") or {}
+    return {"dataset": reference.get("dataset"), "reported": reference.get("reported")}
+
+
+def _recipe_file(name: Any, source: str = "params") -> dict[str, Any]:
     known = recipe_names()
     if not isinstance(name, str) or name not in known:
         near = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)

@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "standalone":
             return standalone(airflow)
         conf = _conf(args)
-        if conf and "backbones" in conf:  # a sweep: datasets × backbones, compared
+        if conf and {"backbones", "recipes"} & set(conf):  # a sweep, compared
             timings = run_sweep(airflow, conf)
             print(sweep_results(project))
         else:

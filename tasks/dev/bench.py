@@ -202,7 +202,7 @@ def tutorial(
     x = base(x, training=False)
     head = build_head(entry.head, tuple(base.output.shape[1:]), 2)
     model = keras.Model(inputs, head(x))
-    compile_model(model, train.optimizer, train.learning_rate, 2)
+    compile_model(model, train.optimizer, train.learning_rate, 2, momentum=train.momentum)
     history = model.fit(train_ds, validation_data=val_ds, epochs=train.epochs, verbose=0)
     rows.append(
         Row(
@@ -224,7 +224,7 @@ def tutorial(
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
     tune = cfg.finetune
-    compile_model(model, tune.optimizer, tune.learning_rate, 2)
+    compile_model(model, tune.optimizer, tune.learning_rate, 2, momentum=tune.momentum)
     history = model.fit(
         train_ds,
         validation_data=val_ds,

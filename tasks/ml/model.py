@@ -302,12 +302,14 @@ def n_outputs(model: keras.Model) -> int:
     return 2 if width == 1 else width
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
-    factories = {
-        "rmsprop": keras.optimizers.RMSprop,
-        "adam": keras.optimizers.Adam,
-        "sgd": keras.optimizers.SGD,
-    }
+def make_optimizer(
+    name: str, learning_rate: float, momentum: float = 0.0
+) -> keras.optimizers.Optimizer:
+    """The optimizer ``name`` at ``learning_rate``; ``momentum`` is SGD's (the config
+    refuses it for the others)."""
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    factories = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}
     return factories[name](learning_rate=learning_rate)
 
 
@@ -317,10 +319,11 @@ def compile_model(
     learning_rate: float,
     n_classes: int,
     jit_compile: bool | str = "auto",
+    momentum: float = 0.0,
 ) -> None:
     """Compile for training (``jit_compile``: XLA, as the device policy decides)."""
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate),
+        optimizer=make_optimizer(optimizer, learning_rate, momentum),
         loss=loss_for(n_classes),
         metrics=["accuracy"],
         jit_compile=jit_compile,

@@ -277,6 +277,7 @@ def fit_on_activations(
     seed: int,
     epochs: int,
     callbacks: list[Any],
+    momentum: float = 0.0,
 ) -> None:
     """Run ``extractor`` once over both datasets, then fit ``trainee`` on its outputs.
 
@@ -290,7 +291,7 @@ def fit_on_activations(
 
     train_x, train_y = extract_features(extractor, train_images)
     val_x, val_y = extract_features(extractor, val_images)
-    compile_model(trainee, optimizer, learning_rate, n_outputs(trainee), jit_compile)
+    compile_model(trainee, optimizer, learning_rate, n_outputs(trainee), jit_compile, momentum)
     trainee.fit(
         feature_dataset(train_x, train_y, batch_size, True, seed),
         validation_data=feature_dataset(val_x, val_y, batch_size, False, 0),

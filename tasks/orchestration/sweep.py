@@ -2,11 +2,17 @@
 
 The ``transfer_learning__sweep`` DAG's conf::
 
-    {"backbones": ["mobilenet_v2", "efficientnet_b0"],     # required
+    {"backbones": ["mobilenet_v2", "efficientnet_b0"],     # backbones, recipes or both
+     "recipes": ["xception_guide", "inception_mixed7"],    # presets (tasks/recipes)
      "datasets": ["cats_vs_dogs"],                          # default: every dataset
      "learning_rates": [0.001, 0.0001],                     # optional: train.learning_rate
      "set": {"train.epochs": 5},                            # optional: every combination
-     "per_backbone": {"efficientnet_b0": {"train.image_size": 224}}}   # optional
+     "per_backbone": {"efficientnet_b0": {"train.image_size": 224}},   # optional
+     "per_recipe": {"xception_guide": {"train.batch_size": 16}}}       # optional
+
+A backbone lane runs the params file's recipe with that backbone; a recipe lane runs
+that preset (``recipe=<name>``: its backbone, size, head, optimizers, augmentation),
+under whatever the params file itself writes, as any run would.
 
 Each combination is a lane: its own workspace (``.workspaces/sweeps/<sweep>/<key>``,
 :meth:`Project.for_lane`), prepared, run stage by stage, recorded as a DVC
@@ -34,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import BACKBONES
+from tasks.config import BACKBONES, recipe_names
 from tasks.errors import ConfigError, StageError
 from tasks.io import write_json
 from tasks.orchestration.dvc import StageResult, run_stage
@@ -50,7 +56,15 @@ from tasks.orchestration.workspace import (
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = ("backbones", "datasets", "learning_rates", "set", "per_backbone")
+SWEEP_KEYS = (
+    "backbones",
+    "recipes",
+    "datasets",
+    "learning_rates",
+    "set",
+    "per_backbone",
+    "per_recipe",
+)
 SWEEP_TAG, COMBINATION_TAG = "sweep.id", "sweep.combination"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 TRAINING_STAGES = ("train", "finetune")
@@ -67,6 +81,8 @@ class Combination:
     backbone: str
     learning_rate: float | None
     conf: dict[str, Any]
+    recipe: str | None = None
+    """The preset this lane runs (a ``recipes`` lane); None: a ``backbones`` lane."""
 
     def xcom(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,55 +130,71 @@ def _rates(conf: Mapping[str, Any]) -> list[float | None]:
     return [float(v) for v in value]
 
 
+def _per(conf: Mapping[str, Any], key: str, names: list[str], listed: str) -> Mapping:
+    value = conf.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f'sweep conf: "{key}" maps a name to overrides, e.g. '
+            f'{{"{key}": {{"vgg16": {{"train.batch_size": 16}}}}}}'
+        )
+    stray = [name for name in value if name not in names]
+    if stray:
+        raise ConfigError(f'sweep conf: "{key}" names {stray}, which "{listed}" does not list')
+    return value
+
+
 def plan_sweep(
     project: Project, conf: Mapping[str, Any] | None, run_id: str | None
 ) -> list[Combination]:
     """Validate the sweep conf and list its combinations; each one's config is checked
     like a run of its dataset DAG (one-line :class:`ConfigError` naming the combination)."""
-    if not isinstance(conf, Mapping) or "backbones" not in conf:
+    if not isinstance(conf, Mapping) or not ({"backbones", "recipes"} & set(conf)):
         raise ConfigError(
-            'sweep conf: name the backbones to compare, e.g. {"backbones": ["mobilenet_v2", '
-            '"efficientnet_b0"], "datasets": ["cats_vs_dogs"]}'
+            'sweep conf: name the backbones or recipes to compare, e.g. {"backbones": '
+            '["mobilenet_v2", "efficientnet_b0"], "recipes": ["xception_guide"], '
+            '"datasets": ["cats_vs_dogs"]}'
         )
     unknown = [key for key in conf if key not in SWEEP_KEYS]
     if unknown:
         raise ConfigError(f"sweep conf: unknown key {unknown[0]!r}; use some of {list(SWEEP_KEYS)}")
     cfg = project.load_config()
-    backbones = _names(conf, "backbones", BACKBONES)
+    backbones = _names(conf, "backbones", BACKBONES) if "backbones" in conf else []
+    recipes = _names(conf, "recipes", recipe_names()) if "recipes" in conf else []
     datasets = (
         _names(conf, "datasets", list(cfg.datasets)) if "datasets" in conf else list(cfg.datasets)
     )
-    per_backbone = conf.get("per_backbone") or {}
-    if not isinstance(per_backbone, Mapping):
-        raise ConfigError(
-            'sweep conf: "per_backbone" maps a backbone to overrides, e.g. '
-            '{"per_backbone": {"vgg16": {"train.batch_size": 16}}}'
-        )
-    stray = [name for name in per_backbone if name not in backbones]
-    if stray:
-        raise ConfigError(
-            f'sweep conf: "per_backbone" names {stray}, which "backbones" does not list'
-        )
+    per_backbone = _per(conf, "per_backbone", backbones, "backbones")
+    per_recipe = _per(conf, "per_recipe", recipes, "recipes")
+    lanes = [
+        (b, None, [f"train.backbone={b}", *set_entries(per_backbone.get(b) or [])])
+        for b in backbones
+    ]
+    lanes += [(r, r, [f"recipe={r}", *set_entries(per_recipe.get(r) or [])]) for r in recipes]
     common = set_entries(conf.get("set") or [])
     sweep = sweep_id(run_id)
     combinations = []
     for dataset in datasets:
-        for backbone in backbones:
+        for name, recipe, own in lanes:
             for rate in _rates(conf):
-                key = f"{dataset}--{backbone}" + ("" if rate is None else f"--lr{rate:g}")
-                overrides = [
-                    *common,
-                    f"train.backbone={backbone}",
-                    *set_entries(per_backbone.get(backbone) or []),
-                ]
+                key = f"{dataset}--{name}" + ("" if rate is None else f"--lr{rate:g}")
+                overrides = [*common, *own]
                 if rate is not None:
                     overrides.append(f"train.learning_rate={rate}")
-                combo = Combination(sweep, key, dataset, backbone, rate, {"set": overrides})
                 try:
-                    resolve_run_config(project, dataset, combo.conf)
+                    resolved = resolve_run_config(project, dataset, {"set": overrides})
                 except ConfigError as error:
                     raise ConfigError(f"sweep combination {key}: {error}") from None
-                combinations.append(combo)
+                combinations.append(
+                    Combination(
+                        sweep,
+                        key,
+                        dataset,
+                        resolved.train.backbone,
+                        rate,
+                        {"set": overrides},
+                        recipe,
+                    )
+                )
     return combinations
 
 
@@ -194,6 +226,7 @@ def lane_row(project: Project, combo: Combination) -> dict[str, Any]:
     row: dict[str, Any] = {
         "combination": combo.key,
         "dataset": combo.dataset,
+        "recipe": combo.recipe,
         "backbone": combo.backbone,
         "learning_rate": combo.learning_rate,
         "status": "failed",

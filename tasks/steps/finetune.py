@@ -96,12 +96,12 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         batch_size=batch,
     )  # fmt: skip
     with devices.scope():
-        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile)
+        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile, tune.momentum)
         frozen_scores = validation_scores(model, val_images)
 
         # Unfreeze the top blocks (BatchNorm stays frozen) and recompile
         unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
-        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile)
+        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile, tune.momentum)
     counts = parameter_counts(model)
     checkpoint = PhaseCheckpoint(
         paths.checkpoint("finetune"),
@@ -166,6 +166,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
                         train_images,
                         val_images,
                         optimizer=tune.optimizer,
+                        momentum=tune.momentum,
                         learning_rate=rate,
                         jit_compile=policy.jit_compile,
                         batch_size=batch,
@@ -173,7 +174,9 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
                         epochs=tune.epochs,
                         callbacks=callbacks,
                     )
-                    compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile)
+                    compile_model(
+                        model, tune.optimizer, rate, len(classes), policy.jit_compile, tune.momentum
+                    )
                 else:
                     model.fit(
                         train_images,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Config
+from tasks.config import Config, recipe_reference
 from tasks.errors import StageError
 from tasks.io import write_json, write_text
 
@@ -33,16 +33,23 @@ log = logging.getLogger(__name__)
 COLUMNS = (
     "dataset",
     "combination",
+    "recipe",
     "backbone",
+    "image_size",
     "learning_rate",
     "status",
     "test_accuracy",
     "validation_accuracy",
+    "frozen_val_accuracy",
+    "finetuned_val_accuracy",
+    "reported",
     "test_f1_macro",
     "test_roc_auc",
     "train_seconds",
     "finetune_seconds",
     "training_seconds",
+    "train_images_per_second",
+    "finetune_images_per_second",
     "restored",
     "pareto",
     "best",
@@ -93,14 +100,20 @@ def _cell(value: Any) -> str:
 
 
 def table_markdown(sweep: str, rows: list[dict[str, Any]]) -> str:
-    shown = [c for c in COLUMNS if c != "parent_run_id"]
+    always = {"status", "pareto", "best", "restored"}
+    shown = [
+        c
+        for c in COLUMNS
+        if c != "parent_run_id" and (c in always or any(_cell(r.get(c)) for r in rows))
+    ]
     lines = [
         f"# Sweep {sweep}",
         "",
         "Best first per dataset. Seconds: the MLflow runs of each phase; `restored`: "
         "phases DVC restored from its run cache (trained earlier with the same code, params "
         "and data; the seconds are that training's). `pareto`: no other combination is both "
-        "faster and as accurate; `best`: goes through the registry gate.",
+        "faster and as accurate; `best`: goes through the registry gate. `reported`: what the "
+        "recipe's walkthrough reported on its own data and settings, for comparison.",
         "",
         "| " + " | ".join(shown) + " |",
         "|" + "---|" * len(shown),
@@ -119,17 +132,40 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+HEADLINE = {
+    "frozen_val_accuracy": "frozen.val_accuracy",
+    "finetuned_val_accuracy": "finetuned.val_accuracy",
+    "train_images_per_second": "train.images_per_second",
+    "finetune_images_per_second": "finetune.images_per_second",
+}
+"""Row column -> the metric each pipeline's parent MLflow run carries (log_headline)."""
+
+
 def _phase_seconds(rows: list[dict[str, Any]]) -> None:
     """Each finished row's training seconds: the wall time of the MLflow runs of its train
     and finetune phases (for a lane DVC restored from its run cache, the runs that made
-    the models), so restored and fresh lanes compare on the same footing."""
+    the models), so restored and fresh lanes compare on the same footing. Also the image
+    size, phase accuracies and throughputs from the lane's parent run, and what the
+    recipe's walkthrough reported."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     for row in rows:
+        if row.get("recipe"):
+            row["reported"] = recipe_reference(row["recipe"])["reported"]
         if row.get("status") != "ok":
             continue
+        try:
+            parent = client.get_run(row["parent_run_id"]).data if row.get("parent_run_id") else None
+        except MlflowException:
+            parent = None
+        if parent is not None:
+            size = parent.params.get("image_size")
+            row["image_size"] = int(size) if size and size.isdigit() else size
+            for column, metric in HEADLINE.items():
+                if metric in parent.metrics:
+                    row[column] = round(parent.metrics[metric], 4)
         total = 0.0
         for phase in ("train", "finetune"):
             run_id = row.get(f"{phase}_run_id")
@@ -144,8 +180,9 @@ def _phase_seconds(rows: list[dict[str, Any]]) -> None:
 
 
 def _label(row: dict[str, Any]) -> str:
+    """A point's name on the plot: the recipe or backbone (and the rate)."""
     rate = row.get("learning_rate")
-    return row["backbone"] + ("" if rate is None else f" lr {rate:g}")
+    return (row.get("recipe") or row["backbone"]) + ("" if rate is None else f" lr {rate:g}")
 
 
 def run(cfg: Config, folder: Path) -> SweepReport:
@@ -177,13 +214,8 @@ def run(cfg: Config, folder: Path) -> SweepReport:
         for row, on in zip(done, front, strict=True):
             row["pareto"] = on
         if done:
-            labels = [
-                r["backbone"]
-                + ("" if r.get("learning_rate") is None else f" lr {r['learning_rate']:g}")
-                for r in done
-            ]
             out = pareto_plot(
-                labels,
+                [_label(r) for r in done],
                 [r["training_seconds"] for r in done],
                 [r["test_accuracy"] for r in done],
                 front,
@@ -200,6 +232,7 @@ def run(cfg: Config, folder: Path) -> SweepReport:
             {
                 "datasets": ",".join(dict.fromkeys(r["dataset"] for r in rows)),
                 "backbones": ",".join(dict.fromkeys(r["backbone"] for r in rows)),
+                "recipes": ",".join(dict.fromkeys(r.get("recipe") or "-" for r in rows)),
                 "combinations": len(rows),
             }
         )

@@ -157,7 +157,7 @@ def _fit_head(
 
     rate = policy.learning_rate(train.learning_rate)
     if not cached:
-        compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile)
+        compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile, train.momentum)
         model.fit(
             train_images,
             validation_data=val_images,
@@ -173,6 +173,7 @@ def _fit_head(
         train_images,
         val_images,
         optimizer=train.optimizer,
+        momentum=train.momentum,
         learning_rate=rate,
         jit_compile=policy.jit_compile,
         batch_size=policy.global_batch(train.batch_size),
@@ -180,7 +181,7 @@ def _fit_head(
         epochs=train.epochs,
         callbacks=callbacks,
     )
-    compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile)
+    compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile, train.momentum)
 
 
 def _record_phase(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.config import parse_config
+from tasks.config import parse_config, recipe_names
 from tasks.ml.backbones import BACKBONES, is_batch_norm, unfreeze_top_blocks
 from tasks.ml.model import ModelSpec, build_model, compile_model
 from tasks.ml.pipeline import augmentation_layers
@@ -156,7 +156,11 @@ def test_hymenoptera_vgg16():
     ]
     assert_phase_one_trains_only_the_head(model, base)
     assert (cfg.train.image_size, cfg.train.batch_size, cfg.train.epochs) == (224, 4, 12)
-    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("SGD", 0.01)
+    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("SGD", 0.001)
+    compile_model(
+        model, cfg.train.optimizer, cfg.train.learning_rate, 2, momentum=cfg.train.momentum
+    )
+    assert float(model.optimizer.momentum) == pytest.approx(0.9)  # the walkthrough's SGD
     assert cfg.finetune.epochs == 0  # the feature extractor stays frozen
     assert augmentation(cfg) == [("RandomFlip", {"mode": "horizontal"})]
 
@@ -266,3 +270,51 @@ def test_shear_slants_the_image_and_zero_adds_no_layer():
     # x moves by a multiple of y: rows slide sideways, so columns no longer stay constant
     np.testing.assert_allclose(run_layers(sheared, by_row), by_row, atol=1e-3)
     assert not np.allclose(run_layers(sheared, by_column), by_column, atol=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_preset_trains_finetunes_and_evaluates_at_tiny_settings(recipe, tmp_path, tracking):
+    """Each preset through the real train -> finetune -> evaluate steps (random weights, a
+    tiny size, one epoch per phase): what it trains is its own architecture, end to end."""
+    import json
+
+    from tasks.artifacts import load_model
+    from tasks.steps import evaluate, finetune, train
+    from tests.datagen import tiny_params
+    from tests.model.conftest import make_workspace
+
+    own = resolved(recipe)
+    params = tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"})
+    params.pop("train"), params.pop("finetune")  # every training key is the recipe's
+    phase_two_epochs = min(own.finetune.epochs, 1)
+    cfg = parse_config(
+        params,
+        [
+            f"recipe={recipe}",
+            f"train.image_size={TINY[own.train.backbone]}",
+            "train.weights=none",
+            "train.epochs=1",
+            "train.batch_size=8",
+            f"finetune.epochs={phase_two_epochs}",
+            "evaluate.gradcam_images=1",
+            "evaluate.mistakes=1",
+        ],
+    )
+    assert (cfg.train.backbone, cfg.train.optimizer) == (own.train.backbone, own.train.optimizer)
+    paths = make_workspace(tmp_path, counts={"train": 4, "validation": 6})
+    train.run(cfg, paths)
+    finetune.run(cfg, paths)
+    evaluate.run(cfg, paths)
+
+    metrics = json.loads(paths.metrics.read_text())
+    assert metrics["split"] == "test" and 0.0 <= metrics["accuracy"] <= 1.0
+    candidate = json.loads(paths.candidate.read_text())
+    if not phase_two_epochs:  # a head-only recipe passes its frozen model on
+        assert candidate["path"].endswith("frozen.keras")
+    model = load_model(paths.root / candidate["path"])
+    assert head_layers(model) == head_layers(built(recipe)[1])  # the recipe's head, trained
+    assert model.get_layer("backbone").name == "backbone"
+    if recipe == "inception_mixed7":  # the cut survives training and saving
+        names = {layer.name for layer in model.get_layer("backbone").layers}
+        assert "mixed7" in names and "mixed8" not in names

@@ -64,11 +64,36 @@ def test_plan_without_rates_or_datasets_keeps_the_params_value(project):
     ]
 
 
+def test_recipe_lanes_run_each_preset_beside_the_backbone_lanes(project):
+    conf = {
+        "backbones": ["efficientnet_b0"],
+        "recipes": ["inception_mixed7", "xception_guide"],
+        "datasets": ["cats_vs_dogs"],
+        "set": {"train.epochs": 2},
+        "per_recipe": {"xception_guide": {"train.batch_size": 8}},
+    }
+    combos = plan_sweep(project, conf, "r1")
+    assert [(c.key, c.backbone, c.recipe) for c in combos] == [
+        ("cats_vs_dogs--efficientnet_b0", "efficientnet_b0", None),
+        ("cats_vs_dogs--inception_mixed7", "inception_v3", "inception_mixed7"),
+        ("cats_vs_dogs--xception_guide", "xception", "xception_guide"),
+    ]
+    inception = resolve_run_config(project, "cats_vs_dogs", combos[1].conf)
+    assert (inception.recipe, inception.train.image_size) == ("inception_mixed7", 150)
+    assert (inception.train.optimizer, inception.train.epochs) == ("rmsprop", 2)  # set wins
+    assert inception.train.head.pooling == "flatten"
+    xception = resolve_run_config(project, "cats_vs_dogs", combos[2].conf)
+    assert (xception.train.batch_size, xception.finetune.unfreeze_from) == (8, "all")
+    # the lane's row names its recipe
+    assert Combination.from_xcom(json.loads(json.dumps(combos[1].xcom()))) == combos[1]
+    assert lane_row(project, combos[1])["recipe"] == "inception_mixed7"
+
+
 @pytest.mark.parametrize(
     ("conf", "words"),
     [
-        (None, 'name the backbones to compare, e.g. {"backbones"'),
-        ({"backbone": "vgg16"}, "name the backbones to compare"),
+        (None, 'name the backbones or recipes to compare, e.g. {"backbones"'),
+        ({"backbone": "vgg16"}, "name the backbones or recipes to compare"),
         ({"backbones": []}, '"backbones" must be a non-empty list of names'),
         ({"backbones": ["resnet"]}, "\"backbones\" has unknown ['resnet']; use some of"),
         ({"backbones": ["vgg16", "vgg16"]}, "lists a name twice"),
@@ -76,6 +101,9 @@ def test_plan_without_rates_or_datasets_keeps_the_params_value(project):
         ({"backbones": ["vgg16"], "learning_rates": ["fast"]}, "list of numbers"),
         ({"backbones": ["vgg16"], "epochs": 3}, "unknown key 'epochs'; use some of"),
         ({"backbones": ["vgg16"], "per_backbone": {"xception": {}}}, '"backbones" does not list'),
+        ({"recipes": ["xception"]}, "\"recipes\" has unknown ['xception']; use some of"),
+        ({"recipes": ["xception_guide"], "per_recipe": {"vgg16_block5": {}}}, '"recipes" does'),
+        ({"recipes": ["xception_guide"], "per_recipe": ["x"]}, '"per_recipe" maps a name to'),
         (
             {"backbones": ["vgg16"], "set": {"train.epochs": -1}},
             "sweep combination cats_vs_dogs--vgg16: run conf: train.epochs",

@@ -11,6 +11,7 @@ from tasks.config import (
     load_config,
     parse_config,
     recipe_names,
+    recipe_reference,
 )
 from tasks.errors import ConfigError
 from tests.conftest import REPO
@@ -166,7 +167,21 @@ PRESETS = [
 
 
 def recipe_file(name: str) -> dict:
-    return yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    """The preset's parameter values (its ``reference:`` is what the walkthrough reported)."""
+    values = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    values.pop("reference")
+    return values
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_recipe_names_what_its_walkthrough_reported_and_parses_without_it(raw, name):
+    reference = recipe_reference(name)
+    assert set(reference) == {"dataset", "reported"}
+    if name == "default":
+        assert reference == {"dataset": None, "reported": None}
+    else:
+        assert reference["dataset"] in raw["datasets"]
+    assert not hasattr(parse_config(raw, [f"recipe={name}"]), "reference")
 
 
 def key_paths(mapping: dict, prefix: str = "") -> set[str]:

@@ -148,3 +148,54 @@ def test_missing_rows_is_a_one_line_error(tmp_path):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "rows.json is missing" in last
+
+
+def test_recipe_rows_show_the_parent_runs_headline_and_what_the_walkthrough_reported(
+    store, tmp_path
+):
+    import mlflow
+
+    from tasks.config import recipe_reference
+    from tasks.steps import sweep_report
+
+    cfg = parse_config(tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}))
+    mlflow.set_tracking_uri(store)
+    client = MlflowClient()
+    phases = client.create_experiment("phases")
+    parent = client.create_run(phases)
+    client.log_param(parent.info.run_id, "image_size", "150")
+    for key, value in {
+        "frozen.val_accuracy": 0.8,
+        "finetuned.val_accuracy": 0.85,
+        "train.images_per_second": 123.456,
+        "finetune.images_per_second": 45.6,
+    }.items():
+        client.log_metric(parent.info.run_id, key, value)
+    row = _row(
+        "cats_vs_dogs--xception_guide",
+        "xception",
+        0.9,
+        _phase_run(client, phases, 5),
+        _phase_run(client, phases, 7),
+    )
+    row |= {"recipe": "xception_guide", "parent_run_id": parent.info.run_id}
+    default = _row("cats_vs_dogs--vgg16", "vgg16", 0.5, None, None, status="failed")
+    folder = tmp_path / "reports" / "sweep" / "s2"
+    folder.mkdir(parents=True)
+    (folder / "rows.json").write_text(json.dumps({"sweep": "s2", "rows": [row, default]}))
+
+    sweep_report.run(cfg, folder)
+
+    with open(folder / "comparison.csv") as handle:
+        first = next(csv.DictReader(handle))
+    reported = recipe_reference("xception_guide")["reported"]
+    assert reported and "98.3 %" in reported
+    assert first["recipe"] == "xception_guide" and first["reported"] == reported
+    assert first["image_size"] == "150"
+    assert (first["frozen_val_accuracy"], first["finetuned_val_accuracy"]) == ("0.8", "0.85")
+    assert first["train_images_per_second"] == "123.456"
+    assert first["training_seconds"] == "12.0"
+    markdown = (folder / "comparison.md").read_text()
+    header = markdown.splitlines()[4]
+    assert "| recipe |" in header and "| reported |" in header
+    assert "xception_guide" in markdown
