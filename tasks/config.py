@@ -220,24 +220,12 @@ class HeadConfig(_Section):
 Optimizer = Literal["rmsprop", "adam", "sgd"]
 
 
-class TrainConfig(_Section):
-    backbone: Literal[BACKBONES] = "mobilenet_v2"  # type: ignore[valid-type]
-    image_size: PositiveInt | None = None
-    weights: str = "imagenet"
-    head: HeadConfig = HeadConfig()
-    batch_size: PositiveInt = 32
-    epochs: PositiveInt = 10
+class _Optimized(_Section):
+    """What a training phase optimizes with."""
+
     optimizer: Optimizer = "rmsprop"
-    learning_rate: PositiveFloat = 1e-4
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     """SGD's momentum (0: plain SGD); only with ``optimizer: sgd``."""
-    early_stopping_patience: NonNegativeInt = 3
-    feature_cache: Literal["auto", "on", "off"] = "auto"
-    augment: bool = False
-    seed: int = 42
-    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
-    jit_compile: Literal["auto", "true", "false"] = "auto"
-    distribute: Literal["auto", "none", "mirrored"] = "auto"
 
     @model_validator(mode="after")
     def _momentum_is_sgds(self) -> Any:
@@ -246,6 +234,23 @@ class TrainConfig(_Section):
                 f"momentum {self.momentum} is SGD's; set optimizer: sgd or momentum: 0"
             )
         return self
+
+
+class TrainConfig(_Optimized):
+    backbone: Literal[BACKBONES] = "mobilenet_v2"  # type: ignore[valid-type]
+    image_size: PositiveInt | None = None
+    weights: str = "imagenet"
+    head: HeadConfig = HeadConfig()
+    batch_size: PositiveInt = 32
+    epochs: PositiveInt = 10
+    learning_rate: PositiveFloat = 1e-4
+    early_stopping_patience: NonNegativeInt = 3
+    feature_cache: Literal["auto", "on", "off"] = "auto"
+    augment: bool = False
+    seed: int = 42
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    jit_compile: Literal["auto", "true", "false"] = "auto"
+    distribute: Literal["auto", "none", "mirrored"] = "auto"
 
     @field_validator("feature_cache", mode="before")
     @classmethod
@@ -291,24 +296,13 @@ class AugmentationConfig(_Section):
         return height, width
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(_Optimized):
     unfreeze_from: str | None = None
     epochs: NonNegativeInt = 10
-    optimizer: Optimizer = "rmsprop"
     learning_rate: PositiveFloat = 1e-5
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    """SGD's momentum (0: plain SGD); only with ``optimizer: sgd``."""
     early_stopping_patience: NonNegativeInt = 3
     augment: bool = False
     feature_cache: Literal["auto", "on", "off"] = "auto"
-
-    @model_validator(mode="after")
-    def _momentum_is_sgds(self) -> Any:
-        if self.momentum and self.optimizer != "sgd":
-            raise ValueError(
-                f"momentum {self.momentum} is SGD's; set optimizer: sgd or momentum: 0"
-            )
-        return self
 
     @field_validator("feature_cache", mode="before")
     @classmethod
