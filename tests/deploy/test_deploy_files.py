@@ -626,3 +626,45 @@ def test_accounts_refuses_a_bad_setting_in_one_line(env, message):
         module.accounts(full)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert "change-me-mlflow-pipeline" not in str(caught.value)
+
+
+def test_createbuckets_gives_each_key_a_policy_for_its_own_bucket(compose_raw, tmp_path):
+    """The job's script run by a POSIX sh (no bash-isms: the mc image's shell is minimal),
+    with ``mc`` replaced by a recorder (no MinIO here) and the policy mounted where compose
+    mounts it: each key gets docker/minio/bucket-policy.json for its own bucket."""
+    job = services(compose_raw)["createbuckets"]
+    mount = next(v for v in job["volumes"] if v.startswith("./minio/bucket-policy.json:"))
+    target = mount.split(":")[1]
+    script = job["command"][0].replace("$$", "$").replace(target, str(tmp_path / "policy.json"))
+    (tmp_path / "policy.json").write_text((DOCKER / "minio" / "bucket-policy.json").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    recorder = bin_dir / "mc"
+    recorder.write_text(
+        '#!/bin/sh\necho "$*" >> "$MC_LOG"\n'
+        'if [ "$2 $3" = "policy create" ]; then cat "$6" > "$MC_LOG.$5"; fi\n'
+    )
+    recorder.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "MC_LOG": str(tmp_path / "mc.log"),
+        "MINIO_ROOT_USER": "root",
+        "MINIO_ROOT_PASSWORD": "root-pw",
+        "S3_MLFLOW_ACCESS_KEY": "mlflow-server",
+        "S3_MLFLOW_SECRET_KEY": "s1",
+        "S3_PIPELINE_ACCESS_KEY": "pipeline",
+        "S3_PIPELINE_SECRET_KEY": "s2",
+        "MLFLOW_BUCKET": "ml-artifacts",
+        "DVC_BUCKET": "dvc-store",
+    }
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "mc.log").read_text().splitlines()
+    assert "admin user add store mlflow-server s1" in calls
+    assert "admin policy attach store ml-artifacts-only --user mlflow-server" in calls
+    assert "admin policy attach store dvc-store-only --user pipeline" in calls
+    assert not [c for c in calls if "readwrite" in c]
+    for bucket in ("ml-artifacts", "dvc-store"):
+        policy = json.loads((tmp_path / f"mc.log.{bucket}-only").read_text())
+        (statement,) = policy["Statement"]
+        assert statement["Resource"] == [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
