@@ -64,6 +64,27 @@ AIRFLOW_ENV_TAGS = {
 PARENT_TAG = "pipeline.parent"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+COMPARISON_VIEW = "comparison"
+"""The runs table's shared view (``?viewStateShareKey=comparison``): the headline columns."""
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+COMPARISON_COLUMNS = (
+    "attributes.`Dataset`",
+    "params.`train.backbone`",
+    "params.`recipe`",
+    "params.`image_size`",
+    "metrics.`test.accuracy`",
+    "metrics.`validation.accuracy`",
+    "metrics.`frozen.val_accuracy`",
+    "metrics.`finetuned.val_accuracy`",
+    "metrics.`test.f1_macro`",
+    "metrics.`test.roc_auc`",
+    "metrics.`train.seconds`",
+    "metrics.`finetune.seconds`",
+    "metrics.`train.images_per_second`",
+    "tags.`gate.decision`",
+    "attributes.`Models`",
+)
+"""What the comparison view shows: one parent row per pipeline execution, its headline."""
 NOTE_TAG = "mlflow.note.content"
 WORKSPACE_TAG = "tasks.workspace"
 END_REASON_TAG = "tasks.end_reason"
@@ -151,8 +172,8 @@ def open_experiment(cfg: Config, root: Path, name: str, tags: dict[str, str]) ->
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
-        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
-            for key, value in tags.items():
+        for key, value in tags.items():  # what a store made before a tag existed lacks
+            if key not in experiment.tags:
                 mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
@@ -187,7 +208,19 @@ def experiment_tags(cfg: Config, dataset: str) -> dict[str, str]:
         "its child runs hold each phase's detail. Registered model: "
         f"`{registered_model_name(cfg, dataset)}`."
     )
-    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: note}
+    view = json.dumps({"selectedColumns": list(COMPARISON_COLUMNS)})
+    return {
+        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+        NOTE_TAG: note,
+        VIEW_TAG_PREFIX + COMPARISON_VIEW: view,
+    }
+
+
+def comparison_url(server: str, experiment_id: str) -> str:
+    """The runs table of experiment ``experiment_id`` on ``server`` (the MLflow UI's base
+    URL) as training runs with the headline columns shown."""
+    query = f"viewStateShareKey={COMPARISON_VIEW}&workflowType=machine_learning"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def locked_hash(root: Path, stage: str, out: str) -> str | None:

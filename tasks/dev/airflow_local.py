@@ -19,6 +19,7 @@ Nothing here imports Airflow: it only sets the environment (``AIRFLOW_HOME``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -34,6 +35,7 @@ from typing import Any
 from tasks.errors import ConfigError, StageError
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
 from tasks.orchestration.workspace import RUN_RECORD
+from tasks.tracking import comparison_url
 
 ADMIN_USER = "admin"
 
@@ -214,10 +216,27 @@ def where_to_look(project: Project, home: Path) -> str:
         f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
         f"sqlite:///{store / 'mlflow.db'} --port 5000   (then open "
         f"{MLFLOW_UI_RUNS})",
+    ]
+    for ds, experiment_id in experiment_ids(store / "mlflow.db", list(cfg.datasets)).items():
+        url = comparison_url("http://127.0.0.1:5000", experiment_id)
+        lines.append(f"  MLflow runs    {ds}: {url}")
+    lines += [
         f"  DAG output     {home / 'logs' / 'dags-test'}/<dag id>.log  (the tasks' logs)",
     ]
     lines += experiments_to_restore(project, list(cfg.datasets))
     return "\n".join(lines)
+
+
+def experiment_ids(db: Path, names: Sequence[str]) -> dict[str, str]:
+    """The ids of the experiments ``names`` in the embedded store ``db`` (those it has)."""
+    import sqlite3
+
+    if not db.is_file():
+        return {}
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        rows = connection.execute("SELECT name, experiment_id FROM experiments").fetchall()
+    found = {name: str(experiment_id) for name, experiment_id in rows}
+    return {name: found[name] for name in names if name in found}
 
 
 def experiments_to_restore(project: Project, datasets: Sequence[str]) -> list[str]:

@@ -258,6 +258,20 @@ def test_the_mlflow_ui_gets_training_runs_one_comparable_row_each(project, first
     assert "127.0.0.1" in tags["mlflow.note.content"] and "cats vs dogs" in tags[
         "mlflow.note.content"
     ].replace("_", " ")
+    # ?viewStateShareKey=comparison: the runs table with the headline columns, each one a
+    # param, metric or tag the parent row really carries (the UI shows blank columns else)
+    view = json.loads(tags["mlflow.sharedViewState.comparison"])
+    carried = {
+        "metrics": {m["key"] for m in parents[0]["data"]["metrics"]},
+        "params": {p["key"] for p in parents[0]["data"]["params"]},
+        "tags": {t["key"] for t in parents[0]["data"]["tags"]},
+    }
+    shown = [column.split(".", 1) for column in view["selectedColumns"]]
+    assert {kind for kind, _ in shown} == {"attributes", "metrics", "params", "tags"}
+    for kind, name in shown:
+        if kind != "attributes":
+            assert name.strip("`") in carried[kind], (kind, name)
+    assert sum(kind == "metrics" for kind, _ in shown) >= 8
 
     # one parent row per execution, carrying the headline params, metrics and gate
     parent = parents[0]

@@ -299,3 +299,37 @@ def test_a_denied_request_names_the_account_and_the_request(monkeypatch):
     assert missing.error_code == "RESOURCE_DOES_NOT_EXIST"
     assert access_error(missing) is None
     assert access_error(ValueError("x")) is None
+
+
+def test_an_older_experiment_gets_the_comparison_view_and_keeps_its_edited_note(
+    cfg, tmp_path, monkeypatch
+):
+    import mlflow
+
+    from tasks.tracking import (
+        COMPARISON_COLUMNS,
+        EXPERIMENT_KIND_TAG,
+        NOTE_TAG,
+        comparison_url,
+        experiment_tags,
+        open_experiment,
+    )
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    made = mlflow.create_experiment(
+        "cats_vs_dogs",
+        tags={EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: "our own words"},
+    )
+    tags = experiment_tags(cfg, "cats_vs_dogs")
+    assert open_experiment(cfg, tmp_path, "cats_vs_dogs", tags) == made
+    held = mlflow.get_experiment(made).tags
+    assert held[NOTE_TAG] == "our own words"  # what a person wrote in the UI stays
+    view = json.loads(held["mlflow.sharedViewState.comparison"])
+    assert view == {"selectedColumns": list(COMPARISON_COLUMNS)}
+    assert "metrics.`test.accuracy`" in view["selectedColumns"]
+    assert comparison_url("http://mlflow:5000/", made) == (
+        f"http://mlflow:5000/#/experiments/{made}/runs"
+        "?viewStateShareKey=comparison&workflowType=machine_learning"
+    )
