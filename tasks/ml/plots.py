@@ -377,8 +377,18 @@ def _draw_pareto(
     ax.scatter(x[on], y[on], s=80, color="tab:red", label="Pareto front", zorder=3)
     order = np.argsort(x[on])
     ax.plot(x[on][order], y[on][order], color="tab:red", linewidth=1, zorder=1)
-    for label, px, py in zip(labels, x, y, strict=True):
-        ax.annotate(label, (px, py), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    span = float(x.max()) if len(x) else 1.0
+    placed: list[tuple[float, float, int]] = []
+    for index in np.lexsort((x, -y)):  # top to bottom, left to right
+        px, py = float(x[index]), float(y[index])
+        # labels of points close together take different lines instead of overprinting
+        taken = {k for qx, qy, k in placed if abs(px - qx) < 0.2 * span and abs(py - qy) < 0.04}
+        line = next(k for k in range(len(placed) + 1) if k not in taken)
+        placed.append((px, py, line))
+        ax.annotate(
+            labels[index], (px, py), textcoords="offset points", xytext=(6, 6 - 12 * line),
+            fontsize=9,
+        )  # fmt: skip
     ax.set_xlabel("training seconds (train + finetune)")
     ax.set_ylabel("test accuracy")
     low = min(0.0, float(y.min()) - 0.05) if len(y) else 0.0

@@ -171,3 +171,18 @@ def test_confusion_matrix_and_roc_name_the_split(split, tmp_path):
     assert_png(plots.roc_curves(y, probs, BINARY, tmp_path / "roc.png", **keyword))
     one_class = plots._draw_roc_curves(np.ones(3, int), probs[:3], BINARY, split)
     assert one_class.axes[0].texts[0].get_text() == f"ROC undefined: the {split} set has one class"
+
+
+def test_pareto_labels_of_points_close_together_take_different_lines():
+    labels = ["inception", "xception", "default", "hymenoptera", "tutorial", "block5"]
+    seconds = [41.4, 56.4, 23.9, 33.0, 32.7, 35.4]
+    accuracy = [1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    front = [True, False, True, False, False, False]
+    fig = plots._draw_pareto(labels, seconds, accuracy, front, "t")
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    boxes = {t.get_text(): t.get_window_extent() for t in ax.texts}
+    assert set(boxes) == set(labels)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            assert not boxes[a].overlaps(boxes[b]), (a, b)
