@@ -628,17 +628,10 @@ def server_errors(uri: str, rerun: str) -> Iterator[None]:
 def access_error(error: BaseException | None, uri: str | None = None) -> str | None:
     """What to fix when an authenticating server (``mlflow/serve.sh`` with ``MLFLOW_AUTH``)
     refused the request behind ``error`` (401: no or wrong login; 403: the account may not);
-    ``None`` for any other error. Names the variables, never their values' secrets."""
+    ``None`` for any other error. Names the variables to set, never a password."""
     codes = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
-    seen: set[int] = set()
-    while (
-        error is not None
-        and id(error) not in seen
-        and getattr(error, "error_code", "") not in codes
-    ):
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    if error is None or id(error) in seen:
+    error = next((e for e in _causes(error) if getattr(e, "error_code", "") in codes), None)
+    if error is None:
         return None
     server = f"MLflow tracking server {uri or os.environ.get('MLFLOW_TRACKING_URI', '')}".rstrip()
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -665,17 +658,23 @@ def unreachable_reason(error: BaseException | None) -> str | None:
     """Why a server could not be reached, when ``error`` or what it was raised from says so."""
     import requests
 
+    for cause in _causes(error):
+        if isinstance(cause, requests.exceptions.Timeout):
+            return "timed out"
+        if isinstance(cause, requests.exceptions.ConnectionError):
+            return "connection refused" if "refused" in str(cause) else "connection failed"
+        if isinstance(cause, requests.exceptions.RetryError):
+            return "still failing after retries"
+    return None
+
+
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and what it was raised from or during, each once."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, requests.exceptions.Timeout):
-            return "timed out"
-        if isinstance(error, requests.exceptions.ConnectionError):
-            return "connection refused" if "refused" in str(error) else "connection failed"
-        if isinstance(error, requests.exceptions.RetryError):
-            return "still failing after retries"
+        yield error
         error = error.__cause__ or error.__context__
-    return None
 
 
 def load_logged_model(uri: str) -> tuple[keras.Model, dict[str, Any]]:

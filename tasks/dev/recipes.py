@@ -70,8 +70,8 @@ def recipes_conf(
     side = sets.get("train.image_size")
     per_recipe = {}
     for name in recipes:
-        backbone = recipe_values(name)["train"]["backbone"]
-        size = side or recipe_values(name)["train"].get("image_size") or 224
+        train = recipe_values(name)["train"]
+        backbone, size = train["backbone"], side or train.get("image_size") or 224
         chosen = weights if weights != "offline" else offline_weights(folder, backbone, size)
         per_recipe[name] = {"train.weights": chosen}
     return {"recipes": recipes, "datasets": [dataset], "set": sets, "per_recipe": per_recipe}

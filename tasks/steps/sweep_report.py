@@ -141,7 +141,7 @@ HEADLINE = {
 """Row column -> the metric each pipeline's parent MLflow run carries (log_headline)."""
 
 
-def _phase_seconds(rows: list[dict[str, Any]]) -> None:
+def _from_mlflow(rows: list[dict[str, Any]]) -> None:
     """Each finished row's training seconds: the wall time of the MLflow runs of its train
     and finetune phases (for a lane DVC restored from its run cache, the runs that made
     the models), so restored and fresh lanes compare on the same footing. Also the image
@@ -199,7 +199,7 @@ def run(cfg: Config, folder: Path) -> SweepReport:
     data = json.loads(source.read_text())
     sweep, rows = data["sweep"], data["rows"]
     experiment_id = sweep_experiment(cfg, Path.cwd())
-    _phase_seconds(rows)
+    _from_mlflow(rows)
     done = [row for row in rows if row.get("status") == "ok"]
     best = best_by_group(done, "dataset", "test_accuracy", "training_seconds", "combination")
     for row in rows:
