@@ -236,8 +236,26 @@ class _Optimized(_Section):
         return self
 
 
+PREPROCESS_MODES = ("tf", "caffe", "torch", "none")
+MODEL_FILE = ".keras"
+"""``train.backbone`` ending so names a Keras model file instead of a registry entry."""
+
+
+class BackboneFileConfig(_Section):
+    """How a Keras model file serves as the backbone (``train.backbone: <path>.keras``)."""
+
+    cut_at: str | None = None
+    """The layer whose output is the features; null: the model's own output."""
+    unfreeze_from: str | None = None
+    """The first layer fine-tuning unfreezes (``all``: every layer); required with a file."""
+    preprocess: Literal[PREPROCESS_MODES] | None = None  # type: ignore[valid-type]
+    """What inputs the file's first layer expects; required with a file."""
+
+
 class TrainConfig(_Optimized):
-    backbone: Literal[BACKBONES] = "mobilenet_v2"  # type: ignore[valid-type]
+    backbone: str = "mobilenet_v2"
+    """A registry name (:data:`BACKBONES`) or a path to a ``.keras`` model file."""
+    backbone_file: BackboneFileConfig = BackboneFileConfig()
     image_size: PositiveInt | None = None
     weights: str = "imagenet"
     head: HeadConfig = HeadConfig()
@@ -263,6 +281,16 @@ class TrainConfig(_Optimized):
     def _true_false(cls, value: Any) -> Any:
         return str(value).lower() if isinstance(value, bool) else value
 
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, value: str) -> str:
+        if value in BACKBONES or (value.endswith(MODEL_FILE) and len(value) > len(MODEL_FILE)):
+            return value
+        raise ValueError(
+            f"{value!r} is not allowed; use one of: {', '.join(BACKBONES)}, "
+            f"or a path to a {MODEL_FILE} model file"
+        )
+
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:
@@ -274,6 +302,41 @@ class TrainConfig(_Optimized):
                 "or *_notop.h5 file"
             )
         return value
+
+    @property
+    def backbone_is_file(self) -> bool:
+        return self.backbone not in BACKBONES
+
+    @property
+    def backbone_name(self) -> str:
+        """The backbone's short name: the registry name, or the model file's stem (for run
+        and model names; the params keep the path)."""
+        return Path(self.backbone).stem if self.backbone_is_file else self.backbone
+
+    @model_validator(mode="after")
+    def _file_settings(self) -> Any:
+        given = {k: v for k, v in self.backbone_file.model_dump().items() if v is not None}
+        if not self.backbone_is_file:
+            if given:
+                raise ValueError(
+                    f"backbone_file ({', '.join(given)}) applies only when backbone is a "
+                    f"{MODEL_FILE} file; remove it or set backbone to a model file"
+                )
+            return self
+        for key, meaning in (
+            ("preprocess", f"what inputs {self.backbone} expects: {', '.join(PREPROCESS_MODES)}"),
+            ("unfreeze_from", "the first layer fine-tuning unfreezes, or all"),
+        ):
+            if key not in given:
+                raise ValueError(
+                    f"backbone_file.{key} is required with a model file; set {meaning}"
+                )
+        if self.weights.endswith(".h5") and not self.weights.endswith(".weights.h5"):
+            raise ValueError(
+                f"weights {self.weights!r} is a keras.applications file; a {MODEL_FILE} backbone "
+                "takes imagenet (its own weights), none, or a .weights.h5 saved from it"
+            )
+        return self
 
 
 class AugmentationConfig(_Section):

@@ -31,6 +31,7 @@ import yaml
 
 from tasks.config import parse_config, recipe_names, recipe_values
 from tasks.dev.airflow_local import LocalAirflow, run_sweep, sweep_results
+from tasks.dev.alexnet import write_alexnet
 from tasks.dev.demo import offline_weights, serve_folder
 from tasks.dev.synthetic import LAYOUTS, make_archive, tiny_params
 from tasks.errors import ConfigError, StageError
@@ -66,15 +67,39 @@ def recipes_params(dataset: str, archive: Path, url: str, counts: dict[str, int]
 def recipes_conf(
     dataset: str, recipes: list[str], sets: dict[str, Any], weights: str, folder: Path
 ) -> dict[str, Any]:
-    """The sweep DAG's conf: one lane per recipe, each on its backbone's weights."""
+    """The sweep DAG's conf: one lane per recipe, each on its backbone's weights.
+
+    A recipe whose backbone is a model file (``hymenoptera_alexnet``) gets an AlexNet
+    file written here at the lane's size (pretrained offline unless ``weights`` is
+    none), and uses the weights in it.
+    """
     side = sets.get("train.image_size")
-    per_recipe = {}
+    per_recipe: dict[str, dict[str, str]] = {}
     for name in recipes:
         train = recipe_values(name)["train"]
         backbone, size = train["backbone"], side or train.get("image_size") or 224
+        if backbone.endswith(".keras"):
+            file = model_file(folder, backbone, size, pretrain=weights == "offline")
+            own = "none" if weights == "none" else "imagenet"
+            per_recipe[name] = {"train.backbone": str(file), "train.weights": own}
+            continue
         chosen = weights if weights != "offline" else offline_weights(folder, backbone, size)
         per_recipe[name] = {"train.weights": chosen}
     return {"recipes": recipes, "datasets": [dataset], "set": sets, "per_recipe": per_recipe}
+
+
+def model_file(folder: Path, backbone: str, size: int, pretrain: bool) -> Path:
+    """The AlexNet file a model-file recipe runs on here, made once per size."""
+    stem = Path(backbone).stem
+    if stem != "alexnet":
+        raise ConfigError(
+            f"recipes: {backbone}: only an AlexNet file can be made here; put the file "
+            "there and run the recipe with `python -m tasks` instead"
+        )
+    path = folder / f"{stem}_{size}{'_pretrained' if pretrain else ''}.keras"
+    if not path.exists():
+        write_alexnet(path, image_size=size, pretrain=pretrain)
+    return path
 
 
 def run_recipes(

@@ -6,6 +6,15 @@ input size, the ``preprocess_input`` mode the saved model applies inside itself
 where fine-tuning starts unfreezing (``unfreeze_from``: that layer and every
 layer after it in the backbone's layer order; BatchNormalization stays frozen).
 
+A Keras model file can be the backbone too (``train.backbone: <path>.keras``,
+for an architecture ``keras.applications`` lacks: an AlexNet port, a model
+trained in-house): :func:`backbone_entry` makes its entry from
+``train.backbone_file`` (``cut_at``, ``unfreeze_from``, ``preprocess``), and
+:func:`build_backbone` rebuilds the file's graph at the run's image size with
+the file's weights, cut at ``cut_at``. Layer names are those at the file
+model's top level. ``train.weights: imagenet`` then means the file's own
+weights (a port of an ImageNet model carries them).
+
 Weights (``train.weights``):
 
 - ``imagenet``: the official ``*_notop.h5`` file in the Keras cache
@@ -28,8 +37,11 @@ Weights made without a network, for tests and the demo, come from
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
+import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.config import BACKBONES as BACKBONE_NAMES
-from tasks.config import HeadConfig
+from tasks.config import HeadConfig, TrainConfig
 from tasks.errors import ConfigError, StageError
 from tasks.io import sha256_file
 
@@ -79,6 +91,17 @@ class Backbone:
     cut_at: str | None = None
     imagenet_graph: bool = False
     """The constructor builds a different graph for ImageNet weights (EfficientNet)."""
+    file: Path | None = None
+    """The Keras model file this backbone comes from (None: ``keras.applications``)."""
+    fixed_size: bool = False
+    """The model file's input takes ``image_size`` px only."""
+
+    @property
+    def model_name(self) -> str:
+        """The name part of the classifier's Keras name (``<model_name>_classifier``); a
+        model file's is marked, so a file named like a registry entry is not taken for it."""
+        name = re.sub(r"[^A-Za-z0-9_]", "_", self.name)
+        return f"{name}_file" if self.file is not None else name
 
     def weights_file(self, image_size: int) -> str:
         """File name of the official ImageNet no-top weights for this input size."""
@@ -103,6 +126,12 @@ class Backbone:
 
     def resolve_size(self, image_size: int | None) -> int:
         size = image_size or self.image_size
+        if self.fixed_size and size != self.image_size:
+            raise ConfigError(
+                f"train.image_size: {size} px, but {self.name} takes {self.image_size} px "
+                "inputs only (its input layer is fixed); set train.image_size to "
+                f"{self.image_size} or null"
+            )
         if size < self.min_size:
             raise ConfigError(
                 f"train.image_size: {size} px is too small for {self.name}; "
@@ -156,13 +185,116 @@ BACKBONES: dict[str, Backbone] = {
 assert tuple(BACKBONES) == BACKBONE_NAMES, "tasks.config.BACKBONES and the registry disagree"
 
 
-def get_backbone(name: str) -> Backbone:
+def get_backbone(name: str | Backbone) -> Backbone:
+    """The registry entry ``name`` (an entry passes through as it is)."""
+    if isinstance(name, Backbone):
+        return name
     try:
         return BACKBONES[name]
     except KeyError:
         raise ConfigError(
             f"train.backbone: {name!r} is not allowed; use one of: {', '.join(BACKBONES)}"
         ) from None
+
+
+_FILE_DEFAULT_SIZE = 224
+
+
+def backbone_entry(train: TrainConfig, root: Path | None = None) -> Backbone:
+    """The entry ``train.backbone`` names: the registry's, or one made for its model file.
+
+    A relative file path is looked up under ``root`` (the workspace), then the
+    current folder. The file's input size, when fixed, is the only size it takes.
+    """
+    if not train.backbone_is_file:
+        return get_backbone(train.backbone)
+    path = _local_file(
+        train.backbone,
+        root,
+        f"train.backbone: model file {train.backbone} not found",
+        "`dvc pull` it, or give the path of an existing .keras file",
+    )
+    size = model_file_input_size(path)
+    settings = train.backbone_file
+    return Backbone(
+        name=train.backbone_name,
+        constructor="",
+        image_size=size or _FILE_DEFAULT_SIZE,
+        min_size=size or 32,
+        preprocess=settings.preprocess or "none",
+        head=HeadSpec("avg", 0, 0.2),
+        unfreeze_from=settings.unfreeze_from or UNFREEZE_ALL,
+        cut_at=settings.cut_at,
+        file=path,
+        fixed_size=size is not None,
+    )
+
+
+def default_boundary(backbone: str, train: TrainConfig) -> str:
+    """Where fine-tuning starts for a model built on ``backbone`` (a registry name, or
+    ``train.backbone`` itself when that is a model file) unless ``finetune.unfreeze_from``
+    says otherwise."""
+    if backbone == train.backbone and train.backbone_is_file:
+        return train.backbone_file.unfreeze_from or UNFREEZE_ALL
+    return get_backbone(backbone).unfreeze_from
+
+
+def model_file_input_size(path: Path) -> int | None:
+    """The square input size a ``.keras`` file's model is fixed to (None: any size).
+
+    Read from the archive's ``config.json``, without building the model.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError):
+        raise StageError(
+            f"{path} is not a Keras 3 .keras file (a zip with config.json); save the model "
+            "with model.save('<name>.keras') in Keras 3"
+        ) from None
+    shape = _first_input_shape(config)
+    if not shape or len(shape) != 4 or shape[-1] != 3:
+        raise StageError(
+            f"{path}: the model's input is {shape}; a backbone takes (batch, height, width, 3) "
+            "RGB images"
+        )
+    height, width = shape[1], shape[2]
+    if height is None and width is None:
+        return None
+    if height != width:
+        raise StageError(
+            f"{path}: the model's input is fixed to {height}x{width}; the pipeline makes square "
+            "images, so rebuild it with a square or unspecified (None, None, 3) input"
+        )
+    return int(height)
+
+
+def _first_input_shape(node: Any) -> list[Any] | None:
+    if isinstance(node, dict):
+        inner = node.get("config")
+        if node.get("class_name") == "InputLayer" and isinstance(inner, dict):
+            shape = inner.get("batch_shape") or inner.get("batch_input_shape")
+            return list(shape) if shape else None
+        children = list(node.values())
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        shape = _first_input_shape(child)
+        if shape is not None:
+            return shape
+    return None
+
+
+def _local_file(setting: str, root: Path | None, problem: str, fix: str) -> Path:
+    """``setting`` as an existing file: absolute, or under ``root`` then the current folder."""
+    path = Path(setting).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(root or ".") / path, path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise StageError(f"{problem} (looked in {', '.join(map(str, candidates))}); {fix}")
 
 
 # ---------------------------------------------------------------- weights
@@ -172,7 +304,7 @@ def get_backbone(name: str) -> Backbone:
 class WeightsSource:
     """Where the backbone's weights come from, as recorded with every run."""
 
-    kind: Literal["imagenet", "file", "none"]
+    kind: Literal["imagenet", "file", "model_file", "none"]
     path: Path | None = None
     sha256: str = "none"
 
@@ -182,6 +314,8 @@ class WeightsSource:
             return "none"
         if self.kind == "imagenet":
             return f"imagenet ({self.path})"
+        if self.kind == "model_file":
+            return f"{self.path} (the backbone file's own weights)"
         return str(self.path)
 
 
@@ -213,37 +347,38 @@ def fetch_command(backbone: str, image_size: int) -> str:
 
 
 def resolve_weights(
-    setting: str, backbone: str, image_size: int, root: Path | None = None
+    setting: str, backbone: str | Backbone, image_size: int, root: Path | None = None
 ) -> WeightsSource:
     """Turn ``train.weights`` into a concrete file (checked to exist) and its sha256.
 
-    Never touches the network: ``imagenet`` must already be in the Keras cache.
+    Never touches the network: ``imagenet`` must already be in the Keras cache
+    (for a model-file backbone, ``imagenet`` is the file's own weights).
     A relative path is looked up under ``root`` (the workspace), then the current folder.
     """
     spec = get_backbone(backbone)
     if setting == "none":
         return WeightsSource("none")
+    if setting == "imagenet" and spec.file is not None:
+        return WeightsSource("model_file", spec.file, sha256_file(spec.file))
     if setting == "imagenet":
         name = spec.weights_file(image_size)
         cache = keras_cache_dir()
         file = cache / name
         if not file.is_file():
             raise StageError(
-                f"imagenet weights for {backbone} are not in the Keras cache: expected {name} "
+                f"imagenet weights for {spec.name} are not in the Keras cache: expected {name} "
                 f"in {cache}; pre-seed it on a connected machine with "
-                f"`{fetch_command(backbone, image_size)}` (KERAS_HOME={cache.parent}), "
+                f"`{fetch_command(spec.name, image_size)}` (KERAS_HOME={cache.parent}), "
                 "or copy the file there"
             )
         return WeightsSource("imagenet", file, sha256_file(file))
-    path = Path(setting).expanduser()
-    candidates = [path] if path.is_absolute() else [Path(root or ".") / path, path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return WeightsSource("file", candidate.resolve(), sha256_file(candidate))
-    raise StageError(
-        f"train.weights: file {setting} not found (looked in {', '.join(map(str, candidates))}); "
-        "give an existing .weights.h5 or *_notop.h5 path, imagenet or none"
+    found = _local_file(
+        setting,
+        root,
+        f"train.weights: file {setting} not found",
+        "give an existing .weights.h5 or *_notop.h5 path, imagenet or none",
     )
+    return WeightsSource("file", found, sha256_file(found))
 
 
 def fetch_weights(backbone: str) -> FetchResult:
@@ -287,17 +422,20 @@ class FetchResult:
 
 
 def build_backbone(
-    backbone: str, image_size: int, weights: WeightsSource | None = None
+    backbone: str | Backbone, image_size: int, weights: WeightsSource | None = None
 ) -> keras.Model:
     """The functional feature extractor named ``backbone`` (InceptionV3 cut at ``mixed7``).
 
     ``.weights.h5`` files are loaded into the (cut) backbone as saved by Keras;
     legacy ``*.h5`` files (the official ImageNet ones) go through the constructor.
+    A model-file entry is rebuilt from its file (:func:`_from_model_file`).
     """
     import keras
 
     spec = get_backbone(backbone)
     weights = weights or WeightsSource("none")
+    if spec.file is not None:
+        return _from_model_file(spec, image_size, weights)
     constructor = getattr(keras.applications, spec.constructor)
     legacy = weights.path is not None and not weights.path.name.endswith(".weights.h5")
     shape = (image_size, image_size, 3)
@@ -325,6 +463,61 @@ def build_backbone(
                 f"make_offline_weights('{spec.name}', ...) or save it from this backbone"
             ) from None
     return model
+
+
+def _from_model_file(spec: Backbone, image_size: int, weights: WeightsSource) -> keras.Model:
+    """The file's model rebuilt on a (size, size, 3) input, cut at ``spec.cut_at``.
+
+    Its weights: the file's own (``model_file``), fresh ones (``none``), or a
+    ``.weights.h5`` loaded into the cut backbone.
+    """
+    import keras
+
+    assert spec.file is not None
+    try:
+        full = keras.saving.load_model(spec.file, compile=False)
+    except Exception as error:  # noqa: BLE001 - deserialisation fails in many types
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise StageError(
+            f"cannot load {spec.file} as a Keras model ({type(error).__name__}: {reason}); "
+            "save it from Keras 3 with built-in layers only (no custom or Lambda layers)"
+        ) from None
+    if len(full.inputs) != 1:
+        raise StageError(f"{spec.file} takes {len(full.inputs)} inputs; a backbone takes one image")
+    try:
+        model = keras.models.clone_model(
+            full, input_tensors=keras.Input((image_size, image_size, 3))
+        )
+        if weights.kind != "none":
+            model.set_weights(full.get_weights())
+    except ValueError as error:
+        first = str(error).strip().splitlines()[0][:200]
+        raise StageError(
+            f"{spec.file} does not run at {image_size} px ({first}); set train.image_size to "
+            "the size it was built for"
+        ) from None
+    names = [layer.name for layer in model.layers]
+    if spec.cut_at is not None and spec.cut_at not in names:
+        raise StageError(
+            f"train.backbone_file.cut_at: no layer {spec.cut_at!r} in {spec.file.name}; nearby "
+            f"valid names: {_nearby(spec.cut_at, names)} (or null for the model's output)"
+        )
+    output = model.get_layer(spec.cut_at).output if spec.cut_at else model.outputs
+    if isinstance(output, list) and len(output) != 1:
+        raise StageError(
+            f"{spec.file} has {len(output)} outputs; set train.backbone_file.cut_at to the layer "
+            "whose output the head should read"
+        )
+    backbone = keras.Model(model.inputs[0], output, name="backbone")
+    if weights.kind == "file" and weights.path is not None:
+        try:
+            _load_keras_weights(backbone, model, weights.path)
+        except (ValueError, OSError, KeyError) as error:
+            raise StageError(
+                f"{weights.path} does not fit the {spec.name} backbone ({error}); save it from "
+                "this backbone, or set train.weights: imagenet to use the file's own weights"
+            ) from None
+    return backbone
 
 
 @contextmanager
@@ -361,13 +554,17 @@ def boundary_index(backbone: keras.Model, unfreeze_from: str) -> int:
     names = [layer.name for layer in backbone.layers]
     if unfreeze_from in names:
         return names.index(unfreeze_from)
-    near = difflib.get_close_matches(unfreeze_from, names, n=5, cutoff=0.5)
-    near = near or [name for name in names if name[:5] == unfreeze_from[:5]][:5]
-    hint = ", ".join(near) if near else ", ".join(names[-5:])
     raise StageError(
         f"finetune.unfreeze_from: no layer {unfreeze_from!r} in the backbone; nearby valid "
-        f"names: {hint} (or '{UNFREEZE_ALL}')"
+        f"names: {_nearby(unfreeze_from, names)} (or '{UNFREEZE_ALL}')"
     )
+
+
+def _nearby(name: str, names: list[str]) -> str:
+    """Up to five of ``names`` close to ``name`` (else the last five), for an error message."""
+    near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    near = near or [other for other in names if other[:5] == name[:5]][:5]
+    return ", ".join(near) if near else ", ".join(names[-5:])
 
 
 def is_batch_norm(layer: Any) -> bool:

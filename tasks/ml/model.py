@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from tasks.errors import StageError
-from tasks.ml.backbones import BACKBONES, HeadSpec, WeightsSource, build_backbone, get_backbone
+from tasks.ml.backbones import (
+    BACKBONES,
+    Backbone,
+    HeadSpec,
+    WeightsSource,
+    build_backbone,
+    get_backbone,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -115,15 +122,20 @@ def preprocess_layer(mode: str, name: str = "preprocess") -> keras.Sequential:
 
 
 def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], n_classes: int) -> keras.Sequential:
-    """The ``head`` Sequential, built for backbone features of ``feature_shape``."""
+    """The ``head`` Sequential, built for backbone features of ``feature_shape``.
+
+    Features that are already one vector per image (a model-file backbone cut at a
+    dense layer) take no pooling.
+    """
     if n_classes < 2:
         raise StageError(f"need at least 2 classes to train a classifier, got {n_classes}")
     layers: list[Any] = [keras.Input(shape=tuple(feature_shape), name="features")]
-    layers.append(
-        keras.layers.GlobalAveragePooling2D(name="pool")
-        if spec.pooling == "avg"
-        else keras.layers.Flatten(name="flatten")
-    )
+    if len(feature_shape) > 1:
+        layers.append(
+            keras.layers.GlobalAveragePooling2D(name="pool")
+            if spec.pooling == "avg"
+            else keras.layers.Flatten(name="flatten")
+        )
     if spec.dense_units:
         layers.append(keras.layers.Dense(spec.dense_units, activation="relu", name="hidden"))
     if spec.dropout:
@@ -144,7 +156,8 @@ def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], n_classes: int) -
 
 @dataclass(frozen=True)
 class ModelSpec:
-    backbone: str
+    backbone: str | Backbone
+    """A registry name, or an entry (a model-file backbone's comes from ``backbone_entry``)."""
     image_size: int
     head: HeadSpec
     n_classes: int
@@ -155,11 +168,11 @@ def build_model(spec: ModelSpec, weights: WeightsSource | None = None) -> keras.
     entry = get_backbone(spec.backbone)
     inputs = keras.Input((spec.image_size, spec.image_size, 3), name="image")
     x = preprocess_layer(entry.preprocess)(inputs)
-    base = build_backbone(spec.backbone, spec.image_size, weights)
+    base = build_backbone(entry, spec.image_size, weights)
     base.trainable = False
     features = base(x, training=False)
     head = build_head(spec.head, tuple(base.output.shape[1:]), spec.n_classes)
-    return keras.Model(inputs, head(features), name=f"{spec.backbone}_classifier")
+    return keras.Model(inputs, head(features), name=f"{entry.model_name}_classifier")
 
 
 def probability_model(

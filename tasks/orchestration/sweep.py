@@ -189,7 +189,7 @@ def plan_sweep(
                         sweep,
                         key,
                         dataset,
-                        resolved.train.backbone,
+                        resolved.train.backbone_name,
                         rate,
                         {"set": overrides},
                         recipe,

@@ -129,7 +129,7 @@ def prepare_workspace(
     write_json(ws / RUN_RECORD, record)
     parent = pipeline_run(project, dataset, "start")
     update_run_record(ws, parent_run_id=parent)
-    return Prepared(dataset, str(ws), overrides, cfg.train.backbone, name, baseline, parent)
+    return Prepared(dataset, str(ws), overrides, cfg.train.backbone_name, name, baseline, parent)
 
 
 def run_params(cfg: Config, dataset: str) -> dict[str, Any]:

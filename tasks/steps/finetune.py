@@ -47,7 +47,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     import keras
     import mlflow
 
-    from tasks.ml.backbones import get_backbone, unfreeze_top_blocks
+    from tasks.ml.backbones import default_boundary, unfreeze_top_blocks
     from tasks.ml.devices import device_policy, strategy
     from tasks.ml.model import (
         backbone_name,
@@ -80,7 +80,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         model = with_precision(_frozen_model(paths, len(classes)), policy.precision)
     backbone = backbone_name(model, default=cfg.train.backbone)
     size = int(model.input_shape[1])
-    boundary = tune.unfreeze_from or get_backbone(backbone).unfreeze_from
+    boundary = tune.unfreeze_from or default_boundary(backbone, cfg.train)
     augment = cfg.augmentation if tune.augment else None
     weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
     batch = policy.global_batch(cfg.train.batch_size)
@@ -240,10 +240,13 @@ def _frozen_model(paths: DatasetPaths, n_classes: int) -> keras.Model:
 
 def _weights_record(cfg: Config, backbone: str, size: int, paths: DatasetPaths) -> tuple[str, str]:
     """The phase-1 weights source and sha256, where they can still be found (else 'unavailable')."""
-    from tasks.ml.backbones import resolve_weights
+    from tasks.ml.backbones import backbone_entry, resolve_weights
 
     try:
-        source = resolve_weights(cfg.train.weights, backbone, size, paths.root)
+        entry = (
+            backbone_entry(cfg.train, paths.root) if backbone == cfg.train.backbone else backbone
+        )
+        source = resolve_weights(cfg.train.weights, entry, size, paths.root)
     except StageError:
         return f"{cfg.train.weights} (not found at fine-tuning time)", "unavailable"
     return source.description, source.sha256

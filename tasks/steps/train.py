@@ -37,7 +37,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     import keras
     import mlflow
 
-    from tasks.ml.backbones import get_backbone, resolve_weights
+    from tasks.ml.backbones import backbone_entry, resolve_weights
     from tasks.ml.devices import device_policy, strategy
     from tasks.ml.model import ModelSpec, build_model, parameter_counts, with_precision
     from tasks.ml.pipeline import count_rows, phase_datasets
@@ -49,15 +49,15 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     train = cfg.train
     classes = cfg.dataset(paths.dataset).classes
     manifest = read_manifest(paths)
-    entry = get_backbone(train.backbone)
+    entry = backbone_entry(train, paths.root)
     size = entry.resolve_size(train.image_size)
-    weights = resolve_weights(train.weights, train.backbone, size, paths.root)
+    weights = resolve_weights(train.weights, entry, size, paths.root)
     policy = device_policy(train.precision, train.jit_compile, train.distribute)
     devices = strategy(policy)
     keras.utils.set_random_seed(train.seed)
     head = entry.head_spec(train.head)
     with devices.scope():
-        model = build_model(ModelSpec(train.backbone, size, head, len(classes)), weights)
+        model = build_model(ModelSpec(entry, size, head, len(classes)), weights)
     counts = parameter_counts(model)
     images = count_rows(manifest, "train") + count_rows(manifest, "validation")
     cached = use_feature_cache(train, feature_bytes(model, images))

@@ -8,18 +8,40 @@ more than block5, ...) fails here.
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
 
 from tasks.config import parse_config, recipe_names
-from tasks.ml.backbones import BACKBONES, is_batch_norm, unfreeze_top_blocks
+from tasks.dev.alexnet import write_alexnet
+from tasks.ml.backbones import backbone_entry, default_boundary, is_batch_norm, unfreeze_top_blocks
 from tasks.ml.model import ModelSpec, build_model, compile_model
 from tasks.ml.pipeline import augmentation_layers
 from tests.conftest import REPO
 
 TINY = {"inception_v3": 75, "vgg16": 32, "xception": 71, "mobilenet_v2": 32}
 """The smallest input each backbone builds at (its published size is asserted separately)."""
+FILE_SIZE = 64
+"""The size of the small AlexNet file the model-file recipe is built on here."""
+
+
+def place_model_files(root: Path) -> Path:
+    """The model files the presets name (``models/backbones/alexnet.keras``), made small."""
+    write_alexnet(root / "models/backbones/alexnet.keras", image_size=FILE_SIZE, width=0.05)
+    return root
+
+
+@functools.cache
+def model_files() -> Path:
+    return place_model_files(Path(tempfile.mkdtemp(prefix="recipe-files-")))
+
+
+def tiny_size(cfg) -> int:
+    return FILE_SIZE if cfg.train.backbone_is_file else TINY[cfg.train.backbone]
 
 
 def resolved(recipe: str):
@@ -32,11 +54,9 @@ def built(recipe: str):
     import keras
 
     cfg = resolved(recipe)
-    entry = BACKBONES[cfg.train.backbone]
+    entry = backbone_entry(cfg.train, model_files())
     keras.utils.set_random_seed(0)
-    model = build_model(
-        ModelSpec(cfg.train.backbone, TINY[cfg.train.backbone], entry.head_spec(cfg.train.head), 2)
-    )
+    model = build_model(ModelSpec(entry, tiny_size(cfg), entry.head_spec(cfg.train.head), 2))
     return cfg, model, model.get_layer("backbone")
 
 
@@ -64,7 +84,7 @@ def trainable_layers(base) -> set[str]:
 
 def phase_two(cfg, model, base) -> set[str]:
     """Unfreeze as the finetune step does; the backbone layers with weights that now train."""
-    boundary = cfg.finetune.unfreeze_from or BACKBONES[cfg.train.backbone].unfreeze_from
+    boundary = cfg.finetune.unfreeze_from or default_boundary(cfg.train.backbone, cfg.train)
     unfrozen = set(unfreeze_top_blocks(base, boundary))
     assert unfrozen == trainable_layers(base)
     # the whole model trains exactly the head plus those layers
@@ -161,6 +181,27 @@ def test_hymenoptera_vgg16():
         model, cfg.train.optimizer, cfg.train.learning_rate, 2, momentum=cfg.train.momentum
     )
     assert float(model.optimizer.momentum) == pytest.approx(0.9)  # the walkthrough's SGD
+    assert cfg.finetune.epochs == 0  # the feature extractor stays frozen
+    assert augmentation(cfg) == [("RandomFlip", {"mode": "horizontal"})]
+
+
+def test_hymenoptera_alexnet():
+    cfg, model, base = built("hymenoptera_alexnet")
+    assert cfg.train.backbone == "models/backbones/alexnet.keras"  # a model file: no AlexNet
+    assert cfg.train.backbone_file.preprocess == "torch"  # torchvision's ImageNet mean/std
+    names = [layer.name for layer in base.layers]
+    # the defining cut: fc8 (ImageNet's 1000 classes) is replaced by the two-class head
+    assert names[-1] == "fc7" and "fc8" not in names
+    assert {"conv1", "conv5", "fc6"} <= set(names)
+    assert head_layers(model) == [("Dense", 1, "sigmoid")]
+    assert [layer.name for layer in model.get_layer("preprocess").layers] == [
+        "to_0_1",
+        "imagenet_mean_std",
+    ]
+    assert_phase_one_trains_only_the_head(model, base)
+    assert (cfg.train.image_size, cfg.train.batch_size, cfg.train.epochs) == (224, 4, 12)
+    assert optimizer_of(model, cfg.train.optimizer, cfg.train.learning_rate) == ("SGD", 0.001)
+    assert cfg.train.momentum == pytest.approx(0.9)
     assert cfg.finetune.epochs == 0  # the feature extractor stays frozen
     assert augmentation(cfg) == [("RandomFlip", {"mode": "horizontal"})]
 
@@ -292,7 +333,7 @@ def test_every_preset_trains_finetunes_and_evaluates_at_tiny_settings(recipe, tm
         params,
         [
             f"recipe={recipe}",
-            f"train.image_size={TINY[own.train.backbone]}",
+            f"train.image_size={tiny_size(own)}",
             "train.weights=none",
             "train.epochs=1",
             "train.batch_size=8",
@@ -303,6 +344,7 @@ def test_every_preset_trains_finetunes_and_evaluates_at_tiny_settings(recipe, tm
     )
     assert (cfg.train.backbone, cfg.train.optimizer) == (own.train.backbone, own.train.optimizer)
     paths = make_workspace(tmp_path, counts={"train": 4, "validation": 6})
+    place_model_files(paths.root)
     train.run(cfg, paths)
     finetune.run(cfg, paths)
     evaluate.run(cfg, paths)

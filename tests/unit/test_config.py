@@ -161,6 +161,7 @@ PRESETS = [
     "inception_mixed7",
     "vgg16_block5",
     "hymenoptera_vgg16",
+    "hymenoptera_alexnet",
     "xception_guide",
     "mobilenet_v2_tutorial",
 ]

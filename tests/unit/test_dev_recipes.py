@@ -23,13 +23,22 @@ def test_every_preset_is_a_lane_with_its_own_backbone_and_the_tiny_overrides(tmp
     project = Project.from_env(tmp_path, environ={})
     recipes = recipe_names()
     conf = recipes_conf("cats_vs_dogs", recipes, TINY["set"], "none", tmp_path / "w")
-    assert conf["per_recipe"] == {name: {"train.weights": "none"} for name in recipes}
+    alexnet = (
+        tmp_path / "w" / "alexnet_75.keras"
+    )  # the model-file recipe's, made at the lane's size
+    assert conf["per_recipe"] == {
+        name: {"train.weights": "none"}
+        | ({"train.backbone": str(alexnet)} if name == "hymenoptera_alexnet" else {})
+        for name in recipes
+    }
+    assert alexnet.is_file()
     combos = plan_sweep(project, conf, "r1")
     assert [c.recipe for c in combos] == recipes
     for combo in combos:
         cfg = resolve_run_config(project, "cats_vs_dogs", combo.conf)
         own = recipe_values(combo.recipe)["train"]
-        assert (cfg.recipe, cfg.train.backbone) == (combo.recipe, own["backbone"])
+        backbone = own["backbone"] if combo.recipe != "hymenoptera_alexnet" else str(alexnet)
+        assert (cfg.recipe, cfg.train.backbone) == (combo.recipe, backbone)
         assert cfg.train.optimizer == own["optimizer"]  # the recipe's, not a params file's
         assert (cfg.train.image_size, cfg.train.epochs, cfg.finetune.epochs) == (75, 2, 1)
     parse_config(params)  # the params file itself is valid
