@@ -394,22 +394,25 @@ def log_evaluated_model(
     test_metrics: dict[str, float],
     phase: str | None,
 ) -> str:
-    """Record the evaluated model as an MLflow logged model of the active run.
+    """Record the evaluated model as an MLflow logged model of the pipeline execution.
 
     The file itself is versioned by DVC, so the logged model is *external*: its
     tags say where DVC keeps it (path, md5); its test metrics are linked to it
-    and to the manifest dataset, and it is an output of the run and of the
-    pipeline's parent run, so the Models column and the model page show its
-    lineage. Returns the model id.
+    and to the manifest dataset (logged by the active evaluate run). Its source
+    run is the pipeline's parent run, the row of the runs table (MLflow 3.17's
+    Models column lists the models whose source run is the row), and it is an
+    output of both runs, so the model page shows its lineage. Returns the model id.
     """
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
     active = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    parent = client.get_run(active.info.run_id).data.tags.get(PARENT_RUN_TAG)
     md5 = file_md5(model_path)
     model = mlflow.create_external_model(
-        name=f"{paths.dataset}-{cfg.train.backbone}",
-        source_run_id=active.info.run_id,
+        name=f"{paths.dataset}-{cfg.train.backbone_name}",
+        source_run_id=parent or active.info.run_id,
         model_type="keras",
         params={key: str(value) for key, value in flat_params(cfg, paths.dataset).items()},
         tags={
@@ -424,10 +427,8 @@ def log_evaluated_model(
     with _quiet_datasets():
         dataset = manifest_dataset(cfg, paths)
         mlflow.log_metrics(test_metrics, model_id=model.model_id, dataset=dataset)
-    client = mlflow.MlflowClient()
-    parent = client.get_run(active.info.run_id).data.tags.get(PARENT_RUN_TAG)
-    if parent:
-        client.log_outputs(parent, [LoggedModelOutput(model.model_id, 0)])
+    for run_id in dict.fromkeys([active.info.run_id, parent or active.info.run_id]):
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
     return model.model_id
 
 
@@ -486,7 +487,7 @@ def start_pipeline_run(cfg: Config, paths: DatasetPaths) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = mlflow.MlflowClient().create_run(
         experiment_id,
-        run_name=f"{paths.dataset}-{cfg.train.backbone}-{stamp}",
+        run_name=f"{paths.dataset}-{cfg.train.backbone_name}-{stamp}",
         tags={**lineage_tags(cfg, paths), PARENT_TAG: "true"},
     )
     params = [Param(key, str(value)) for key, value in flat_params(cfg, paths.dataset).items()]

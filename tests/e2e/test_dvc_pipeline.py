@@ -313,10 +313,11 @@ def test_the_mlflow_ui_gets_training_runs_one_comparable_row_each(project, first
         assert {t["key"]: t["value"] for t in entry["tags"]}["mlflow.data.context"] == context
     assert "dataset_inputs" not in by_phase["register"].get("inputs", {})
 
-    # the evaluated model: a logged model of the evaluate run, an output of the parent
-    (model,) = [
-        m for m in models if m["info"]["source_run_id"] == by_phase["evaluate"]["info"]["run_id"]
-    ]
+    # the evaluated model: a logged model of the pipeline execution (the runs table's Models
+    # column lists the models whose source run is the row), an output of it and of evaluate
+    (model,) = [m for m in models if m["info"]["source_run_id"] == parent["info"]["run_id"]]
+    evaluate_outputs = [o["model_id"] for o in by_phase["evaluate"]["outputs"]["model_outputs"]]
+    assert evaluate_outputs == [model["info"]["model_id"]]
     model_tags = {t["key"]: t["value"] for t in model["info"]["tags"]}
     evaluated = project / report["model"]
     assert model_tags["dvc.md5"] == hashlib.md5(evaluated.read_bytes()).hexdigest()
