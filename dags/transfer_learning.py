@@ -60,7 +60,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from tasks.config import Config
 from tasks.errors import ConfigError
-from tasks.orchestration.backends import Backend, docker_stage, kubernetes_stage
+from tasks.orchestration.backends import Backend, SweepLane, docker_stage, kubernetes_stage
 from tasks.orchestration.dvc import NO_RETRY_STAGES
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
 from tasks.orchestration.runconf import CONF_KEYS
@@ -508,7 +508,9 @@ combination, `"per_backbone": {{"inception_v3": {{"train.image_size": 150}}}}`).
 workspace (`{project.workspaces / "sweeps"}/<sweep>/<combination>`), recorded like a
 run of its dataset's DAG (DVC experiment, MLflow parent run tagged `sweep.id`). GPU
 stages ({", ".join(sorted(backend.gpu_stages))}) take a slot of pool `{backend.pool}`
-(and the GPU queue under Celery), so combinations spread over the GPU workers.
+(and the GPU queue under Celery), so combinations spread over the GPU workers; they run
+on the `{backend.kind}` backend (kubernetes, docker: a pod or container per lane and stage,
+`python -m tasks dvc-stage <stage> <dataset> --lane <sweep>/<combination>`).
 `compare` writes `{project.reports / "sweep"}/<sweep>/` (comparison.md/.csv and a
 test accuracy × training seconds plot with the Pareto front, also on an MLflow run in
 experiment `sweeps`); `gate` runs `register` (the registry gate) for the best
@@ -529,6 +531,12 @@ combination of each dataset.
             chain = [prepare]
             for stage in stages:
                 args = _gpu_args(backend, stage, _retry_args(cfg, stage))
+                container = stage in backend.gpu_stages and backend.kind != "local"
+                if container:  # a pod or container, in the lane's workspace
+                    make = kubernetes_stage if backend.kind == "kubernetes" else docker_stage
+                    lane = SweepLane(plan_task="plan")
+                    chain.append(make(project, "sweep", stage, backend, lane=lane, **args))
+                    continue
                 chain.append(
                     task(
                         _lane_stage_callable(project, stage),

@@ -178,7 +178,7 @@ def pipeline_run(args: argparse.Namespace) -> Any:
 def dvc_stage(args: argparse.Namespace) -> Any:
     from tasks.orchestration.dvc import stage_command
 
-    return stage_command(args.stage, args.dataset, result_json=args.result_json)
+    return stage_command(args.stage, args.dataset, result_json=args.result_json, lane=args.lane)
 
 
 # ---------------------------------------------------------------- parsing
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("stage")
     command.add_argument("dataset")
     command.add_argument("--result-json", help="write the XCom result here ('-': print it)")
+    command.add_argument(
+        "--lane", help="SWEEP/COMBINATION: run in that sweep lane's workspace instead"
+    )
     command.set_defaults(command_fn=dvc_stage)
     return parser
 

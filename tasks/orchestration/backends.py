@@ -154,20 +154,54 @@ def _pod_volumes(project: Project, backend: Backend) -> tuple[list[Any], list[An
     return volumes, mounts
 
 
+@dataclass(frozen=True)
+class SweepLane:
+    """A sweep lane's stage in a container: the dataset and workspace come from the
+    ``plan`` task's combination for this map index (rendered when the task runs)."""
+
+    plan_task: str = "plan"
+
+    def field(self, name: str) -> str:
+        return f"{{{{ ti.xcom_pull(task_ids='{self.plan_task}')[ti.map_index]['{name}'] }}}}"
+
+    @property
+    def dataset(self) -> str:
+        return self.field("dataset")
+
+    @property
+    def lane(self) -> str:
+        """``<sweep>/<combination>``: ``dvc-stage --lane`` runs in that lane's workspace."""
+        return f"{self.field('sweep')}/{self.field('key')}"
+
+
+def stage_argv(stage: str, dataset: str, lane: SweepLane | None) -> list[str]:
+    """``python -m tasks dvc-stage``: what a container runs for one stage."""
+    argv = ["python", "-m", "tasks", "dvc-stage", stage, lane.dataset if lane else dataset]
+    return [*argv, "--lane", lane.lane] if lane else argv
+
+
 def kubernetes_stage(
-    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
+    project: Project,
+    dataset: str,
+    stage: str,
+    backend: Backend,
+    lane: SweepLane | None = None,
+    **task_args: Any,
 ) -> Any:
+    """One GPU stage as a pod; ``lane``: of a sweep lane (``dataset`` then names the pods)."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     gpus = str(backend.gpus_per_task)
     volumes, volume_mounts = _pod_volumes(project, backend)
+    labels = {"app": "transfer-learning", "stage": stage}
+    labels |= {"sweep": "true"} if lane else {"dataset": dataset}
     return KubernetesPodOperator(
         task_id=stage,
         name=f"{dataset}-{stage}".replace("_", "-"),
         namespace=backend.namespace,
         image=backend.image,
-        cmds=["python", "-m", "tasks", "dvc-stage", stage, dataset],
+        cmds=stage_argv(stage, dataset, lane),
         arguments=["--result-json", "/airflow/xcom/return.json"],
         env_vars=pod_env(project),
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=backend.mlflow_secret))]
@@ -180,7 +214,7 @@ def kubernetes_stage(
         tolerations=[k8s.V1Toleration(**item) for item in backend.tolerations],
         volumes=volumes,
         volume_mounts=volume_mounts,
-        labels={"app": "transfer-learning", "dataset": dataset, "stage": stage},
+        labels=labels,
         do_xcom_push=True,
         get_logs=True,
         on_finish_action="delete_pod",
@@ -189,8 +223,14 @@ def kubernetes_stage(
 
 
 def docker_stage(
-    project: Project, dataset: str, stage: str, backend: Backend, **task_args: Any
+    project: Project,
+    dataset: str,
+    stage: str,
+    backend: Backend,
+    lane: SweepLane | None = None,
+    **task_args: Any,
 ) -> Any:
+    """One GPU stage as a container; ``lane``: of a sweep lane."""
     from airflow.providers.docker.operators.docker import DockerOperator
     from docker.types import DeviceRequest, Mount
 
@@ -199,7 +239,7 @@ def docker_stage(
     return DockerOperator(
         task_id=stage,
         image=backend.image,
-        command=["python", "-m", "tasks", "dvc-stage", stage, dataset, "--result-json", "-"],
+        command=[*stage_argv(stage, dataset, lane), "--result-json", "-"],
         environment=pod_env(project),
         private_environment=mlflow_login(),
         device_requests=[DeviceRequest(count=backend.gpus_per_task, capabilities=[["gpu"]])],

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import StageFailed
+from tasks.errors import ConfigError, StageFailed
 from tasks.io import write_json
 from tasks.orchestration.project import Project
 from tasks.orchestration.stage_graph import read_stage_graph
@@ -213,13 +213,25 @@ def _record_stage(ws: Path, result: StageResult) -> None:
     write_json(ws / RUN_RECORD, record)
 
 
-def stage_command(stage: str, dataset: str, result_json: str | None = None) -> str | StageResult:
+def stage_command(
+    stage: str, dataset: str, result_json: str | None = None, lane: str | None = None
+) -> str | StageResult:
     """``python -m tasks dvc-stage``: what a GPU pod or container runs.
 
     ``result_json`` writes the XCom value there (KubernetesPodOperator reads
     ``/airflow/xcom/return.json``); ``-`` prints it as the last line instead.
+    ``lane`` (``<sweep>/<combination>``): the stage of that sweep lane's workspace.
     """
-    result = run_stage(Project.from_env(), dataset, stage)
+    project = Project.from_env()
+    if lane is not None:
+        sweep, _, key = lane.partition("/")
+        if not sweep or not key or "/" in key:
+            raise ConfigError(
+                f"--lane {lane!r}: write it as SWEEP/COMBINATION, e.g. "
+                "manual__2026-01-05/cats_vs_dogs--mobilenet_v2"
+            )
+        project = project.for_lane(sweep, key)
+    result = run_stage(project, dataset, stage)
     payload = json.dumps(result.xcom(), sort_keys=True)
     if result_json == "-":
         return payload

@@ -358,3 +358,98 @@ def test_kubernetes_pods_get_the_mlflow_login_from_a_secret(monkeypatch):
     # Without the setting, no secret is referenced (a server without logins).
     plain, _ = _dag(K8S)
     assert not _main(_pod(plain, "train")).get("envFrom")
+
+
+# --- the sweep DAG: each lane's GPU stages in a pod or container of their own ---------
+
+PLAN = [
+    {"sweep": "s1", "key": "cats_vs_dogs--mobilenet_v2", "dataset": "cats_vs_dogs"},
+    {"sweep": "s1", "key": "ants_vs_bees--vgg16", "dataset": "ants_vs_bees"},
+]
+
+
+def _sweep_dag(backend_env: dict[str, str]):
+    from dags.transfer_learning import Backend, build_sweep_dag
+
+    project = Project.from_env(REPO, environ={})
+    cfg = load_config(REPO / "params.yaml")
+    return build_sweep_dag(project, cfg, Backend.from_env(backend_env))
+
+
+class _LaneInstance(SimpleNamespace):
+    """What a mapped lane's task instance gives its templates: its map index and the plan."""
+
+    def xcom_pull(self, task_ids: str, **_: object) -> object:
+        assert task_ids == "plan"
+        return PLAN
+
+
+def _render_lane(dag, task, map_index: int) -> dict:
+    ti = _LaneInstance(dag_id=dag.dag_id, task_id=task.task_id, map_index=map_index, try_number=1)
+    context = {"dag": dag, "task": task, "run_id": RUN_ID, "ti": ti}
+    task.render_template_fields(context)
+    return context
+
+
+@pytest.mark.parametrize("map_index", [0, 1])
+def test_sweep_lanes_run_their_gpu_stages_as_pods_in_the_lanes_workspace(map_index):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import ApiClient
+
+    dag = _sweep_dag(K8S)
+    lane = PLAN[map_index]
+    for stage in ("train", "finetune"):
+        task = dag.get_task(f"pipeline.{stage}")
+        assert isinstance(task, KubernetesPodOperator)
+        pod = task.build_pod_request_obj(_render_lane(dag, task, map_index), dry_run=True)
+        container = _main(ApiClient().sanitize_for_serialization(pod))
+        assert container["command"] == [
+            "python", "-m", "tasks", "dvc-stage", stage, lane["dataset"],
+            "--lane", f"{lane['sweep']}/{lane['key']}",
+        ]  # fmt: skip
+        assert container["args"] == ["--result-json", "/airflow/xcom/return.json"]
+        assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+        assert task.pool == "gpu" and task.labels["sweep"] == "true"
+    # the stages around them stay on the worker, as in the local backend
+    assert not isinstance(dag.get_task("pipeline.validate"), KubernetesPodOperator)
+    assert not isinstance(dag.get_task("pipeline.evaluate"), KubernetesPodOperator)
+
+
+def test_sweep_lanes_run_their_gpu_stages_in_containers_on_the_docker_backend():
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    dag = _sweep_dag({"TASKS_GPU_BACKEND": "docker", "TASKS_TRAINER_IMAGE": "trainer:gpu"})
+    task = dag.get_task("pipeline.train")
+    assert isinstance(task, DockerOperator)
+    _render_lane(dag, task, 1)
+    assert task.command == [
+        "python", "-m", "tasks", "dvc-stage", "train", "ants_vs_bees",
+        "--lane", "s1/ants_vs_bees--vgg16", "--result-json", "-",
+    ]  # fmt: skip
+    assert task.image == "trainer:gpu" and task.pool == "gpu"
+
+
+def test_a_lanes_stage_command_runs_in_the_lanes_workspace(tmp_path):
+    """What the pod runs, run here: it looks for the lane's workspace, not the dataset's."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TASKS_PROJECT": str(tmp_path), "TASKS_STATE_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "tasks", "dvc-stage", "train", DATASET]
+    lane = subprocess.run(
+        [*command, "--lane", "s1/cats_vs_dogs--vgg16"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert lane.returncode == 2
+    expected = tmp_path / ".workspaces" / "sweeps" / "s1" / "cats_vs_dogs--vgg16"
+    assert f"error: {expected} has not been prepared for a run" in lane.stderr
+    bad = subprocess.run(
+        [*command, "--lane", "cats_vs_dogs--vgg16"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --lane 'cats_vs_dogs--vgg16': write it as SWEEP/COMBINATION")
+    )
