@@ -41,6 +41,7 @@ import yaml
 
 from tasks.dev.airflow_local import LocalAirflow, stage_seconds, stop_group
 from tasks.dev.httpserver import unused_port
+from tasks.errors import StageError
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
 from tasks.orchestration.sweep import sweep_id
 from tests.conftest import PIPELINE_FILES, git_project
@@ -711,3 +712,54 @@ def _when(stamp: str):
     from datetime import datetime
 
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+# --- a sweep's GPU stages as containers ------------------------------------------------
+
+
+def test_a_sweeps_gpu_stage_renders_each_lanes_container_command(tmp_path):
+    """A real sweep run on the docker backend, with no Docker daemon: each mapped lane's
+    container task renders its own dataset and lane from ``plan`` (read back from Airflow's
+    rendered fields), then fails to reach the daemon; the workspaces it names exist."""
+    import sqlite3
+
+    params = tiny_params(
+        {"cats_vs_dogs": "http://127.0.0.1:1/c.zip", "ants_vs_bees": "http://127.0.0.1:1/a.zip"},
+        schedule={"cron": None, "owner": "ci", "retries": 0, "gpus": 1},
+    )
+    repo = git_project(tmp_path / "repo", PIPELINE_FILES, params)
+    project = Project.from_env(repo, environ={})
+    instance = LocalAirflow(
+        project,
+        tmp_path / "airflow-home",
+        port=unused_port(),
+        extra_env={
+            "TASKS_GPU_BACKEND": "docker",
+            "TASKS_GPU_STAGES": "download",  # the first stage after prepare: no data needed
+            "TASKS_DOCKER_URL": f"tcp://127.0.0.1:{unused_port()}",
+            "TASKS_RETRY_DELAY_SECONDS": "1",
+        },
+    )
+    conf = {"backbones": ["mobilenet_v2"], "datasets": ["cats_vs_dogs", "ants_vs_bees"]}
+    with pytest.MonkeyPatch.context() as env:
+        for name in list(os.environ):
+            if name.startswith(("MLFLOW_", "TASKS_", "AIRFLOW__")):
+                env.delenv(name)
+        instance.prepare()
+        with pytest.raises(StageError, match="failed"):
+            instance.dags_test(SWEEP_DAG_ID, conf)
+    with sqlite3.connect(tmp_path / "airflow-home" / "airflow.db") as db:
+        rows = db.execute(
+            "select map_index, rendered_fields from rendered_task_instance_fields "
+            "where dag_id = ? and task_id = 'pipeline.download' order by map_index",
+            (SWEEP_DAG_ID,),
+        ).fetchall()
+    commands = {index: json.loads(fields)["command"] for index, fields in rows}
+    (sweep,) = (project.workspaces / "sweeps").iterdir()
+    for index, dataset in enumerate(("cats_vs_dogs", "ants_vs_bees")):
+        key = f"{dataset}--mobilenet_v2"
+        assert commands[index] == [
+            "python", "-m", "tasks", "dvc-stage", "download", dataset,
+            "--lane", f"{sweep.name}/{key}", "--result-json", "-",
+        ]  # fmt: skip
+        assert (sweep / key / ".tasks-run.json").is_file()  # prepared: what the container reads
