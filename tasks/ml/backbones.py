@@ -71,10 +71,15 @@ class HeadSpec:
     dropout: float
 
     def __str__(self) -> str:
-        hidden = f" -> Dense({self.dense_units}, relu)" if self.dense_units else ""
-        pool = "GlobalAveragePooling2D" if self.pooling == "avg" else "Flatten"
-        dropout = f" -> Dropout({self.dropout})" if self.dropout else ""
-        return f"{pool}{hidden}{dropout} -> Dense"
+        return self.describe()
+
+    def describe(self, pooled: bool = True) -> str:
+        """The layers, e.g. ``Flatten -> Dense(512, relu) -> Dropout(0.5) -> Dense``;
+        ``pooled`` False: features that are one vector per image, so no pooling layer."""
+        pool = ["GlobalAveragePooling2D" if self.pooling == "avg" else "Flatten"] if pooled else []
+        hidden = [f"Dense({self.dense_units}, relu)"] if self.dense_units else []
+        dropout = [f"Dropout({self.dropout})"] if self.dropout else []
+        return " -> ".join([*pool, *hidden, *dropout, "Dense"])
 
 
 @dataclass(frozen=True)

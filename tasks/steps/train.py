@@ -82,7 +82,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         "backbone": train.backbone,
         "image_size": size,
         "weights_source": weights.description,
-        "head": str(head),
+        "head": head.describe(pooled=len(model.get_layer("backbone").output.shape) > 2),
         "epochs": train.epochs,
         "optimizer": train.optimizer,
         "learning_rate": train.learning_rate,

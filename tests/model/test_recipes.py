@@ -74,6 +74,15 @@ def head_layers(model) -> list[tuple]:
     return described
 
 
+def described(layer: tuple) -> str:
+    """A :func:`head_layers` entry as the train run's ``head`` param writes it."""
+    if layer[0] == "Dense" and layer[2] == "relu":
+        return f"Dense({layer[1]}, relu)"
+    if layer[0] == "Dropout":
+        return f"Dropout({layer[1]})"
+    return layer[0]
+
+
 def weight_paths(weights) -> set[str]:
     return {w.path for w in weights}
 
@@ -320,6 +329,8 @@ def test_every_preset_trains_finetunes_and_evaluates_at_tiny_settings(recipe, tm
     tiny size, one epoch per phase): what it trains is its own architecture, end to end."""
     import json
 
+    import mlflow
+
     from tasks.artifacts import load_model
     from tasks.steps import evaluate, finetune, train
     from tests.datagen import tiny_params
@@ -356,6 +367,10 @@ def test_every_preset_trains_finetunes_and_evaluates_at_tiny_settings(recipe, tm
         assert candidate["path"].endswith("frozen.keras")
     model = load_model(paths.root / candidate["path"])
     assert head_layers(model) == head_layers(built(recipe)[1])  # the recipe's head, trained
+    # ... and the head the train run recorded in MLflow is that one
+    run_id = json.loads(paths.run_record("train").read_text())["run_id"]
+    logged = mlflow.MlflowClient().get_run(run_id).data.params["head"]
+    assert logged == " -> ".join(described(layer) for layer in head_layers(model))
     assert model.get_layer("backbone").name == "backbone"
     if recipe == "inception_mixed7":  # the cut survives training and saving
         names = {layer.name for layer in model.get_layer("backbone").layers}
