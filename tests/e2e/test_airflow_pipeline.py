@@ -25,6 +25,7 @@ tiny params. Shared, in order of the fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,20 +85,27 @@ def airflow(tmp_path_factory, archive_server, offline_weights) -> LocalAirflow:
         # the latest scheduled run at once, and max_active_runs=1 would queue ours behind it).
         schedule={"cron": None, "owner": "ci", "retries": 1, "gpus": 1},
     )
+    with _own_airflow(
+        base,
+        params,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+    ) as instance:
+        yield instance
+
+
+@contextlib.contextmanager
+def _own_airflow(base: Path, params: dict, **extra_env: str) -> Iterator[LocalAirflow]:
+    """A git project with ``params`` and its own prepared Airflow installation under
+    ``base``, with none of the caller's MLflow, TASKS or AIRFLOW settings."""
     repo = git_project(base / "repo", PIPELINE_FILES, params)
-    project = Project.from_env(repo, environ={})
     instance = LocalAirflow(
-        project,
+        Project.from_env(repo, environ={}),
         base / "airflow-home",
         port=unused_port(),
-        extra_env={
-            "TASKS_RETRY_DELAY_SECONDS": "1",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        },
+        extra_env={"TASKS_RETRY_DELAY_SECONDS": "1", **extra_env},
     )
     with pytest.MonkeyPatch.context() as env:
-        # The copy's own embedded store, params and backend; not the caller's.
         for name in list(os.environ):
             if name.startswith(("MLFLOW_", "TASKS_", "AIRFLOW__")):
                 env.delenv(name)
@@ -727,27 +736,17 @@ def test_a_sweeps_gpu_stage_renders_each_lanes_container_command(tmp_path):
         {"cats_vs_dogs": "http://127.0.0.1:1/c.zip", "ants_vs_bees": "http://127.0.0.1:1/a.zip"},
         schedule={"cron": None, "owner": "ci", "retries": 0, "gpus": 1},
     )
-    repo = git_project(tmp_path / "repo", PIPELINE_FILES, params)
-    project = Project.from_env(repo, environ={})
-    instance = LocalAirflow(
-        project,
-        tmp_path / "airflow-home",
-        port=unused_port(),
-        extra_env={
-            "TASKS_GPU_BACKEND": "docker",
-            "TASKS_GPU_STAGES": "download",  # the first stage after prepare: no data needed
-            "TASKS_DOCKER_URL": f"tcp://127.0.0.1:{unused_port()}",
-            "TASKS_RETRY_DELAY_SECONDS": "1",
-        },
-    )
     conf = {"backbones": ["mobilenet_v2"], "datasets": ["cats_vs_dogs", "ants_vs_bees"]}
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.startswith(("MLFLOW_", "TASKS_", "AIRFLOW__")):
-                env.delenv(name)
-        instance.prepare()
+    with _own_airflow(
+        tmp_path,
+        params,
+        TASKS_GPU_BACKEND="docker",
+        TASKS_GPU_STAGES="download",  # the first stage after prepare: no data needed
+        TASKS_DOCKER_URL=f"tcp://127.0.0.1:{unused_port()}",
+    ) as instance:
         with pytest.raises(StageError, match="failed"):
             instance.dags_test(SWEEP_DAG_ID, conf)
+    project = instance.project
     with sqlite3.connect(tmp_path / "airflow-home" / "airflow.db") as db:
         rows = db.execute(
             "select map_index, rendered_fields from rendered_task_instance_fields "

@@ -3,14 +3,10 @@ from it, with which weights, at which size, and how a bad file or setting is rep
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import yaml
 
-from tasks.artifacts import save_model
 from tasks.config import parse_config
 from tasks.dev.alexnet import write_alexnet
 from tasks.errors import ConfigError, StageError
@@ -25,7 +21,7 @@ from tasks.ml.backbones import (
 )
 from tasks.ml.model import ModelSpec, build_model
 from tests.conftest import REPO
-from tests.model.test_structure import FRESH_PYTHON, raw_images
+from tests.model.test_structure import loaded_without_the_project, raw_images
 
 SIZE = 64
 FILE = "models/backbones/net.keras"
@@ -104,19 +100,7 @@ def test_the_classifier_reads_fc7_and_saves_self_contained(tmp_path, alexnet_fil
     boundary = default_boundary(cfg.train.backbone, cfg.train)
     assert boundary == "conv5"
     assert unfreeze_top_blocks(model.get_layer("backbone"), boundary) == ["conv5", "fc6", "fc7"]
-    images = raw_images(SIZE, count=2, seed=4)
-    np.save(tmp_path / "x.npy", images)
-    np.save(tmp_path / "y.npy", np.asarray(model(images, training=False)))
-    save_model(model, tmp_path / "m.keras")
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", FRESH_PYTHON, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-3:] == ["sigmoid", "(2,", "1)"]
+    assert loaded_without_the_project(model, SIZE, tmp_path) == ["sigmoid", "(2,", "1)"]
 
 
 def test_a_file_that_takes_any_size_is_built_at_the_runs_size(tmp_path):
