@@ -83,6 +83,7 @@ def test_the_backbone_is_the_files_graph_cut_at_the_layer_with_its_weights(tmp_p
     assert not np.allclose(fresh.get_layer("conv1").kernel, base.get_layer("conv1").kernel)
 
 
+@pytest.mark.slow
 def test_the_classifier_reads_fc7_and_saves_self_contained(tmp_path, alexnet_file):
     cfg = config()
     entry = backbone_entry(cfg.train, tmp_path)
