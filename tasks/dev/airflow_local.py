@@ -38,6 +38,11 @@ from tasks.orchestration.workspace import RUN_RECORD
 from tasks.tracking import comparison_url
 
 ADMIN_USER = "admin"
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+"""How long an Airflow process waits for SQLite's write lock (Python's default is 5 s: the
+API server's audit-log insert of a triggered run failed after 5 s while the scheduler and
+the DAG processor wrote on 2 busy cores). Read by Airflow via ``sql_alchemy_connect_args``."""
+SQLITE_CONNECT_ARGS_ASYNC = {"timeout": 60}
 
 
 @dataclass
@@ -88,6 +93,12 @@ class LocalAirflow:
         if self.project.remote:
             env["TASKS_DVC_REMOTE"] = self.project.remote
         env.update(self.extra_env)
+        if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
+            for key, name in (("", "SQLITE_CONNECT_ARGS"), ("_ASYNC", "SQLITE_CONNECT_ARGS_ASYNC")):
+                env.setdefault(
+                    f"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS{key}",
+                    f"tasks.dev.airflow_local.{name}",
+                )
         return env
 
     def airflow(self, *args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
