@@ -35,13 +35,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from tasks.dev.airflow_local import LocalAirflow, stage_seconds, stop_group
+from tasks.dev.airflow_local import SQLITE_CONNECT_ARGS, LocalAirflow, stage_seconds, stop_group
 from tasks.dev.httpserver import unused_port
 from tasks.errors import StageError
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
@@ -439,7 +440,7 @@ def stack(airflow, dag_test, tmp_path_factory):
         token = requests.post(
             f"{running.base}/auth/token",
             json={"username": "admin", "password": password},
-            timeout=10,
+            timeout=API_TIMEOUT,
         ).json()["access_token"]
         running.session = requests.Session()
         running.session.headers["Authorization"] = f"Bearer {token}"
@@ -466,10 +467,36 @@ def _live_members(pgid: int) -> list[int]:
     return alive
 
 
+# Longer than an Airflow process waits for SQLite's write lock (SQLITE_CONNECT_ARGS): a request
+# that waited its turn is answered, not abandoned by the client.
+API_TIMEOUT = SQLITE_CONNECT_ARGS["timeout"] + 30
+
+
 def _api(stack: Stack, path: str, method: str = "GET", **kwargs) -> dict:
-    response = stack.session.request(method, f"{stack.base}/api/v2{path}", timeout=30, **kwargs)
+    response = stack.session.request(
+        method, f"{stack.base}/api/v2{path}", timeout=API_TIMEOUT, **kwargs
+    )
     assert response.ok, f"{method} {path}: {response.status_code} {response.text[:500]}"
     return response.json()
+
+
+def _trigger(stack: Stack, dag_id: str, conf: dict) -> str:
+    """Trigger a manual run under a run id chosen here, as a careful REST client does: a POST
+    whose answer was lost (a timeout, or a 5xx after the server's lock wait) is sent again,
+    and a 409 for that id means the earlier attempt created the run; never two runs."""
+    run_id = f"manual__{datetime.now(UTC).isoformat()}"
+    body = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
+
+    def created() -> bool:
+        response = stack.session.post(
+            f"{stack.base}/api/v2/dags/{dag_id}/dagRuns", json=body, timeout=API_TIMEOUT
+        )
+        if response.status_code < 500 and response.status_code != 409:
+            assert response.ok, f"trigger {dag_id}: {response.status_code} {response.text[:500]}"
+        return response.ok or response.status_code == 409
+
+    stack.wait_for(f"{dag_id}'s run {run_id} to be created", created, timeout=3 * API_TIMEOUT)
+    return run_id
 
 
 def _state_since(stack: Stack, ti_path: str) -> float | None:
@@ -513,12 +540,7 @@ def test_both_dataset_dags_triggered_together_succeed_and_feed_the_summary(stack
     # ants_vs_bees runs from scratch; cats_vs_dogs keeps the dags-test run's evaluate setting and
     # changes only the gate, so just `register` reruns (a second registry write, at the same time).
     confs = {CATS: {"set": {"evaluate.mistakes": 3, "register.alpha": 0.1}}, ANTS: {}}
-    runs = {
-        dag_id: _api(
-            stack, f"/dags/{dag_id}/dagRuns", "POST", json={"logical_date": None, "conf": conf}
-        )["dag_run_id"]
-        for dag_id, conf in confs.items()
-    }
+    runs = {dag_id: _trigger(stack, dag_id, conf) for dag_id, conf in confs.items()}
     states = {
         dag_id: stack.wait_for(
             f"{dag_id} to finish", lambda d=dag_id: _run_state(stack, d, runs[d]), timeout=900
@@ -592,9 +614,7 @@ def test_human_approval_through_the_rest_api_promotes_the_candidate(stack):
     before = str(client.get_model_version_by_alias(name, "champion").version)
     # only the gate's settings change: register reruns, its candidate is the same model
     conf = {"set": {"register.approval": "human", "register.promote_if": "not_worse"}}
-    run_id = _api(
-        stack, f"/dags/{ANTS}/dagRuns", "POST", json={"logical_date": None, "conf": conf}
-    )["dag_run_id"]
+    run_id = _trigger(stack, ANTS, conf)
     ti_path = f"/dags/{ANTS}/dagRuns/{run_id}/taskInstances/approve"
 
     def waiting() -> dict | None:
@@ -660,13 +680,8 @@ def test_sweep_under_the_scheduler_runs_its_lanes_side_by_side(stack, sweep):
         lambda: stack.session.get(f"{stack.base}/api/v2/dags/{SWEEP_DAG_ID}", timeout=5).ok,
     )
     started = time.perf_counter()
-    run_id = _api(
-        stack,
-        f"/dags/{SWEEP_DAG_ID}/dagRuns",
-        "POST",
-        # another seed: both lanes train anew (nothing restored from the run cache)
-        json={"logical_date": None, "conf": {**SWEEP_CONF, "set": {"train.seed": 8}}},
-    )["dag_run_id"]
+    # another seed: both lanes train anew (nothing restored from the run cache)
+    run_id = _trigger(stack, SWEEP_DAG_ID, {**SWEEP_CONF, "set": {"train.seed": 8}})
     state = stack.wait_for(
         "the sweep to finish", lambda: _run_state(stack, SWEEP_DAG_ID, run_id), timeout=1500
     )
