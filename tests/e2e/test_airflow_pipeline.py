@@ -480,22 +480,33 @@ def _api(stack: Stack, path: str, method: str = "GET", **kwargs) -> dict:
     return response.json()
 
 
+def _write(stack: Stack, method: str, path: str, body: dict, what: str) -> None:
+    """A REST write sent as a careful client sends it: a lost answer (a timeout, or a 5xx after
+    the server's SQLite lock wait) is sent again, and a 409 on a resend means the earlier
+    attempt took effect. ``body`` names what it writes, so a resend never writes it twice."""
+    attempts = 0
+
+    def done() -> bool:
+        nonlocal attempts
+        attempts += 1
+        response = stack.session.request(
+            method, f"{stack.base}/api/v2{path}", json=body, timeout=API_TIMEOUT
+        )
+        if response.status_code == 409 and attempts > 1:
+            return True
+        if response.status_code < 500:
+            assert response.ok, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response.ok
+
+    stack.wait_for(what, done, timeout=3 * API_TIMEOUT)
+
+
 def _trigger(stack: Stack, dag_id: str, conf: dict) -> str:
-    """Trigger a manual run under a run id chosen here, as a careful REST client does: a POST
-    whose answer was lost (a timeout, or a 5xx after the server's lock wait) is sent again,
-    and a 409 for that id means the earlier attempt created the run; never two runs."""
+    """A manual run under a run id chosen here (Airflow's own form), so a resent POST finds
+    the run its first attempt created instead of starting a second one."""
     run_id = f"manual__{datetime.now(UTC).isoformat()}"
     body = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
-
-    def created() -> bool:
-        response = stack.session.post(
-            f"{stack.base}/api/v2/dags/{dag_id}/dagRuns", json=body, timeout=API_TIMEOUT
-        )
-        if response.status_code < 500 and response.status_code != 409:
-            assert response.ok, f"trigger {dag_id}: {response.status_code} {response.text[:500]}"
-        return response.ok or response.status_code == 409
-
-    stack.wait_for(f"{dag_id}'s run {run_id} to be created", created, timeout=3 * API_TIMEOUT)
+    _write(stack, "POST", f"/dags/{dag_id}/dagRuns", body, f"{dag_id}'s run {run_id} created")
     return run_id
 
 
@@ -641,7 +652,7 @@ def test_human_approval_through_the_rest_api_promotes_the_candidate(stack):
     assert str(client.get_model_version_by_alias(name, "champion").version) == before
 
     answer = {"chosen_options": ["Approve"], "params_input": {"reason": "checked the plots"}}
-    _api(stack, f"{ti_path}/-1/hitlDetails", "PATCH", json=answer)
+    _write(stack, "PATCH", f"{ti_path}/-1/hitlDetails", answer, "the approval recorded")
     state = stack.wait_for(
         "the run to finish", lambda: _run_state(stack, ANTS, run_id), timeout=300
     )
