@@ -42,13 +42,8 @@ SQLITE_CONNECT_ARGS = {"timeout": 60}
 """How long an Airflow process waits for SQLite's write lock (Python's default is 5 s: the
 API server's audit-log insert of a triggered run failed after 5 s while the scheduler and
 the DAG processor wrote on 2 busy cores). Read by Airflow via ``sql_alchemy_connect_args``.
-
-Airflow 3.3 writes that audit-log row from an ``async`` dependency with a blocking session,
-so while a REST or UI write waits here the whole API server (execution API included) waits
-with it; a write transaction of the same server that needs the event loop to commit then
-holds the lock until this wait runs out. Measured: with the lock held elsewhere, a trigger
-answers 500 after 60 s and ``/monitor/health`` does not answer meanwhile. Clients retry
-(docs/deployment.md); a shared installation uses PostgreSQL."""
+That insert blocks the API server's event loop while it waits, so this is also the longest
+the API server stops answering; docs/deployment.md says what a user sees and does."""
 SQLITE_CONNECT_ARGS_ASYNC = {"timeout": 60}
 
 
