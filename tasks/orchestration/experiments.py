@@ -193,3 +193,37 @@ def finish_pipeline(
     message = f"{dataset}: finished; experiment {record['experiment']}, MLflow parent run {parent}"
     log.info("%s", message)
     return PipelineOutcome(dataset, "FINISHED", parent, record["experiment"], None, message)
+
+
+def finish_tasks(
+    project: Project,
+    dataset: str,
+    results: dict[str, Any],
+    tags: dict[str, str] | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """The ``finish`` task: end the parent run from each task's XCom, in order (None: that
+    task failed or never ran). Raises a one-line, not retryable :class:`StageFailed`
+    naming the first task that failed; ``label`` prefixes it (a sweep lane's key)."""
+    failed = next((name for name, value in results.items() if value is None), None)
+    outcome = finish_pipeline(project, dataset, results.get("prepare"), failed, tags)
+    if failed:
+        message = f"{label}: {outcome.message}" if label else outcome.message
+        raise StageFailed(message, retryable=False)
+    return outcome.xcom()
+
+
+def headline(
+    dataset: str, dag_run_id: str, experiment: str, leaf_results: Sequence[Any] | None
+) -> dict[str, Any]:
+    """The model asset's extra: which run made it, and its last stages' metrics (a leaf
+    that pushed no result dict, e.g. a container's JSON string, adds none)."""
+    values: dict[str, Any] = {
+        "dataset": dataset,
+        "dag_run_id": dag_run_id,
+        "experiment": experiment,
+    }
+    for value in leaf_results or []:
+        if isinstance(value, dict):
+            values.update(value.get("metrics") or {})
+    return values

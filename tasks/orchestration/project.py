@@ -54,6 +54,12 @@ class Project:
             remote=env.get("TASKS_DVC_REMOTE") or None,
         )
 
+    @classmethod
+    def of_dag_file(cls, dag_file: str | Path) -> Project:
+        """The project a DAG file belongs to: ``TASKS_PROJECT``, else the folder above
+        the DAG folder."""
+        return cls.from_env(os.environ.get("TASKS_PROJECT") or Path(dag_file).resolve().parents[1])
+
     @property
     def dvc_yaml(self) -> Path:
         return self.root / "dvc.yaml"

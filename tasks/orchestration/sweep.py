@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import BACKBONES, recipe_names
-from tasks.errors import ConfigError, StageError
+from tasks.errors import ConfigError, StageError, StageFailed
 from tasks.io import write_json
 from tasks.orchestration.dvc import StageResult, run_stage
 from tasks.orchestration.project import Project
@@ -199,13 +199,17 @@ def plan_sweep(
 
 
 def prepare_lane(project: Project, combo: Combination, run_id: str | None) -> Prepared:
-    """Prepare the combination's own workspace, as a dataset DAG's ``prepare`` does."""
-    return prepare_workspace(
-        combo.project(project),
-        combo.dataset,
-        combo.conf,
-        run_id=f"{run_id or 'manual'}--{combo.key}",
-    )
+    """Prepare the combination's own workspace, as a dataset DAG's ``prepare`` does; a bad
+    conf is a :class:`ConfigError` naming the combination."""
+    try:
+        return prepare_workspace(
+            combo.project(project),
+            combo.dataset,
+            combo.conf,
+            run_id=f"{run_id or 'manual'}--{combo.key}",
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{combo.key}: {error}") from None
 
 
 def run_lane_stage(project: Project, combo: Combination, stage: str) -> StageResult:
@@ -331,3 +335,20 @@ def gate_best(
             **run_lane_stage(project, by_key[key], "register").xcom(),
         }
     return results
+
+
+def gate_sweep(
+    project: Project, combos: Sequence[Combination], comparison: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The sweep's ``gate`` task: :func:`gate_best`, then a not retryable
+    :class:`StageFailed` when any combination failed (the sweep run fails after the
+    others were compared and the best gated)."""
+    gated = gate_best(project, combos, comparison["best"])
+    failed = [row["combination"] for row in comparison["rows"] if row["status"] != "ok"]
+    if failed:
+        raise StageFailed(
+            f"sweep: {len(failed)} of {len(combos)} combinations failed ({', '.join(failed)}); "
+            f"the others were compared in {comparison['folder']} and the best gated",
+            retryable=False,
+        )
+    return gated

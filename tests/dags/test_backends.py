@@ -35,7 +35,8 @@ K8S = {
 
 def _dag(backend_env: dict[str, str], state: Path | None = None):
     """One dataset's DAG on a backend; ``state``: a TASKS_STATE_DIR (default the project)."""
-    from dags.transfer_learning import Backend, build_dataset_dag
+    from dags.datasets import build_dataset_dag
+    from tasks.orchestration.backends import Backend
 
     project = Project.from_env(REPO, environ={"TASKS_STATE_DIR": str(state)} if state else {})
     cfg = load_config(REPO / "params.yaml")
@@ -318,8 +319,8 @@ def test_local_backend_routes_gpu_stages_to_the_gpu_queue_under_celery():
 
 @pytest.mark.parametrize("name", ["TASKS_K8S_NODE_SELECTOR", "TASKS_K8S_TOLERATIONS"])
 def test_malformed_json_setting_is_a_one_line_error(name):
-    from dags.transfer_learning import Backend
     from tasks.errors import ConfigError
+    from tasks.orchestration.backends import Backend
 
     with pytest.raises(ConfigError, match=f"{name}: is not valid JSON"):
         Backend.from_env({"TASKS_GPU_BACKEND": "kubernetes", name: "{pool: a100"})
@@ -369,7 +370,8 @@ PLAN = [
 
 
 def _sweep_dag(backend_env: dict[str, str]):
-    from dags.transfer_learning import Backend, build_sweep_dag
+    from dags.sweep import build_sweep_dag
+    from tasks.orchestration.backends import Backend
 
     project = Project.from_env(REPO, environ={})
     cfg = load_config(REPO / "params.yaml")

@@ -127,7 +127,8 @@ def test_record_emits_the_model_asset_the_summary_dag_waits_for(dagbag):
 
 def test_a_new_dataset_is_a_new_dag_with_no_code(tmp_path):
     """Adding a dataset to params.yaml (nothing else) adds its DAG."""
-    from dags.transfer_learning import build_dags
+    from dags.datasets import build_dataset_dags
+    from dags.summary import build_summary_dag
     from tasks.orchestration.project import Project
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -139,7 +140,8 @@ def test_a_new_dataset_is_a_new_dag_with_no_code(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     project = Project(root=REPO, params=params, state=tmp_path)
-    dags = build_dags(project)
+    dags = build_dataset_dags(project)
+    dags[SUMMARY_DAG_ID] = build_summary_dag(project, project.load_config())
     assert f"{DAG_PREFIX}flowers" in dags
     assert dags[f"{DAG_PREFIX}flowers"].get_task("register").upstream_task_ids >= {"evaluate"}
     summary_uris = {a.uri for a in dags[SUMMARY_DAG_ID].timetable.asset_condition.objects}
@@ -153,8 +155,8 @@ def test_dag_files_read_no_airflow_variables():
 
 
 def test_bad_backend_is_a_one_line_parse_error():
-    from dags.transfer_learning import Backend
     from tasks.errors import ConfigError
+    from tasks.orchestration.backends import Backend
 
     with pytest.raises(ConfigError, match=r"TASKS_GPU_BACKEND='slurm' is not allowed; use one of"):
         Backend.from_env({"TASKS_GPU_BACKEND": "slurm"})

@@ -15,7 +15,7 @@ or return the real types (``StageFailed`` as ``failure()`` builds it from a
 stage's output, ``StageResult``, ``ExperimentRecord``).
 
 ``AirflowFailException`` fails the task at once; any other exception is retried
-while the task has retries left (``_retry_args``: ``schedule.retries``).
+while the task has retries left (``retry_args``: ``schedule.retries``).
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def run_task(dag, task_id: str, *, conf: Any = None, xcoms: dict[str, Any] | Non
 
 
 def _pipeline(state: Path) -> tuple[Project, Any]:
-    from dags.transfer_learning import Backend, build_dataset_dag
+    from dags.datasets import build_dataset_dag
+    from tasks.orchestration.backends import Backend
 
     project = Project(root=REPO, params=REPO / "params.yaml", state=state)
     return project, build_dataset_dag(project, project.load_config(), DATASET, Backend())
@@ -398,7 +399,7 @@ def _experiment(**overrides):
 def test_record_returns_the_experiment_and_puts_the_headline_on_the_model_asset(
     pipeline, monkeypatch
 ):
-    from dags.transfer_learning import model_asset
+    from tasks.orchestration.dag_tasks import model_asset
 
     project, dag = pipeline
     calls = []
@@ -427,7 +428,7 @@ def test_record_returns_the_experiment_and_puts_the_headline_on_the_model_asset(
 def test_record_headline_skips_leaves_without_a_result_dict(pipeline, monkeypatch):
     """A leaf run by the docker backend pushes its result as a JSON string; one that pushed
     nothing pulls as None: neither adds metrics."""
-    from dags.transfer_learning import model_asset
+    from tasks.orchestration.dag_tasks import model_asset
 
     project, dag = pipeline
     monkeypatch.setattr(
@@ -495,7 +496,7 @@ def test_an_answer_that_is_neither_approve_nor_reject_fails_promote_at_once(pipe
 
 
 def test_the_summary_task_writes_the_report_and_returns_where(tmp_path, monkeypatch):
-    from dags.transfer_learning import build_summary_dag
+    from dags.summary import build_summary_dag
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     project = Project(root=REPO, params=REPO / "params.yaml", state=tmp_path / "state")

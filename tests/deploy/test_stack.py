@@ -5,7 +5,7 @@ PostgreSQL (databases made by docker/postgres/init-databases.sh), an S3 endpoint
 server started by mlflow/serve.sh in server mode (Postgres backend, artifacts
 proxied to S3) and Airflow on the Postgres metadata database, configured by the
 same environment variables as docker/compose.yaml. The real DAG file
-(dags/transfer_learning.py) runs a tiny pipeline through it with `airflow dags
+(dags/) runs a tiny pipeline through it with `airflow dags
 test`: its workspace (a git checkout of the deployed commit), `dvc repro` of
 every stage, MLflow over HTTP (the server proxies artifacts to S3), the run
 recorded as a DVC experiment pushed to the project, and its outputs pushed to

@@ -1,0 +1,111 @@
+"""What the DAG files share: retry policy, GPU placement, the error mapping, stage tasks.
+
+``dags/`` wires; this module holds the few rules every DAG family applies the same
+way, so each DAG file is a list of ``@task`` functions:
+
+- :func:`retry_args`: deterministic stages never retry; network, tracking and
+  training stages back off exponentially (``schedule.retries``);
+- :func:`placement`: a GPU stage takes a slot of the GPU pool (and the Celery GPU
+  queue on the local backend), which is what spreads them over GPU workers;
+- :func:`fails_fast`: our errors become Airflow's decision: a user-fixable error
+  fails the task at once with its one line, a failure a retry could help is raised
+  for Airflow to retry;
+- :func:`stage_operator`: a GPU stage as a pod or container on the kubernetes and
+  docker backends.
+
+Airflow is imported inside the functions: the CLI imports orchestration without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from tasks.config import Config
+from tasks.errors import ConfigError, StageFailed
+from tasks.orchestration.backends import Backend, SweepLane, docker_stage, kubernetes_stage
+from tasks.orchestration.dvc import NO_RETRY_STAGES, should_retry
+from tasks.orchestration.project import Project
+
+TAG = "transfer-learning"
+START = datetime(2025, 1, 1, tzinfo=UTC)
+RETRY_DELAY_ENV = "TASKS_RETRY_DELAY_SECONDS"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def model_asset(project: Project, dataset: str) -> Any:
+    """The dataset's model output: updated by the ``record`` task of its DAG."""
+    from airflow.sdk import Asset
+
+    return Asset(name=project.asset_name(dataset), uri=project.asset_uri(dataset), group="model")
+
+
+def retry_args(cfg: Config, stage: str) -> dict[str, Any]:
+    """A task's retries: none for ``NO_RETRY_STAGES``, else exponential back-off."""
+    if stage in NO_RETRY_STAGES:
+        return {"retries": 0}
+    delay = float(os.environ.get(RETRY_DELAY_ENV, "60"))
+    return {
+        "retries": cfg.schedule.retries,
+        "retry_delay": timedelta(seconds=delay),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+    }
+
+
+def placement(backend: Backend, stage: str) -> dict[str, Any]:
+    """A GPU stage's pool slot (and Celery queue on the local backend); nothing otherwise."""
+    if stage not in backend.gpu_stages:
+        return {}
+    args: dict[str, Any] = {"pool": backend.pool, "pool_slots": 1}
+    if backend.queue and backend.kind == "local":
+        args["queue"] = backend.queue
+    return args
+
+
+def task_args(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
+    """Retries and placement of the task running ``stage``."""
+    return retry_args(cfg, stage) | placement(backend, stage)
+
+
+def fails_fast(stage: str | None = None, *, also: tuple[type[Exception], ...] = ()) -> Callable:
+    """Map our errors to Airflow's retry-or-fail, for a task running ``stage``.
+
+    A :class:`ConfigError` (and any type in ``also``) fails the task at once with its
+    one line, no traceback. A :class:`StageFailed` is raised again for Airflow to retry
+    when :func:`should_retry` says a retry could help ``stage`` (never when ``stage`` is
+    None), else it fails at once. Anything else propagates: the task's retries decide.
+    """
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except (ConfigError, StageFailed, *also) as error:
+                if isinstance(error, StageFailed) and stage and should_retry(stage, error):
+                    raise
+                from airflow.sdk.exceptions import AirflowFailException
+
+                raise AirflowFailException(str(error)) from None
+
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+def stage_operator(
+    project: Project, dataset: str, stage: str, backend: Backend, **args: Any
+) -> Any | None:
+    """The pod or container running ``stage`` on the kubernetes or docker backend; None
+    when the stage runs on the worker. ``dataset="sweep"``: a sweep lane's stage, whose
+    dataset and workspace are rendered from the ``plan`` task's combination."""
+    if stage not in backend.gpu_stages or backend.kind == "local":
+        return None
+    make = kubernetes_stage if backend.kind == "kubernetes" else docker_stage
+    lane = SweepLane(plan_task="plan") if dataset == "sweep" else None
+    return make(project, dataset, stage, backend, lane=lane, **args)
