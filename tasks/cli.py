@@ -9,15 +9,10 @@ code that stage runs (which is what its ``dvc.yaml`` deps list).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import importlib.abc
-import importlib.util
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +20,7 @@ from tasks.config import Config, env_overrides, load_config
 from tasks.errors import ConfigError, StageError
 from tasks.io import storage_error
 from tasks.paths import DatasetPaths
+from tasks.tf_logging import quiet_tensorflow_startup
 
 StageCommand = Callable[[Config, DatasetPaths, argparse.Namespace], Any]
 
@@ -351,68 +347,10 @@ def run(argv: Sequence[str] | None = None) -> Any:
     return stage(cfg, DatasetPaths.of(args.dataset, Path(args.root)), args)
 
 
-NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-"""TensorFlow's C++ logging at errors only: its start-up lines (``cpu_feature_guard``,
-``oneDNN custom operations are on``, absl's ``All log messages before absl::InitializeLog()``)
-are INFO, and each stage would print them. A value already in the environment wins."""
-
-
-STARTUP_NOISE = ("absl::InitializeLog() is called", "] oneDNN custom operations are on")
-"""What TensorFlow 2.21 prints through absl on import whatever ``TF_CPP_MIN_LOG_LEVEL``
-says (the oneDNN note, on CPUs where oneDNN's custom operations are on by default)."""
-
-
-class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports ``tensorflow`` (when a command first does) with the :data:`STARTUP_NOISE`
-    lines taken out of what it writes to stderr; everything else it writes is kept."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)
-        with _native_stderr_filtered(STARTUP_NOISE):
-            module = importlib.import_module(name)
-        self.real = module.__spec__
-        return importlib.util.spec_from_loader(name, self)
-
-    def create_module(self, spec: Any) -> Any:
-        return sys.modules[spec.name]  # imported above, once
-
-    def exec_module(self, module: Any) -> None:
-        module.__spec__, module.__loader__ = self.real, self.real.loader
-
-
-@contextlib.contextmanager
-def _native_stderr_filtered(noise: Sequence[str]) -> Iterator[None]:
-    """File descriptor 2 (C++ and Python writes alike) into a temporary file; afterwards
-    its lines without any of ``noise`` go to stderr."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(mark in line for mark in noise):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     # Before any command imports TensorFlow (commands import their modules when they run).
     # Our own messages are Python logging and stderr prints, which this leaves alone.
-    for name, value in NATIVE_LOG_ENV.items():
-        os.environ.setdefault(name, value)
-    if (
-        os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
-        and "tensorflow" not in sys.modules
-    ):
-        sys.meta_path.insert(0, _QuietTensorFlowImport())
+    quiet_tensorflow_startup()
     try:
         result = run(argv)
     except (ConfigError, StageError) as error:

@@ -194,9 +194,14 @@ def _existing_folder(path: Path) -> Path | None:
     return None
 
 
-def _size(count: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
+def human_size(count: float, byte_unit: str = "B") -> str:
+    """A byte count as a person reads it (powers of 1000): ``512 B``, ``3.4 MB``."""
+    for unit in (byte_unit, "KB", "MB", "GB"):
         if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+            return f"{count:.0f} {unit}" if unit == byte_unit else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.1f} GB"  # pragma: no cover
+
+
+def _size(count: float) -> str:
+    return human_size(count, "bytes")

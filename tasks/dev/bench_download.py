@@ -26,11 +26,12 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tasks.archives import extract_archive
 from tasks.config import parse_config
 from tasks.dev.synthetic import make_image, tiny_params
 from tasks.paths import DatasetPaths
 from tasks.steps import download
-from tasks.steps.download import extract_archive, fetch_source, partial_path
+from tasks.steps.download import fetch_source, partial_path
 
 DATASET = "cats_vs_dogs"
 

@@ -1,29 +1,16 @@
-"""Safe extraction, layout checks and the small pure helpers of the download stage."""
+"""Safe extraction of an untrusted zip: unsafe entries refused before anything is written,
+junk skipped, a corrupt archive named."""
 
 from __future__ import annotations
 
-import io
-import time
 import zipfile
-from email.utils import formatdate
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tasks.config import parse_config
-from tasks.errors import StageError
-from tasks.paths import DatasetPaths
-from tasks.steps.download import (
-    SourceFailed,
-    _progress,
-    _retry_after,
-    check_layout,
-    expected_hash,
-    extract_archive,
-    local_source,
-    member_target,
-)
-from tests.datagen import make_archive, tiny_params
+from tasks.archives import extract_archive, member_target
+from tasks.errors import SourceFailed, StageError
+from tests.datagen import make_archive
 
 
 @pytest.mark.parametrize(
@@ -113,67 +100,3 @@ def test_a_corrupt_zip_is_a_clear_error(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(StageError, match="not a readable zip archive.*download again"):
         extract_archive(archive, tmp_path / "out")
-
-
-def _dataset(**layout):
-    raw = tiny_params({"cats_vs_dogs": "file:///x.zip"})
-    raw["datasets"]["cats_vs_dogs"]["layout"].update(layout)
-    return parse_config(raw).dataset("cats_vs_dogs")
-
-
-def test_check_layout_names_the_missing_folders(tmp_path):
-    (tmp_path / "cats_and_dogs_filtered" / "train").mkdir(parents=True)
-    check_layout(tmp_path, _dataset(validation="train"))
-    with pytest.raises(StageError, match="no cats_and_dogs_filtered/validation/ .*found: "):
-        check_layout(tmp_path, _dataset())
-    with pytest.raises(StageError, match="no other/train/ or other/validation/ .*cats_and_dogs"):
-        check_layout(tmp_path, _dataset(root="other"))
-
-
-def test_known_hash_record_is_read_and_a_malformed_one_is_named(tmp_path):
-    ds = _dataset()
-    paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
-    assert expected_hash(ds, paths) is None
-    paths.known_hashes.parent.mkdir(parents=True)
-    paths.known_hashes.write_text("A" * 64 + "  cats_vs_dogs.zip\n# trusted on first use\n")
-    got = expected_hash(ds, paths)
-    assert got is not None and got.sha256 == "a" * 64 and not got.pinned
-    paths.known_hashes.write_text("not-a-hash  cats_vs_dogs.zip\n")
-    with pytest.raises(StageError, match=f"{paths.known_hashes}.*not a sha256.*delete"):
-        expected_hash(ds, paths)
-    pinned = parse_config(
-        tiny_params({"cats_vs_dogs": "file:///x.zip"}),
-        ["datasets.cats_vs_dogs.sha256=" + "b" * 64],
-    ).dataset("cats_vs_dogs")
-    got = expected_hash(pinned, paths)  # a pin wins over the (broken) record
-    assert got is not None and got.sha256 == "b" * 64 and got.pinned
-
-
-def test_retry_after_reads_seconds_and_http_dates():
-    assert _retry_after("7") == 7.0
-    assert _retry_after(None) is None and _retry_after("soon") is None
-    later = _retry_after(formatdate(time.time() + 60, usegmt=True))
-    assert later is not None and 55 < later <= 60
-
-
-def test_local_sources():
-    assert local_source("https://example.com/a.zip") is None
-    assert local_source("file:///srv/my%20data/a.zip") == Path("/srv/my data/a.zip")
-    assert local_source("data/a.zip") == Path("data/a.zip")
-    with pytest.raises(SourceFailed, match="host"):
-        local_source("file://server/share/a.zip")
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_bar_draws_only_on_a_terminal():
-    quiet, loud = io.StringIO(), _Terminal()
-    for stream in (quiet, loud):
-        with _progress("cats", 2048, 0, stream=stream) as bar:
-            bar.update(1024)
-            bar.refresh()
-    assert quiet.getvalue() == ""
-    assert "cats" in loud.getvalue() and "%|" in loud.getvalue()

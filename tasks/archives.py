@@ -1,0 +1,191 @@
+"""Zip archives from sources not fully trusted: recognising one, extracting it safely.
+
+The ``check_zip_*`` functions refuse what is plainly not a zip (an HTML login
+or error page, another content type, a file with no zip directory at its end)
+with a :class:`SourceFailed` that says so; a download runs them as the bytes
+arrive.
+
+:func:`extract_archive` checks every entry before it writes the first byte, so
+an archive it refuses writes nothing at all:
+
+- an absolute path, a drive or a ``..`` component refuses the whole archive
+  (it would write outside the target), and so does a symlink;
+- junk is skipped: ``__MACOSX/``, ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``
+  and AppleDouble ``._*`` files;
+- the uncompressed size must fit in the free space of the target's disk.
+
+Extract into a temporary folder and rename it into place
+(:func:`tasks.io.atomic_path`), so a failure midway keeps the previous tree.
+Every extraction failure is a one-line :class:`StageError`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from tasks.errors import SourceFailed, StageError
+from tasks.io import human_size, storage_error
+
+ZIP_CONTENT_TYPES = frozenset(
+    {
+        "application/zip",
+        "application/x-zip",
+        "application/x-zip-compressed",
+        "application/zip-compressed",
+        "application/x-compressed",
+        "multipart/x-zip",
+        "application/octet-stream",
+        "binary/octet-stream",
+        "application/download",
+        "application/x-download",
+        "application/force-download",
+    }
+)
+JUNK_FOLDERS = frozenset({"__MACOSX"})
+JUNK_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+_Plan = list[tuple[zipfile.ZipInfo, PurePosixPath]]
+
+
+# ----------------------------------------------------------------------------- is it a zip
+
+
+def check_zip_head(head: bytes) -> None:
+    """Refuse a body that is plainly not a zip, from its first bytes."""
+    text = head.lstrip()[:64].lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<body")):
+        raise SourceFailed(
+            "got an HTML page, not the zip (a login or error page?); use a direct download "
+            "link, or a mirror"
+        )
+    if not head.startswith(b"PK"):
+        raise SourceFailed(f"not a zip archive (it starts with {head[:8]!r})")
+
+
+def check_zip_content_type(value: str | None) -> None:
+    """Refuse a Content-Type that says the body is not a zip (none: nothing to say)."""
+    if not value:
+        return
+    mime = value.split(";", 1)[0].strip().lower()
+    if mime in ("text/html", "application/xhtml+xml"):
+        raise SourceFailed(
+            f"got an HTML page ({mime}), not the zip (a login or error page?); use a direct "
+            "download link, or a mirror"
+        )
+    if mime not in ZIP_CONTENT_TYPES:
+        raise SourceFailed(f"got content type {mime!r}, not a zip archive; check the URL")
+
+
+def check_zip_file(path: Path) -> None:
+    """Refuse a file without a zip directory at its end (not a zip, or truncated)."""
+    if not zipfile.is_zipfile(path):
+        raise SourceFailed("not a zip archive (no zip directory at the end: truncated?)")
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def member_target(name: str) -> PurePosixPath | None:
+    """The relative path an archive entry extracts to; None to skip junk.
+
+    Raises SourceFailed for an absolute path, a drive, or a ``..`` component.
+    """
+    clean = name.replace("\\", "/")
+    if clean.startswith("/") or PureWindowsPath(clean).drive:
+        raise SourceFailed(f"unsafe archive entry {name!r}: absolute path; refusing to extract")
+    parts = [part for part in clean.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise SourceFailed(f"unsafe archive entry {name!r}: '..' in path; refusing to extract")
+    if not parts:
+        return None
+    if any(part in JUNK_FOLDERS for part in parts):
+        return None
+    if parts[-1] in JUNK_FILES or parts[-1].startswith("._"):
+        return None
+    return PurePosixPath(*parts)
+
+
+def extract_archive(archive: Path, target: Path, *, final: Path | None = None) -> int:
+    """Extract ``archive`` into the folder ``target`` safely; returns the files written.
+
+    Every entry is checked before the first byte is written, so an unsafe
+    archive writes nothing at all. ``final``: where ``target`` goes once
+    complete (a temporary ``target`` is renamed there), as messages name it.
+    """
+    target = Path(target)
+    final = Path(final or target)
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            plan, needed = _plan(bundle)
+            _check_space(target, needed)
+            return _write(bundle, plan, target)
+    except SourceFailed as failure:
+        raise StageError(
+            f"{archive}: {failure.reason}; nothing was extracted (use a trusted source)"
+        ) from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as error:
+        raise StageError(
+            f"{archive}: not a readable zip archive ({error}); delete it and download again"
+        ) from None
+    except OSError as error:
+        doing = f"extracting {archive} to {final}"
+        full = storage_error(error, doing, where=final.parent)
+        if full is not None:
+            kept = "; the previous tree there is kept" if final != target and final.exists() else ""
+            raise StageError(full + kept) from None
+        raise StageError(f"{archive}: extracting to {target} failed: {error}") from None
+
+
+def _plan(bundle: zipfile.ZipFile) -> tuple[_Plan, int]:
+    """The entries to write with their relative paths, and their uncompressed bytes.
+
+    Raises SourceFailed on the first unsafe entry.
+    """
+    plan: _Plan = []
+    needed = 0
+    for info in bundle.infolist():
+        relative = member_target(info.filename)
+        if relative is None:
+            continue
+        if _is_symlink(info):
+            raise SourceFailed(
+                f"unsafe archive entry {info.filename!r}: a symlink; refusing to extract"
+            )
+        plan.append((info, relative))
+        needed += info.file_size
+    return plan, needed
+
+
+def _write(bundle: zipfile.ZipFile, plan: _Plan, target: Path) -> int:
+    """Write the planned entries under ``target``; returns the files written."""
+    files = 0
+    made: set[Path] = set()
+    for info, relative in plan:
+        destination = target.joinpath(*relative.parts)
+        folder = destination if info.is_dir() else destination.parent
+        if folder not in made:
+            folder.mkdir(parents=True, exist_ok=True)
+            made.add(folder)
+        if info.is_dir():
+            continue
+        with bundle.open(info) as src, open(destination, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        files += 1
+    return files
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _check_space(target: Path, needed: int) -> None:
+    free = shutil.disk_usage(target).free
+    if needed > free:
+        raise StageError(
+            f"extracting needs {human_size(needed)} but {target} has {human_size(free)} free; "
+            "free some space"
+        )
