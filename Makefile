@@ -37,7 +37,7 @@ test: setup stack-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The edit-run loop: every test not marked slow (no training past a tiny head, no whole
-# pipeline, no server stack); under 2 minutes on 2 cores. `make test` runs them all.
+# pipeline, no server stack); pytest prints the slowest at the end. `make test` runs them all.
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -187,25 +187,39 @@ def _label(row: dict[str, Any]) -> str:
 
 def run(cfg: Config, folder: Path) -> SweepReport:
     """Write the comparison in ``folder`` and log it as one MLflow run (see module doc)."""
-    import mlflow
-
-    from tasks.ml.comparison import best_by_group, pareto_front
-    from tasks.ml.plots import pareto_plot
-    from tasks.tracking import sweep_experiment
+    from tasks.tracking.runs import sweep_experiment
 
     source = folder / "rows.json"
     if not source.is_file():
         raise StageError(f"{source} is missing; the sweep DAG's compare task writes it")
     data = json.loads(source.read_text())
-    sweep, rows = data["sweep"], data["rows"]
+    sweep = data["sweep"]
     experiment_id = sweep_experiment(cfg, Path.cwd())
-    _from_mlflow(rows)
+    _from_mlflow(data["rows"])
+    rows, best = _rank(data["rows"])
+    plots = _plot_fronts(sweep, rows, folder)
+    write_text(folder / "comparison.md", table_markdown(sweep, rows))
+    write_text(folder / "comparison.csv", table_csv(rows))
+    run_id = _log_sweep(experiment_id, sweep, rows, best, folder, plots)
+    write_json(
+        folder / "comparison.json",
+        {"sweep": sweep, "best": best, "mlflow_run_id": run_id, "rows": rows},
+    )
+    report = SweepReport(sweep, folder, len(rows), best, tuple(plots), run_id)
+    log.info("%s", report)
+    return report
+
+
+def _rank(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows best first per dataset, each marked ``best`` (it goes through the gate) and,
+    when finished, ``pareto`` (nothing else both faster and as accurate)."""
+    from tasks.ml.comparison import best_by_group, pareto_front
+
     done = [row for row in rows if row.get("status") == "ok"]
     best = best_by_group(done, "dataset", "test_accuracy", "training_seconds", "combination")
     for row in rows:
         row["best"] = best.get(row["dataset"]) == row["combination"]
     rows = _ranked(rows)
-    plots = []
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         done = [r for r in rows if r["dataset"] == dataset and r.get("status") == "ok"]
         front = pareto_front(
@@ -213,18 +227,40 @@ def run(cfg: Config, folder: Path) -> SweepReport:
         )
         for row, on in zip(done, front, strict=True):
             row["pareto"] = on
+    return rows, best
+
+
+def _plot_fronts(sweep: str, rows: list[dict[str, Any]], folder: Path) -> list[str]:
+    """``pareto_<dataset>.png`` per dataset with a finished combination: their names."""
+    from tasks.ml.plots import pareto_plot
+
+    plots = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        done = [r for r in rows if r["dataset"] == dataset and r.get("status") == "ok"]
         if done:
             out = pareto_plot(
                 [_label(r) for r in done],
                 [r["training_seconds"] for r in done],
                 [r["test_accuracy"] for r in done],
-                front,
+                [bool(r["pareto"]) for r in done],
                 folder / f"pareto_{dataset}.png",
                 title=f"{dataset}: test accuracy against training time (sweep {sweep})",
             )
             plots.append(out.name)
-    write_text(folder / "comparison.md", table_markdown(sweep, rows))
-    write_text(folder / "comparison.csv", table_csv(rows))
+    return plots
+
+
+def _log_sweep(
+    experiment_id: str,
+    sweep: str,
+    rows: list[dict[str, Any]],
+    best: dict[str, str],
+    folder: Path,
+    plots: list[str],
+) -> str:
+    """The sweep's MLflow run: tags, params, one metric pair per finished combination,
+    the table and the files; its id."""
+    import mlflow
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep-{sweep}") as run:
         mlflow.set_tags({"sweep.id": sweep, **{f"best.{ds}": key for ds, key in best.items()}})
@@ -249,10 +285,4 @@ def run(cfg: Config, folder: Path) -> SweepReport:
         )
         for name in ("comparison.md", "comparison.csv", *plots):
             mlflow.log_artifact(str(folder / name))
-    write_json(
-        folder / "comparison.json",
-        {"sweep": sweep, "best": best, "mlflow_run_id": run.info.run_id, "rows": rows},
-    )
-    report = SweepReport(sweep, folder, len(rows), best, tuple(plots), run.info.run_id)
-    log.info("%s", report)
-    return report
+    return run.info.run_id

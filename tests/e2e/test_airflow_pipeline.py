@@ -204,7 +204,7 @@ def test_registry_alias_and_dvc_remote_after_the_run(airflow, dag_test):
 
 
 def test_the_run_is_a_dvc_experiment_a_fresh_clone_restores(airflow, dag_test, tmp_path):
-    """The README's lineage recipe, followed literally, from a registered model version."""
+    """docs/reproducing.md's lineage recipe, followed literally, from a registered model version."""
     project = airflow.project
     client = _mlflow_client(project)
     # From the registered model to its experiment ...

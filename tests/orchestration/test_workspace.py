@@ -338,7 +338,7 @@ def git_project(project) -> Project:
 
 
 def restore(project: Project, name: str, clone) -> object:
-    """The README's recipe in a fresh clone. The toy's remote is a folder given relative to
+    """docs/reproducing.md's recipe in a fresh clone. The toy's remote is a folder given relative to
     the project, so the clone names it (an S3 remote would need no such line)."""
     sh(clone.parent, "git", "clone", "-q", str(project.root), str(clone))
     dvc(clone, "remote", "add", "--local", "store", str(project.root / "remote"))
