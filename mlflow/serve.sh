@@ -11,7 +11,7 @@
 #                MLFLOW_S3_ENDPOINT_URL.
 # embedded mode  neither is set: a UI over the project's own store, the SQLite file
 #                mlflow/mlflow.db and the folder mlflow/artifacts that the pipeline
-#                writes when MLFLOW_TRACKING_URI is unset (tasks/tracking.py).
+#                writes when MLFLOW_TRACKING_URI is unset (tasks/tracking/store.py).
 #
 # Authentication (MLFLOW_AUTH):
 #   none (default) every client may read and write: fine on 127.0.0.1, nowhere else

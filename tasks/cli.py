@@ -127,14 +127,15 @@ def history(args: argparse.Namespace) -> Any:
     """Every alias move of the dataset's registered model, and who was @champion when."""
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tasks.tracking.registry import alias_history, format_history, registered_model_name
+    from tasks.tracking.store import store_exists, tracking_uri
 
     cfg, paths = _dataset_args(args)
-    name = tracking.registered_model_name(cfg, paths.dataset)
-    uri = tracking.tracking_uri(cfg, paths.root)
-    if not tracking.store_exists(uri):
+    name = registered_model_name(cfg, paths.dataset)
+    uri = tracking_uri(cfg, paths.root)
+    if not store_exists(uri):
         raise StageError(f"no MLflow store at {uri}; run the pipeline (or register) first")
-    return tracking.format_history(name, tracking.alias_history(MlflowClient(uri), name))
+    return format_history(name, alias_history(MlflowClient(uri), name))
 
 
 def _dataset_args(args: argparse.Namespace) -> tuple[Config, DatasetPaths]:
@@ -156,23 +157,21 @@ def fetch_weights(args: argparse.Namespace) -> Any:
 def pipeline_run(args: argparse.Namespace) -> Any:
     """Start or end the MLflow parent run of one pipeline execution (the DAG's first and
     last tasks call this in the dataset's workspace)."""
-    from tasks import tracking
+    from tasks.tracking.runs import PARENT_ENV, end_pipeline_run, start_pipeline_run
 
     cfg = load_config(args.params, env_overrides())
     paths = DatasetPaths.of(args.dataset, Path(args.root))
     if args.action == "start":
-        return tracking.start_pipeline_run(cfg, paths)
+        return start_pipeline_run(cfg, paths)
     if not args.run_id:
-        raise ConfigError(
-            f"pipeline-run end: no run id; pass --run-id or set ${tracking.PARENT_ENV}"
-        )
+        raise ConfigError(f"pipeline-run end: no run id; pass --run-id or set ${PARENT_ENV}")
     tags = {}
     for item in args.tag:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"pipeline-run end: --tag {item!r}: write it as key=value")
         tags[key] = value
-    tracking.end_pipeline_run(cfg, paths, args.run_id, args.status, tags)
+    end_pipeline_run(cfg, paths, args.run_id, args.status, tags)
     return None
 
 
@@ -360,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; previous outputs were left in place", file=sys.stderr)
         return 130
     except Exception as error:
-        from tasks.tracking import access_error
+        from tasks.tracking.store import access_error
 
         # An authenticating MLflow server that refused the login or the request; a full
         # disk (or a quota, or a file-size limit) where no step said more: the outputs are

@@ -35,7 +35,7 @@ from typing import Any
 from tasks.errors import ConfigError, StageError
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
 from tasks.orchestration.workspace import RUN_RECORD
-from tasks.tracking import comparison_url
+from tasks.tracking.runs import comparison_url
 
 ADMIN_USER = "admin"
 SQLITE_CONNECT_ARGS = {"timeout": 60}

@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> str:
     counts = {"train": args.images // 2, "validation": args.val_images // 2}
     cfg = bench_config(args, weights, counts)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
-    from tasks.tracking import use_experiment
+    from tasks.tracking.runs import use_experiment
 
     use_experiment(cfg, paths)  # create the store before the clock starts
     print(

@@ -65,7 +65,8 @@ def _headline(metrics: dict[str, Any], first: str) -> dict[str, float]:
 
 def champion_of(cfg: Config, project: Project, dataset: str) -> dict[str, Any] | None:
     """The registry's ``@champion`` of ``dataset`` with its logged metrics, or None."""
-    from tasks.tracking import CHAMPION, registered_model_name, store_exists, tracking_uri
+    from tasks.tracking.registry import CHAMPION, registered_model_name
+    from tasks.tracking.store import store_exists, tracking_uri
 
     uri = tracking_uri(cfg, project.state)
     if not store_exists(uri):

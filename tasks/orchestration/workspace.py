@@ -331,7 +331,7 @@ def _write_dvc_config(project: Project, ws: Path) -> None:
 
 def _init_tracking_store(project: Project) -> None:
     """Create a missing embedded SQLite store once, before two DAGs' stages race to."""
-    from tasks.tracking import tracking_uri
+    from tasks.tracking.store import tracking_uri
 
     uri = tracking_uri(project.load_config(), project.state)
     if not uri.startswith("sqlite:///"):

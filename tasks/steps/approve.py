@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 from tasks.config import Config
 from tasks.errors import StageError
 from tasks.paths import DatasetPaths
-from tasks.tracking import AWAITING_APPROVAL as AWAITING
-from tasks.tracking import CHALLENGER, CHAMPION, registered_model_name
+from tasks.tracking.registry import AWAITING_APPROVAL as AWAITING
+from tasks.tracking.registry import CHALLENGER, CHAMPION, registered_model_name
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -88,12 +88,8 @@ def run(
     """Promote (``approve``) or reject the candidate awaiting approval."""
     from mlflow import MlflowClient
 
-    from tasks.tracking import (
-        current_alias,
-        promote_version,
-        record_alias_move,
-        tracking_uri,
-    )
+    from tasks.tracking.registry import current_alias, promote_version, record_alias_move
+    from tasks.tracking.store import tracking_uri
 
     if not approve and not reason.strip():
         raise StageError("a rejection needs a reason: pass --reject 'what is wrong with it'")

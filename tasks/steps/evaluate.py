@@ -207,7 +207,8 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
 
     from tasks.ml.metrics import classification_metrics, flat_metrics
     from tasks.ml.model import predict_rows
-    from tasks.tracking import log_evaluated_model, log_headline, phase_run
+    from tasks.tracking.models import log_evaluated_model
+    from tasks.tracking.runs import log_headline, phase_run
 
     classes = cfg.dataset(paths.dataset).classes
     model_path, record = read_candidate(paths)

@@ -71,7 +71,8 @@ from tasks.ml.export import (
     runtime,
 )
 from tasks.paths import DatasetPaths
-from tasks.tracking import CHAMPION, registered_model_name, server_errors, tracking_uri
+from tasks.tracking.registry import CHAMPION, registered_model_name
+from tasks.tracking.store import server_errors, tracking_uri
 
 if TYPE_CHECKING:
     import keras
@@ -213,7 +214,7 @@ def _load_source(
     if model is not None and not _is_registered(model):
         if Path(model).suffix.lower() in KERAS_SUFFIXES:
             return load_model(Path(model)), Source(str(model)), classes, None
-        from tasks.tracking import load_logged_model
+        from tasks.tracking.models import load_logged_model
 
         if not Path(model).exists():  # runs:/... and other store URIs; not a model folder
             _use_store(cfg, paths)
@@ -224,7 +225,7 @@ def _load_source(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import load_logged_model
+    from tasks.tracking.models import load_logged_model
 
     uri = _use_store(cfg, paths)
     if model is None:
@@ -264,7 +265,7 @@ def _is_registered(model: str) -> bool:
 def _use_store(cfg: Config, paths: DatasetPaths) -> str:
     import mlflow
 
-    from tasks.tracking import store_exists
+    from tasks.tracking.store import store_exists
 
     uri = tracking_uri(cfg, paths.root)
     if not store_exists(uri):

@@ -66,7 +66,8 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         use_feature_cache,
         validation_scores,
     )
-    from tasks.tracking import epoch_logger, log_headline, log_resume, phase_run
+    from tasks.tracking.callback import EpochLogger
+    from tasks.tracking.runs import log_headline, log_resume, phase_run
 
     # Load the frozen-base model under the device policy; score it before anything changes
     started = time.perf_counter()
@@ -149,7 +150,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         mlflow.log_params(params)
         mlflow.set_tags(tags)
         log_resume(checkpoint, "phase 2", tune.epochs)
-        logger = epoch_logger(
+        logger = EpochLogger(
             "finetune",
             offset=offset,
             images=count_rows(manifest, "train"),

@@ -143,7 +143,8 @@ def _classes_from_params(path: Path) -> list[str] | None:
 def _load_mlflow(uri: str) -> tuple[object, dict]:
     import mlflow
 
-    from tasks.tracking import load_logged_model, tracking_uri
+    from tasks.tracking.models import load_logged_model
+    from tasks.tracking.store import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(None, os.environ.get("TASKS_ROOT", ".")))
     return load_logged_model(uri)

@@ -23,15 +23,11 @@ number of images go to ``reports/<ds>/gate.json`` (DVC metrics), stdout, the run
 and the version's tags; every alias move is appended to the registered model's
 history (``python -m tasks history <ds>``).
 
-The logged model takes uint8 RGB images (batch, H, W, 3) and returns one
-probability per class, in the order of its metadata's ``classes``; it loads with
-``mlflow.pyfunc.load_model`` (so ``mlflow models serve`` serves it) and with
-``mlflow.tensorflow.load_model``.
+What the logged model takes and returns: :mod:`tasks.tracking.models`.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,15 +39,15 @@ from tasks.errors import StageError
 from tasks.io import file_md5, write_json
 from tasks.ml.comparison import BETTER, EQUIVALENT, WORSE, Comparison, compare
 from tasks.paths import DatasetPaths
-from tasks.tracking import (
+from tasks.tracking.lineage import current_experiment
+from tasks.tracking.registry import (
     AWAITING_APPROVAL,
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
-    current_experiment,
-    log_headline,
     registered_model_name,
 )
+from tasks.tracking.runs import log_headline
 
 __all__ = ["BETTER", "EQUIVALENT", "WORSE", "GateDecision", "gate_verdict", "run"]
 
@@ -62,20 +58,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 
-ARTIFACT = "model"
-_PINNED = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "pillow")
 _SLACK = 1e-9
-
-
-def pinned_requirements() -> list[str]:
-    """The installed versions of what the model needs (skips MLflow's slow inference)."""
-    pins = []
-    for name in _PINNED:
-        try:
-            pins.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return pins
 
 
 PROMOTED, REJECTED, AWAITING = "promoted", "rejected", AWAITING_APPROVAL
@@ -210,50 +193,6 @@ class GateDecision:
         return "\n".join(lines)
 
 
-def log_classifier(
-    model: keras.Model,
-    classes: list[str],
-    example: np.ndarray,
-    name: str,
-    metadata: dict[str, Any] | None = None,
-) -> ModelVersion:
-    """Log ``model`` in the active run and register it as ``name``.
-
-    Logged with a signature (uint8 images in, class probabilities out), an input
-    example, pinned requirements and ``classes`` in its metadata.
-    """
-    import keras
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from tasks.ml.model import model_image_size, probability_model
-
-    height, width = model_image_size(model)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, height, width, 3), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), "probabilities")]),
-    )
-    interactive = keras.utils.is_interactive_logging_enabled()
-    keras.utils.disable_interactive_logging()  # no progress bar from MLflow's example check
-    try:
-        info = mlflow.tensorflow.log_model(
-            probability_model(model, len(classes), list_input=True),
-            name=ARTIFACT,
-            signature=signature,
-            input_example=np.asarray(example, np.uint8)[:1],
-            pip_requirements=pinned_requirements(),
-            metadata={"classes": list(classes), "image_size": [height, width], **(metadata or {})},
-            registered_model_name=name,
-        )
-    finally:
-        if interactive:
-            keras.utils.enable_interactive_logging()
-    from mlflow import MlflowClient
-
-    return MlflowClient().get_model_version(name, str(info.registered_model_version))
-
-
 def _predict(
     model: keras.Model, frame: pd.DataFrame, paths: DatasetPaths, classes: list[str], batch: int
 ) -> np.ndarray:
@@ -271,7 +210,7 @@ def _rescore_champion(
     batch: int,
 ) -> tuple[np.ndarray | None, str]:
     """The champion's probabilities on the test rows, or (None, why it cannot be compared)."""
-    from tasks.tracking import load_logged_model
+    from tasks.tracking.models import load_logged_model
 
     uri = f"models:/{name}/{champion.version}"
     try:
@@ -297,7 +236,9 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
     from tasks.ml.images import read_image
     from tasks.ml.metrics import classification_metrics
     from tasks.ml.model import model_image_size
-    from tasks.tracking import current_alias, phase_run
+    from tasks.tracking.models import log_classifier
+    from tasks.tracking.registry import current_alias
+    from tasks.tracking.runs import phase_run
 
     # Score the candidate on the held-out test rows
     classes = list(cfg.dataset(paths.dataset).classes)
@@ -396,7 +337,7 @@ def _move_aliases(client: MlflowClient, decision: GateDecision) -> None:
 
     Each move is appended to the registered model's alias history.
     """
-    from tasks.tracking import promote_version, record_alias_move
+    from tasks.tracking.registry import promote_version, record_alias_move
 
     name, version = decision.model_name, decision.version
     if decision.promoted:

@@ -42,7 +42,8 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     from tasks.ml.model import ModelSpec, build_model, parameter_counts, with_precision
     from tasks.ml.pipeline import count_rows, phase_datasets
     from tasks.ml.training import PhaseCheckpoint, TrainResult, feature_bytes, use_feature_cache
-    from tasks.tracking import epoch_logger, log_headline, log_resume, phase_run
+    from tasks.tracking.callback import EpochLogger
+    from tasks.tracking.runs import log_headline, log_resume, phase_run
 
     # Build the model on the frozen backbone, under the device policy
     started = time.perf_counter()
@@ -105,7 +106,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
             {"weights.sha256": weights.sha256, "weights.description": weights.description}
         )
         log_resume(checkpoint, "phase 1", train.epochs)
-        logger = epoch_logger(
+        logger = EpochLogger(
             "train", offset=0, images=count_rows(manifest, "train"), restored=checkpoint.finished
         )
         callbacks = [*checkpoint.callbacks(train.early_stopping_patience), logger]

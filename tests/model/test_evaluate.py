@@ -13,7 +13,7 @@ from tasks.errors import StageError
 from tasks.ml.gradcam import gradcam
 from tasks.ml.images import read_image
 from tasks.steps import evaluate
-from tasks.tracking import read_record
+from tasks.tracking.runs import read_record
 from tests.datagen import make_image, tiny_params
 from tests.tinymodel import make_workspace, tiny_models, use_candidate, write_history
 

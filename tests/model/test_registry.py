@@ -12,7 +12,8 @@ from tasks.cli import main
 from tasks.config import parse_config
 from tasks.errors import StageError
 from tasks.steps import register
-from tasks.tracking import read_record, registered_model_name
+from tasks.tracking.registry import registered_model_name
+from tasks.tracking.runs import read_record
 from tests.datagen import tiny_params
 from tests.tinymodel import make_workspace, swap_validation_labels, tiny_models, use_candidate
 

@@ -13,7 +13,7 @@ from tasks.io import file_md5, sha256_file
 from tasks.ml.training import METRICS, choose_candidate
 from tasks.paths import DatasetPaths
 from tasks.steps import finetune, train
-from tasks.tracking import read_record
+from tasks.tracking.runs import read_record
 from tests.model.conftest import load_images, make_workspace, model_config
 
 pytestmark = pytest.mark.slow

@@ -5,34 +5,10 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.config import parse_config
 from tasks.io import file_md5
 from tasks.paths import DatasetPaths
-from tasks.tracking import flat_params, phase_run, read_record, tracking_uri
-from tests.datagen import tiny_params
-
-
-@pytest.fixture
-def cfg():
-    return parse_config(
-        tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}), ["train.epochs=3"]
-    )
-
-
-def test_default_store_is_sqlite_under_the_workspace(cfg, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(cfg, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking_uri(cfg, tmp_path) == "http://127.0.0.1:5000"
-
-
-def test_param_names_do_not_depend_on_backbone(cfg):
-    other = parse_config(
-        tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}), ["train.backbone=vgg16"]
-    )
-    assert flat_params(cfg, "x").keys() == flat_params(other, "x").keys()
-    assert flat_params(cfg, "x")["train.epochs"] == 3
-    assert flat_params(cfg, "x")["train.head.dropout"] is None
+from tasks.tracking.runs import phase_run, read_record
+from tasks.tracking.store import tracking_uri
 
 
 @pytest.mark.slow
@@ -85,7 +61,7 @@ def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monke
 def test_a_scheduled_parent_gets_the_manifest_once_validate_wrote_it(cfg, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import start_pipeline_run
+    from tasks.tracking.runs import start_pipeline_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     paths = DatasetPaths.of("cats_vs_dogs", tmp_path)
@@ -105,20 +81,12 @@ def test_a_scheduled_parent_gets_the_manifest_once_validate_wrote_it(cfg, tmp_pa
     assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "pipeline"
 
 
-def test_dvc_temp_experiments_log_to_the_project_store(cfg, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    temp_workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpab12"
-    temp_workspace.mkdir(parents=True)
-    expected = f"sqlite:///{(tmp_path / 'project').resolve()}/mlflow/mlflow.db"
-    assert tracking_uri(cfg, temp_workspace) == expected
-
-
 KILLED_MID_PHASE = """
 import os, sys, time
 from pathlib import Path
 from tasks.config import parse_config
 from tasks.paths import DatasetPaths
-from tasks.tracking import phase_run
+from tasks.tracking.runs import phase_run
 from tests.datagen import tiny_params
 
 cfg = parse_config(tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}))
@@ -176,137 +144,12 @@ def test_a_killed_phase_leaves_no_run_running(cfg, tmp_path, monkeypatch):
     )
 
 
-# A tiny Keras fit with the epoch callback, in its own process so that its standard
-# output can be a terminal (a pty) or a pipe, as under a shell or an Airflow worker.
-_FIT = """
-import logging, mlflow, numpy as np, keras
-from tasks.tracking import epoch_logger
-logging.basicConfig(level=logging.INFO, format="%(message)s")  # as the stage commands do
-mlflow.set_tracking_uri("sqlite:///" + __import__("sys").argv[1])
-x = np.random.default_rng(0).normal(size=(24, 3)).astype("float32")
-y = (x[:, 0] > 0).astype("float32")
-model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
-model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
-with mlflow.start_run():
-    model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=4, verbose=0,
-              callbacks=[epoch_logger("train", 0, images=24)])
-"""
-
-
-def _fit_output(tmp_path, terminal: bool) -> str:
-    import os
-    import pty
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
-    args = [sys.executable, "-c", _FIT, str(tmp_path / "mlflow.db")]
-    if not terminal:
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout + proc.stderr
-    main, child = pty.openpty()
-    proc = subprocess.Popen(args, env=env, stdout=child, stderr=child)
-    os.close(child)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(main)
-    assert proc.wait(timeout=300) == 0, b"".join(chunks)[-2000:]
-    return b"".join(chunks).decode(errors="replace")
-
-
-@pytest.mark.slow
-def test_each_epoch_prints_one_line_and_a_progress_bar_only_on_a_terminal(tmp_path):
-    piped = _fit_output(tmp_path, terminal=False)
-    lines = [line for line in piped.splitlines() if " epoch " in line]
-    assert len(lines) == 2, piped[-2000:]
-    for n, line in enumerate(lines, 1):
-        assert f"train epoch {n}/2: loss " in line
-        assert "accuracy" in line and "val_loss" in line and "val_accuracy" in line
-        assert "images/s" in line and "s left)" in line
-    assert "6/6" not in piped  # no progress bar in a log
-
-    shown = _fit_output(tmp_path, terminal=True)
-    # Keras' bar: the batch count of the 6 batches, the running loss, then our epoch line.
-    assert "6/6" in shown and "━" in shown, shown[-2000:]
-    assert shown.index("6/6") < shown.index("train epoch 1/2: loss ")
-    assert "train epoch 2/2: loss " in shown
-
-
-def refused(code: str, endpoint: str = "/api/2.0/mlflow/runs/search"):
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import ErrorCode
-
-    status = 401 if code == "UNAUTHENTICATED" else 403
-    body = "You are not authenticated." if status == 401 else "Permission denied"
-    return MlflowException(
-        f"API request to endpoint {endpoint} failed with error code {status} != 200. "
-        f"Response body: '{body}'",
-        error_code=ErrorCode.Value(code),
-    )
-
-
-@pytest.mark.parametrize(
-    ("login", "expected"),
-    [
-        ({}, "requires a login and MLFLOW_TRACKING_USERNAME is not set"),
-        ({"MLFLOW_TRACKING_USERNAME": "pipeline"}, "MLFLOW_TRACKING_PASSWORD is not set"),
-        (
-            {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": "s3cr3t-value"},
-            "refused the login of MLFLOW_TRACKING_USERNAME=pipeline; "
-            "check MLFLOW_TRACKING_PASSWORD",
-        ),
-    ],
-)
-def test_a_refused_login_names_the_variable_to_fix(monkeypatch, login, expected):
-    from tasks.tracking import access_error
-
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in login.items():
-        monkeypatch.setenv(name, value)
-    wrapped = RuntimeError("ending the run failed")
-    wrapped.__cause__ = refused("UNAUTHENTICATED")
-    for error in (refused("UNAUTHENTICATED"), wrapped):
-        message = access_error(error, "http://mlflow:5000")
-        assert message.startswith("MLflow tracking server http://mlflow:5000 ")
-        assert expected in message and "\n" not in message
-        assert "s3cr3t" not in message
-
-
-def test_a_denied_request_names_the_account_and_the_request(monkeypatch):
-    from tasks.tracking import access_error
-
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "viewer")
-    message = access_error(refused("PERMISSION_DENIED", "/api/2.0/mlflow/registered-models/alias"))
-    assert "denied MLFLOW_TRACKING_USERNAME=viewer the request" in message
-    assert "/api/2.0/mlflow/registered-models/alias" in message
-    assert "pipeline account" in message
-    # anything else is not a login problem
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import ErrorCode
-
-    missing = MlflowException("no such run", error_code=ErrorCode.Value("RESOURCE_DOES_NOT_EXIST"))
-    assert missing.error_code == "RESOURCE_DOES_NOT_EXIST"
-    assert access_error(missing) is None
-    assert access_error(ValueError("x")) is None
-
-
 def test_an_older_experiment_gets_the_comparison_view_and_keeps_its_edited_note(
     cfg, tmp_path, monkeypatch
 ):
     import mlflow
 
-    from tasks.tracking import (
+    from tasks.tracking.runs import (
         COMPARISON_COLUMNS,
         EXPERIMENT_KIND_TAG,
         NOTE_TAG,
