@@ -317,7 +317,8 @@ def test_mlflow_runs_and_registered_model_live_in_postgres(stack, pipeline):
     ((experiment_id, location),) = stack.mlflow_sql(
         "SELECT experiment_id, artifact_location FROM experiments WHERE name = %s", (DATASET,)
     )
-    # Created by the server (proxied artifacts), not pinned to a local folder by tasks/tracking.py.
+    # Created by the server (proxied artifacts), not pinned to a local folder by
+    # tasks/tracking/runs.py.
     assert location.startswith("mlflow-artifacts:")
     tags_sql = (
         "SELECT r.run_uuid, r.status, t.key, t.value FROM runs r"
