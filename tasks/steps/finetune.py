@@ -17,22 +17,20 @@ When fine-tuning does not help, it says so and the frozen model is the candidate
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from tasks.artifacts import (
     history_frame,
     load_model,
-    read_manifest,
     read_phase_history,
     relative,
-    save_model,
     write_history,
 )
 from tasks.config import Config
 from tasks.errors import StageError
 from tasks.io import file_md5, write_json
 from tasks.paths import DatasetPaths
+from tasks.phase import Phase
 
 if TYPE_CHECKING:
     import keras
@@ -44,100 +42,37 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 2: unfreeze the top blocks, train at a low rate; write the candidate record."""
-    import keras
-    import mlflow
+    from tasks.ml.backbones import default_boundary
+    from tasks.ml.model import backbone_name, split_at, with_precision
+    from tasks.ml.training import best_epoch, validation_scores
 
-    from tasks.ml.backbones import default_boundary, unfreeze_top_blocks
-    from tasks.ml.devices import device_policy, strategy
-    from tasks.ml.model import (
-        backbone_name,
-        compile_model,
-        parameter_counts,
-        split_at,
-        with_precision,
-    )
-    from tasks.ml.pipeline import count_rows, phase_datasets
-    from tasks.ml.training import (
-        PhaseCheckpoint,
-        TrainResult,
-        best_epoch,
-        feature_bytes,
-        fit_on_activations,
-        use_feature_cache,
-        validation_scores,
-    )
-    from tasks.tracking.callback import EpochLogger
-    from tasks.tracking.runs import log_headline, log_resume, phase_run
-
-    # Load the frozen-base model under the device policy; score it before anything changes
-    started = time.perf_counter()
-    tune = cfg.finetune
-    classes = cfg.dataset(paths.dataset).classes
-    manifest = read_manifest(paths)
-    policy = device_policy(cfg.train.precision, cfg.train.jit_compile, cfg.train.distribute)
-    devices = strategy(policy)
-    keras.utils.set_random_seed(cfg.train.seed)
-    with devices.scope():
-        model = with_precision(_frozen_model(paths, len(classes)), policy.precision)
+    # Load the frozen-base model under the device policy
+    phase = Phase.start("finetune", cfg, paths)
+    with phase.devices.scope():
+        model = with_precision(_frozen_model(paths, len(phase.classes)), phase.policy.precision)
     backbone = backbone_name(model, default=cfg.train.backbone)
     size = int(model.input_shape[1])
-    boundary = tune.unfreeze_from or default_boundary(backbone, cfg.train)
-    augment = cfg.augmentation if tune.augment else None
+    boundary = cfg.finetune.unfreeze_from or default_boundary(backbone, cfg.train)
     weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
-    batch = policy.global_batch(cfg.train.batch_size)
-    rate = policy.learning_rate(tune.learning_rate)
-    with devices.scope():
-        split = split_at(model, boundary)
-    images = count_rows(manifest, "train") + count_rows(manifest, "validation")
-    cached = split is not None and use_feature_cache(
-        tune, feature_bytes(split[0], images, layer=None), "finetune"
-    )
-    train_images, val_images = phase_datasets(
-        manifest, paths.raw, classes, size, cfg.train, shuffle=not cached, augment=augment,
-        batch_size=batch,
-    )  # fmt: skip
-    with devices.scope():
-        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile, tune.momentum)
-        frozen_scores = validation_scores(model, val_images)
 
-        # Unfreeze the top blocks (BatchNorm stays frozen) and recompile
-        unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
-        compile_model(model, tune.optimizer, rate, len(classes), policy.jit_compile, tune.momentum)
-    counts = parameter_counts(model)
-    checkpoint = PhaseCheckpoint(
-        paths.checkpoint("finetune"),
-        {
-            "phase": "finetune",
-            "finetune": tune.model_dump(),
-            "augmentation": cfg.augmentation.model_dump(),
-            "batch_size": cfg.train.batch_size,
-            "seed": cfg.train.seed,
-            "manifest": file_md5(paths.manifest),
-            "frozen_model": file_md5(paths.frozen_model),
-            "policy": policy.params(),
-        },
-    )
+    # The layers below the boundary run once (their activations cached) unless augmenting
+    with phase.devices.scope():
+        split = split_at(model, boundary)
+    cached = split is not None and phase.use_cache(split[0], layer=None)
+    data = phase.datasets(size, cached)
+
+    frozen_scores, unfrozen = _unfreeze(phase, model, boundary, data[1])
+    checkpoint = phase.checkpoint(
+        batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+        frozen_model=file_md5(paths.frozen_model),
+    )  # fmt: skip
     previous = read_phase_history(paths, "train")
     offset = int(previous["epoch"].max()) if len(previous) else 0
-    params = {
-        "backbone": backbone,
-        "image_size": size,
-        "weights_source": weights_description,
-        "epochs": tune.epochs,
-        "optimizer": tune.optimizer,
-        "learning_rate": tune.learning_rate,
-        "batch_size": cfg.train.batch_size,
-        "augment": bool(augment),
-        "feature_cache": cached,
-        "unfreeze_from": boundary,
-        "unfrozen_layers": len(unfrozen),
-        "train_images": count_rows(manifest, "train"),
-        "validation_images": count_rows(manifest, "validation"),
-        "global_batch_size": batch,
-        "scaled_learning_rate": rate,
-        **policy.params(),
-        **counts,
-    }
+    params = phase.params(
+        model, size, cached,
+        backbone=backbone, weights_source=weights_description,
+        unfreeze_from=boundary, unfrozen_layers=len(unfrozen),
+    )  # fmt: skip
     tags = {
         "frozen_model.md5": file_md5(paths.frozen_model),
         "weights.sha256": weights_sha,
@@ -145,81 +80,46 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         "unfreeze_from": boundary,
     }
 
-    with phase_run(cfg, paths, "finetune") as run:
-        # Fit (resuming a killed attempt), save, choose the candidate, record
-        mlflow.log_params(params)
-        mlflow.set_tags(tags)
-        log_resume(checkpoint, "phase 2", tune.epochs)
-        logger = EpochLogger(
-            "finetune",
-            offset=offset,
-            images=count_rows(manifest, "train"),
-            restored=checkpoint.finished,
-        )
+    # Fit (resuming a killed attempt), save, choose the candidate, record
+    with phase.tracked(params, tags, checkpoint, offset=offset) as (run, logger, callbacks):
         finetuned_scores = None
-        if tune.epochs:
-            callbacks = [*checkpoint.callbacks(tune.early_stopping_patience), logger]
-            with devices.scope():
-                if cached and split is not None:
-                    # the layers below the boundary run once; the top blocks train
-                    fit_on_activations(
-                        *split,
-                        train_images,
-                        val_images,
-                        optimizer=tune.optimizer,
-                        momentum=tune.momentum,
-                        learning_rate=rate,
-                        jit_compile=policy.jit_compile,
-                        batch_size=batch,
-                        seed=cfg.train.seed,
-                        epochs=tune.epochs,
-                        callbacks=callbacks,
-                    )
-                    compile_model(
-                        model, tune.optimizer, rate, len(classes), policy.jit_compile, tune.momentum
-                    )
-                else:
-                    model.fit(
-                        train_images,
-                        validation_data=val_images,
-                        epochs=tune.epochs,
-                        callbacks=callbacks,
-                        verbose=0,
-                        shuffle=False,
-                    )
-                finetuned_scores = validation_scores(model, val_images)
-        save_model(with_precision(model, "float32"), paths.finetuned_model)
-        checkpoint.remove()
+        if cfg.finetune.epochs:
+            phase.fit(model, split if cached else None, data, callbacks)
+            with phase.devices.scope():
+                finetuned_scores = validation_scores(model, data[1])
+        phase.save(model, paths.finetuned_model, checkpoint)
         record = _write_candidate(paths, frozen_scores, finetuned_scores)
         _record_phase(paths, previous.to_dict("records") + logger.rows, record)
         final = finetuned_scores or frozen_scores
-        headline = {
-            "finetuned.val_accuracy": final["val_accuracy"],
-            "finetune.seconds": time.perf_counter() - started,
-            "finetune.improved": float(record["phase"] == "finetune"),
-        }
-        if logger.images_per_second():
-            headline["finetune.images_per_second"] = logger.images_per_second()
-        log_headline(headline, tags={"candidate.phase": record["phase"]})
-    return TrainResult(
-        phase="finetune",
-        dataset=paths.dataset,
-        model=paths.finetuned_model,
-        backbone=backbone,
-        image_size=size,
+        improved = {"finetune.improved": float(record["phase"] == "finetune")}
+        phase.headline(
+            final["val_accuracy"], logger, improved, tags={"candidate.phase": record["phase"]}
+        )
+    return phase.result(
+        model, run,
+        model=paths.finetuned_model, backbone=backbone, image_size=size,
         epochs_run=len(logger.rows),
         best_epoch=int(best_epoch(logger.rows)["epoch"]) if logger.rows else offset,
-        val_loss=final["val_loss"],
-        val_accuracy=final["val_accuracy"],
-        trainable_params=counts["trainable_params"],
-        total_params=counts["total_params"],
-        seconds=time.perf_counter() - started,
-        run_id=run.info.run_id,
-        unfrozen_layers=len(unfrozen),
-        feature_cache=cached,
-        candidate=f"{record['path']} ({record['phase']})",
-        note=record["reason"],
-    )
+        val_loss=final["val_loss"], val_accuracy=final["val_accuracy"],
+        unfrozen_layers=len(unfrozen), feature_cache=cached,
+        candidate=f"{record['path']} ({record['phase']})", note=record["reason"],
+    )  # fmt: skip
+
+
+def _unfreeze(
+    phase: Phase, model: keras.Model, boundary: str, validation: Any
+) -> tuple[dict[str, float], list[str]]:
+    """Score the frozen model, then unfreeze the top blocks from ``boundary`` (BatchNorm
+    stays frozen) and recompile: the frozen scores and the unfrozen layers."""
+    from tasks.ml.backbones import unfreeze_top_blocks
+    from tasks.ml.training import validation_scores
+
+    phase.compile(model)
+    with phase.devices.scope():
+        frozen_scores = validation_scores(model, validation)
+        unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
+    phase.compile(model)
+    return frozen_scores, unfrozen
 
 
 def _frozen_model(paths: DatasetPaths, n_classes: int) -> keras.Model:

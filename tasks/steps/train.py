@@ -17,172 +17,67 @@ the weights' sha256 and the model's md5) under a new pipeline parent run.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
-from tasks.artifacts import history_frame, read_manifest, relative, save_model, write_history
-from tasks.config import Config, TrainConfig
+from tasks.artifacts import history_frame, relative, write_history
+from tasks.config import Config
 from tasks.io import file_md5
 from tasks.paths import DatasetPaths
+from tasks.phase import Phase
 
 if TYPE_CHECKING:
     import keras
 
-    from tasks.ml.devices import DevicePolicy
     from tasks.ml.training import TrainResult
 
 
 def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 1: train the head on the frozen backbone; write ``frozen.keras``."""
-    import keras
-    import mlflow
-
     from tasks.ml.backbones import backbone_entry, resolve_weights
-    from tasks.ml.devices import device_policy, strategy
-    from tasks.ml.model import ModelSpec, build_model, parameter_counts, with_precision
-    from tasks.ml.pipeline import count_rows, phase_datasets
-    from tasks.ml.training import PhaseCheckpoint, TrainResult, feature_bytes, use_feature_cache
-    from tasks.tracking.callback import EpochLogger
-    from tasks.tracking.runs import log_headline, log_resume, phase_run
+    from tasks.ml.model import ModelSpec, build_model, feature_extractor
 
     # Build the model on the frozen backbone, under the device policy
-    started = time.perf_counter()
+    phase = Phase.start("train", cfg, paths)
     train = cfg.train
-    classes = cfg.dataset(paths.dataset).classes
-    manifest = read_manifest(paths)
     entry = backbone_entry(train, paths.root)
     size = entry.resolve_size(train.image_size)
     weights = resolve_weights(train.weights, entry, size, paths.root)
-    policy = device_policy(train.precision, train.jit_compile, train.distribute)
-    devices = strategy(policy)
-    keras.utils.set_random_seed(train.seed)
     head = entry.head_spec(train.head)
-    with devices.scope():
-        model = build_model(ModelSpec(entry, size, head, len(classes)), weights)
-    counts = parameter_counts(model)
-    images = count_rows(manifest, "train") + count_rows(manifest, "validation")
-    cached = use_feature_cache(train, feature_bytes(model, images))
-    augment = cfg.augmentation if train.augment and not cached else None
-    batch = policy.global_batch(train.batch_size)
-    train_images, val_images = phase_datasets(
-        manifest, paths.raw, classes, size, train, shuffle=not cached, augment=augment,
-        batch_size=batch,
+    with phase.devices.scope():
+        model = build_model(ModelSpec(entry, size, head, len(phase.classes)), weights)
+    phase.compile(model)
+
+    # The head trains on the backbone's features computed once, unless augmenting
+    cached = phase.use_cache(model)
+    with phase.devices.scope():
+        split = (feature_extractor(model), model.get_layer("head")) if cached else None
+    data = phase.datasets(size, cached)
+    checkpoint = phase.checkpoint(weights=weights.sha256)
+    pooled = len(model.get_layer("backbone").output.shape) > 2
+    params = phase.params(
+        model, size, cached,
+        backbone=train.backbone, weights_source=weights.description,
+        head=head.describe(pooled=pooled), unfreeze_from="none (frozen base)",
     )  # fmt: skip
-    checkpoint = PhaseCheckpoint(
-        paths.checkpoint("train"),
-        {
-            "phase": "train",
-            "train": train.model_dump(),
-            "augmentation": cfg.augmentation.model_dump(),
-            "manifest": file_md5(paths.manifest),
-            "weights": weights.sha256,
-            "policy": policy.params(),
-        },
-    )
-    params = {
-        "backbone": train.backbone,
-        "image_size": size,
-        "weights_source": weights.description,
-        "head": head.describe(pooled=len(model.get_layer("backbone").output.shape) > 2),
-        "epochs": train.epochs,
-        "optimizer": train.optimizer,
-        "learning_rate": train.learning_rate,
-        "batch_size": train.batch_size,
-        "augment": bool(augment),
-        "feature_cache": cached,
-        "unfreeze_from": "none (frozen base)",
-        "train_images": count_rows(manifest, "train"),
-        "validation_images": count_rows(manifest, "validation"),
-        "global_batch_size": batch,
-        "scaled_learning_rate": policy.learning_rate(train.learning_rate),
-        **policy.params(),
-        **counts,
-    }
+    tags = {"weights.sha256": weights.sha256, "weights.description": weights.description}
 
-    with phase_run(cfg, paths, "train", new_parent=True) as run:
-        # Fit (resuming a killed attempt), save, record
-        mlflow.log_params(params)
-        mlflow.set_tags(
-            {"weights.sha256": weights.sha256, "weights.description": weights.description}
-        )
-        log_resume(checkpoint, "phase 1", train.epochs)
-        logger = EpochLogger(
-            "train", offset=0, images=count_rows(manifest, "train"), restored=checkpoint.finished
-        )
-        callbacks = [*checkpoint.callbacks(train.early_stopping_patience), logger]
-        with devices.scope():
-            _fit_head(
-                model, train, len(classes), train_images, val_images, cached, callbacks, policy
-            )
-        save_model(with_precision(model, "float32"), paths.frozen_model)
-        checkpoint.remove()
+    # Fit (resuming a killed attempt), save, record
+    with phase.tracked(params, tags, checkpoint, new_parent=True) as (run, logger, callbacks):
+        phase.fit(model, split, data, callbacks)
+        phase.save(model, paths.frozen_model, checkpoint)
         best = _record_phase(model, paths, logger.rows, cached)
-        headline = {
-            "frozen.val_accuracy": best["val_accuracy"],
-            "train.seconds": time.perf_counter() - started,
-        }
-        if logger.images_per_second():
-            headline["train.images_per_second"] = logger.images_per_second()
-        log_headline(headline, {"image_size": size, "precision": policy.precision})
-    return TrainResult(
-        phase="train",
-        dataset=paths.dataset,
-        model=paths.frozen_model,
-        backbone=train.backbone,
-        image_size=size,
-        epochs_run=len(logger.rows),
-        best_epoch=int(best["epoch"]),
-        val_loss=float(best["val_loss"]),
-        val_accuracy=float(best["val_accuracy"]),
-        trainable_params=counts["trainable_params"],
-        total_params=counts["total_params"],
-        seconds=time.perf_counter() - started,
-        run_id=run.info.run_id,
-        feature_cache=cached,
-    )
-
-
-def _fit_head(
-    model: keras.Model,
-    train: TrainConfig,
-    n_classes: int,
-    train_images: Any,
-    val_images: Any,
-    cached: bool,
-    callbacks: list[Any],
-    policy: DevicePolicy,
-) -> None:
-    """Train the head: on cached features (the backbone runs once), or end to end."""
-    from tasks.ml.model import compile_model, feature_extractor
-    from tasks.ml.training import fit_on_activations
-
-    rate = policy.learning_rate(train.learning_rate)
-    if not cached:
-        compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile, train.momentum)
-        model.fit(
-            train_images,
-            validation_data=val_images,
-            epochs=train.epochs,
-            callbacks=callbacks,
-            verbose=0,
-            shuffle=False,
+        phase.headline(
+            best["val_accuracy"],
+            logger,
+            params={"image_size": size, "precision": phase.policy.precision},
         )
-        return
-    fit_on_activations(
-        feature_extractor(model),
-        model.get_layer("head"),
-        train_images,
-        val_images,
-        optimizer=train.optimizer,
-        momentum=train.momentum,
-        learning_rate=rate,
-        jit_compile=policy.jit_compile,
-        batch_size=policy.global_batch(train.batch_size),
-        seed=train.seed,
-        epochs=train.epochs,
-        callbacks=callbacks,
-    )
-    compile_model(model, train.optimizer, rate, n_classes, policy.jit_compile, train.momentum)
+    return phase.result(
+        model, run,
+        model=paths.frozen_model, backbone=train.backbone, image_size=size,
+        epochs_run=len(logger.rows), best_epoch=int(best["epoch"]),
+        val_loss=float(best["val_loss"]), val_accuracy=float(best["val_accuracy"]),
+        feature_cache=cached,
+    )  # fmt: skip
 
 
 def _record_phase(
