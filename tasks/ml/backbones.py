@@ -6,14 +6,9 @@ input size, the ``preprocess_input`` mode the saved model applies inside itself
 where fine-tuning starts unfreezing (``unfreeze_from``: that layer and every
 layer after it in the backbone's layer order; BatchNormalization stays frozen).
 
-A Keras model file can be the backbone too (``train.backbone: <path>.keras``,
-for an architecture ``keras.applications`` lacks: an AlexNet port, a model
-trained in-house): :func:`backbone_entry` makes its entry from
-``train.backbone_file`` (``cut_at``, ``unfreeze_from``, ``preprocess``), and
-:func:`build_backbone` rebuilds the file's graph at the run's image size with
-the file's weights, cut at ``cut_at``. Layer names are those at the file
-model's top level. ``train.weights: imagenet`` then means the file's own
-weights (a port of an ImageNet model carries them).
+A Keras model file can be the backbone too (``train.backbone: <path>.keras``):
+its entry comes from :func:`tasks.ml.backbone_file.backbone_entry` and builds
+from the file; ``train.weights: imagenet`` then means the file's own weights.
 
 Weights (``train.weights``):
 
@@ -37,11 +32,8 @@ Weights made without a network, for tests and the demo, come from
 from __future__ import annotations
 
 import difflib
-import json
-import logging
 import os
 import re
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,14 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.config import BACKBONES as BACKBONE_NAMES
-from tasks.config import HeadConfig, TrainConfig
+from tasks.config import HeadConfig
 from tasks.errors import ConfigError, StageError
 from tasks.io import sha256_file
 
 if TYPE_CHECKING:
     import keras
-
-log = logging.getLogger(__name__)
 
 UNFREEZE_ALL = "all"
 _MOBILENET_SIZES = (96, 128, 160, 192, 224)
@@ -144,6 +134,11 @@ class Backbone:
             )
         return size
 
+    def build(self, image_size: int, weights: WeightsSource) -> keras.Model:
+        """This entry's feature extractor (:func:`build_backbone`): ``keras.applications``;
+        a model file's entry builds from its file instead."""
+        return _from_applications(self, image_size, weights)
+
 
 BACKBONES: dict[str, Backbone] = {
     "mobilenet_v2": Backbone(
@@ -202,97 +197,7 @@ def get_backbone(name: str | Backbone) -> Backbone:
         ) from None
 
 
-_FILE_DEFAULT_SIZE = 224
-
-
-def backbone_entry(train: TrainConfig, root: Path | None = None) -> Backbone:
-    """The entry ``train.backbone`` names: the registry's, or one made for its model file.
-
-    A relative file path is looked up under ``root`` (the workspace), then the
-    current folder. The file's input size, when fixed, is the only size it takes.
-    """
-    if not train.backbone_is_file:
-        return get_backbone(train.backbone)
-    path = _local_file(
-        train.backbone,
-        root,
-        f"train.backbone: model file {train.backbone} not found",
-        "`dvc pull` it, or give the path of an existing .keras file",
-    )
-    size = model_file_input_size(path)
-    settings = train.backbone_file
-    return Backbone(
-        name=train.backbone_name,
-        constructor="",
-        image_size=size or _FILE_DEFAULT_SIZE,
-        min_size=size or 32,
-        preprocess=settings.preprocess or "none",
-        head=HeadSpec("avg", 0, 0.2),
-        unfreeze_from=settings.unfreeze_from or UNFREEZE_ALL,
-        cut_at=settings.cut_at,
-        file=path,
-        fixed_size=size is not None,
-    )
-
-
-def default_boundary(backbone: str, train: TrainConfig) -> str:
-    """Where fine-tuning starts for a model built on ``backbone`` (a registry name, or
-    ``train.backbone`` itself when that is a model file) unless ``finetune.unfreeze_from``
-    says otherwise."""
-    if backbone == train.backbone and train.backbone_is_file:
-        return train.backbone_file.unfreeze_from or UNFREEZE_ALL
-    return get_backbone(backbone).unfreeze_from
-
-
-def model_file_input_size(path: Path) -> int | None:
-    """The square input size a ``.keras`` file's model is fixed to (None: any size).
-
-    Read from the archive's ``config.json``, without building the model.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, OSError, ValueError):
-        raise StageError(
-            f"{path} is not a Keras 3 .keras file (a zip with config.json); save the model "
-            "with model.save('<name>.keras') in Keras 3"
-        ) from None
-    shape = _first_input_shape(config)
-    if not shape or len(shape) != 4 or shape[-1] != 3:
-        raise StageError(
-            f"{path}: the model's input is {shape}; a backbone takes (batch, height, width, 3) "
-            "RGB images"
-        )
-    height, width = shape[1], shape[2]
-    if height is None and width is None:
-        return None
-    if height != width:
-        raise StageError(
-            f"{path}: the model's input is fixed to {height}x{width}; the pipeline makes square "
-            "images, so rebuild it with a square or unspecified (None, None, 3) input"
-        )
-    return int(height)
-
-
-def _first_input_shape(node: Any) -> list[Any] | None:
-    if isinstance(node, dict):
-        inner = node.get("config")
-        if node.get("class_name") == "InputLayer" and isinstance(inner, dict):
-            shape = inner.get("batch_shape") or inner.get("batch_input_shape")
-            return list(shape) if shape else None
-        children = list(node.values())
-    elif isinstance(node, list):
-        children = node
-    else:
-        return None
-    for child in children:
-        shape = _first_input_shape(child)
-        if shape is not None:
-            return shape
-    return None
-
-
-def _local_file(setting: str, root: Path | None, problem: str, fix: str) -> Path:
+def local_file(setting: str, root: Path | None, problem: str, fix: str) -> Path:
     """``setting`` as an existing file: absolute, or under ``root`` then the current folder."""
     path = Path(setting).expanduser()
     candidates = [path] if path.is_absolute() else [Path(root or ".") / path, path]
@@ -377,7 +282,7 @@ def resolve_weights(
                 "or copy the file there"
             )
         return WeightsSource("imagenet", file, sha256_file(file))
-    found = _local_file(
+    found = local_file(
         setting,
         root,
         f"train.weights: file {setting} not found",
@@ -433,14 +338,16 @@ def build_backbone(
 
     ``.weights.h5`` files are loaded into the (cut) backbone as saved by Keras;
     legacy ``*.h5`` files (the official ImageNet ones) go through the constructor.
-    A model-file entry is rebuilt from its file (:func:`_from_model_file`).
+    A model-file entry is rebuilt from its file
+    (:class:`tasks.ml.backbone_file.FileBackbone`).
     """
+    return get_backbone(backbone).build(image_size, weights or WeightsSource("none"))
+
+
+def _from_applications(spec: Backbone, image_size: int, weights: WeightsSource) -> keras.Model:
+    """``spec``'s ``keras.applications`` model without its top, cut at ``spec.cut_at``."""
     import keras
 
-    spec = get_backbone(backbone)
-    weights = weights or WeightsSource("none")
-    if spec.file is not None:
-        return _from_model_file(spec, image_size, weights)
     constructor = getattr(keras.applications, spec.constructor)
     legacy = weights.path is not None and not weights.path.name.endswith(".weights.h5")
     shape = (image_size, image_size, 3)
@@ -460,69 +367,14 @@ def build_backbone(
     output = full.get_layer(spec.cut_at).output if spec.cut_at else full.output
     model = keras.Model(full.input, output, name="backbone")
     if weights.path is not None and not legacy:
-        try:
-            _load_keras_weights(model, full, weights.path)
-        except (ValueError, OSError, KeyError) as error:
-            raise StageError(
-                f"{weights.path} does not fit the {spec.name} backbone ({error}); make it with "
-                f"make_offline_weights('{spec.name}', ...) or save it from this backbone"
-            ) from None
+        load_weights_file(
+            model,
+            full,
+            weights.path,
+            spec.name,
+            f"make it with make_offline_weights('{spec.name}', ...) or save it from this backbone",
+        )
     return model
-
-
-def _from_model_file(spec: Backbone, image_size: int, weights: WeightsSource) -> keras.Model:
-    """The file's model rebuilt on a (size, size, 3) input, cut at ``spec.cut_at``.
-
-    Its weights: the file's own (``model_file``), fresh ones (``none``), or a
-    ``.weights.h5`` loaded into the cut backbone.
-    """
-    import keras
-
-    assert spec.file is not None
-    try:
-        full = keras.saving.load_model(spec.file, compile=False)
-    except Exception as error:  # noqa: BLE001 - deserialisation fails in many types
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise StageError(
-            f"cannot load {spec.file} as a Keras model ({type(error).__name__}: {reason}); "
-            "save it from Keras 3 with built-in layers only (no custom or Lambda layers)"
-        ) from None
-    if len(full.inputs) != 1:
-        raise StageError(f"{spec.file} takes {len(full.inputs)} inputs; a backbone takes one image")
-    try:
-        model = keras.models.clone_model(
-            full, input_tensors=keras.Input((image_size, image_size, 3))
-        )
-        if weights.kind != "none":
-            model.set_weights(full.get_weights())
-    except ValueError as error:
-        first = str(error).strip().splitlines()[0][:200]
-        raise StageError(
-            f"{spec.file} does not run at {image_size} px ({first}); set train.image_size to "
-            "the size it was built for"
-        ) from None
-    names = [layer.name for layer in model.layers]
-    if spec.cut_at is not None and spec.cut_at not in names:
-        raise StageError(
-            f"train.backbone_file.cut_at: no layer {spec.cut_at!r} in {spec.file.name}; nearby "
-            f"valid names: {_nearby(spec.cut_at, names)} (or null for the model's output)"
-        )
-    output = model.get_layer(spec.cut_at).output if spec.cut_at else model.outputs
-    if isinstance(output, list) and len(output) != 1:
-        raise StageError(
-            f"{spec.file} has {len(output)} outputs; set train.backbone_file.cut_at to the layer "
-            "whose output the head should read"
-        )
-    backbone = keras.Model(model.inputs[0], output, name="backbone")
-    if weights.kind == "file" and weights.path is not None:
-        try:
-            _load_keras_weights(backbone, model, weights.path)
-        except (ValueError, OSError, KeyError) as error:
-            raise StageError(
-                f"{weights.path} does not fit the {spec.name} backbone ({error}); save it from "
-                "this backbone, or set train.weights: imagenet to use the file's own weights"
-            ) from None
-    return backbone
 
 
 @contextmanager
@@ -542,14 +394,21 @@ def _weights_from(path: Path) -> Iterator[None]:
         file_utils.get_file = original
 
 
-def _load_keras_weights(model: keras.Model, full: keras.Model, path: Path) -> None:
-    """Load a Keras ``.weights.h5`` saved from the backbone, or from the whole uncut model."""
+def load_weights_file(
+    model: keras.Model, full: keras.Model, path: Path, name: str, fix: str
+) -> None:
+    """Load a Keras ``.weights.h5`` saved from the backbone ``model``, or from the whole
+    uncut ``full`` (whose layers it shares); one that fits neither is a :class:`StageError`
+    that ends in ``fix``."""
     try:
-        model.load_weights(str(path))
-    except (ValueError, OSError, KeyError):
-        if model.layers == full.layers:
-            raise
-        full.load_weights(str(path))  # the cut model shares these layers
+        try:
+            model.load_weights(str(path))
+        except (ValueError, OSError, KeyError):
+            if model.layers == full.layers:
+                raise
+            full.load_weights(str(path))  # the cut model shares these layers
+    except (ValueError, OSError, KeyError) as error:
+        raise StageError(f"{path} does not fit the {name} backbone ({error}); {fix}") from None
 
 
 def boundary_index(backbone: keras.Model, unfreeze_from: str) -> int:
@@ -561,11 +420,11 @@ def boundary_index(backbone: keras.Model, unfreeze_from: str) -> int:
         return names.index(unfreeze_from)
     raise StageError(
         f"finetune.unfreeze_from: no layer {unfreeze_from!r} in the backbone; nearby valid "
-        f"names: {_nearby(unfreeze_from, names)} (or '{UNFREEZE_ALL}')"
+        f"names: {nearby_names(unfreeze_from, names)} (or '{UNFREEZE_ALL}')"
     )
 
 
-def _nearby(name: str, names: list[str]) -> str:
+def nearby_names(name: str, names: list[str]) -> str:
     """Up to five of ``names`` close to ``name`` (else the last five), for an error message."""
     near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     near = near or [other for other in names if other[:5] == name[:5]][:5]

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 2: unfreeze the top blocks, train at a low rate; write the candidate record."""
-    from tasks.ml.backbones import default_boundary
+    from tasks.ml.backbone_file import default_boundary
     from tasks.ml.model import backbone_name, split_at, with_precision
     from tasks.ml.training import best_epoch, validation_scores
 
@@ -141,7 +141,8 @@ def _frozen_model(paths: DatasetPaths, n_classes: int) -> keras.Model:
 
 def _weights_record(cfg: Config, backbone: str, size: int, paths: DatasetPaths) -> tuple[str, str]:
     """The phase-1 weights source and sha256, where they can still be found (else 'unavailable')."""
-    from tasks.ml.backbones import backbone_entry, resolve_weights
+    from tasks.ml.backbone_file import backbone_entry
+    from tasks.ml.backbones import resolve_weights
 
     try:
         entry = (

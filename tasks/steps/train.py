@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 1: train the head on the frozen backbone; write ``frozen.keras``."""
-    from tasks.ml.backbones import backbone_entry, resolve_weights
+    from tasks.ml.backbone_file import backbone_entry
+    from tasks.ml.backbones import resolve_weights
     from tasks.ml.model import ModelSpec, build_model, feature_extractor
 
     # Build the model on the frozen backbone, under the device policy

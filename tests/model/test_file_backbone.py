@@ -10,15 +10,8 @@ import yaml
 from tasks.config import parse_config
 from tasks.dev.alexnet import write_alexnet
 from tasks.errors import ConfigError, StageError
-from tasks.ml.backbones import (
-    WeightsSource,
-    backbone_entry,
-    build_backbone,
-    default_boundary,
-    model_file_input_size,
-    resolve_weights,
-    unfreeze_top_blocks,
-)
+from tasks.ml.backbone_file import backbone_entry, default_boundary, model_file_input_size
+from tasks.ml.backbones import WeightsSource, build_backbone, resolve_weights, unfreeze_top_blocks
 from tasks.ml.model import ModelSpec, build_model
 from tests.conftest import REPO
 from tests.model.test_structure import loaded_without_the_project, raw_images

@@ -18,7 +18,8 @@ import yaml
 
 from tasks.config import parse_config, recipe_names
 from tasks.dev.alexnet import write_alexnet
-from tasks.ml.backbones import backbone_entry, default_boundary, is_batch_norm, unfreeze_top_blocks
+from tasks.ml.backbone_file import backbone_entry, default_boundary
+from tasks.ml.backbones import is_batch_norm, unfreeze_top_blocks
 from tasks.ml.model import ModelSpec, build_model, compile_model
 from tasks.ml.pipeline import augmentation_layers
 from tests.conftest import REPO
