@@ -38,8 +38,9 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -163,8 +164,6 @@ def inspect_image(path: str | Path, max_pixels: int, min_side: int) -> dict[str,
     its warning is treated as an error, so anything over the limit is refused
     before its pixels are decoded.
     """
-    from PIL import Image, ImageFile, UnidentifiedImageError
-
     facts: dict[str, Any] = {
         "bytes": 0,
         "sha256": "",
@@ -175,19 +174,57 @@ def inspect_image(path: str | Path, max_pixels: int, min_side: int) -> dict[str,
         "status": OK,
         "reason": "",
     }
-
-    def quarantine(reason: str) -> dict[str, Any]:
-        facts.update(status=QUARANTINED, reason=reason)
-        return facts
-
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        return quarantine(f"{Reason.UNREADABLE}: {error.strerror or error}")
-    facts["bytes"] = len(data)
-    facts["sha256"] = hashlib.sha256(data).hexdigest()
+        return _quarantined(facts, f"{Reason.UNREADABLE}: {error.strerror or error}")
+    facts.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     if not data:
-        return quarantine(f"{Reason.EMPTY} (0 bytes)")
+        return _quarantined(facts, f"{Reason.EMPTY} (0 bytes)")
+    problem = _decode(data, facts, max_pixels)
+    if problem is None and min(facts["width"], facts["height"]) < min_side:
+        problem = f"{Reason.TOO_SMALL} {min_side}: {facts['width']}x{facts['height']} px"
+    return _quarantined(facts, problem) if problem else facts
+
+
+def _quarantined(facts: dict[str, Any], reason: str) -> dict[str, Any]:
+    facts.update(status=QUARANTINED, reason=reason)
+    return facts
+
+
+def _decode(data: bytes, facts: dict[str, Any], max_pixels: int) -> str | None:
+    """Fully decode ``data`` under the pixel limit, recording its format, mode and size in
+    ``facts``; the reason to quarantine it, or None when the input pipeline can use it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as img:
+            facts.update(format=img.format or "", mode=img.mode)
+            facts.update(width=img.width, height=img.height)
+            if img.width * img.height > max_pixels:
+                return _too_many_pixels(img.width, img.height, max_pixels)
+            if img.format not in USABLE_FORMATS:
+                usable = ", ".join(sorted(USABLE_FORMATS))
+                return f"{Reason.UNSUPPORTED} {img.format}; usable: {usable}"
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        _header_size(data, facts)
+        if facts["width"] is not None:
+            return _too_many_pixels(facts["width"], facts["height"], max_pixels)
+        return f"{Reason.TOO_MANY_PIXELS} (max_pixels {max_pixels})"
+    except UnidentifiedImageError:
+        return f"{Reason.NOT_IMAGE} (Pillow cannot identify the format)"
+    except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"{Reason.CORRUPT}: {message}"
+    return None
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow with ``max_pixels`` as its decompression-bomb limit, its bomb warning raised
+    as an error and truncated files refused; its own settings come back afterwards."""
+    from PIL import Image, ImageFile
 
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
@@ -195,31 +232,9 @@ def inspect_image(path: str | Path, max_pixels: int, min_side: int) -> dict[str,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                facts.update(format=img.format or "", mode=img.mode)
-                facts.update(width=img.width, height=img.height)
-                if img.width * img.height > max_pixels:
-                    return quarantine(_too_many_pixels(img.width, img.height, max_pixels))
-                if img.format not in USABLE_FORMATS:
-                    usable = ", ".join(sorted(USABLE_FORMATS))
-                    return quarantine(f"{Reason.UNSUPPORTED} {img.format}; usable: {usable}")
-                img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        _header_size(data, facts)
-        if facts["width"] is not None:
-            return quarantine(_too_many_pixels(facts["width"], facts["height"], max_pixels))
-        return quarantine(f"{Reason.TOO_MANY_PIXELS} (max_pixels {max_pixels})")
-    except UnidentifiedImageError:
-        return quarantine(f"{Reason.NOT_IMAGE} (Pillow cannot identify the format)")
-    except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return quarantine(f"{Reason.CORRUPT}: {message}")
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-    if min(facts["width"], facts["height"]) < min_side:
-        return quarantine(f"{Reason.TOO_SMALL} {min_side}: {facts['width']}x{facts['height']} px")
-    return facts
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
