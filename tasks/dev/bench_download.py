@@ -24,14 +24,19 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.archives import extract_archive
-from tasks.config import parse_config
+from tasks.config import Config, parse_config
 from tasks.dev.synthetic import make_image, tiny_params
 from tasks.paths import DatasetPaths
 from tasks.steps import download
 from tasks.steps.download import fetch_source, partial_path
+
+if TYPE_CHECKING:
+    from tasks.dev.httpserver import ArchiveServer
 
 DATASET = "cats_vs_dogs"
 
@@ -65,6 +70,79 @@ def median_seconds(action: Callable[[int], None], repeat: int) -> float:
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class Served:
+    """The archive on disk and where the loopback server serves it."""
+
+    archive: Path
+    url: str
+    size: int
+    members: int
+
+
+def serve_archive(server: ArchiveServer, folder: Path, megabytes: float) -> Served:
+    """Build the archive in ``folder``, serve it and say how large it is."""
+    started = time.perf_counter()
+    archive = build_archive(folder / "served.zip", megabytes)
+    with zipfile.ZipFile(archive) as bundle:
+        members = len(bundle.infolist())
+    body = archive.read_bytes()
+    print(
+        f"archive: {len(body) / 1e6:.1f} MB, {members} JPEGs "
+        f"(built in {time.perf_counter() - started:.1f} s)"
+    )
+    return Served(archive, server.add(f"/{DATASET}.zip", body), len(body), members)
+
+
+def download_config(served: Served) -> Config:
+    """The tiny params with the production download settings, pointing at ``served``."""
+    raw = tiny_params({DATASET: served.url})
+    raw["download"] = {}  # the production defaults (1 MiB chunks, 60 s timeout)
+    raw["datasets"][DATASET]["size"] = served.size
+    return parse_config(raw)
+
+
+def measure(
+    served: Served, server: ArchiveServer, folder: Path, repeat: int, curl: str | None
+) -> list[tuple[str, float, str]]:
+    """One row per contender (see the module docstring): name, median seconds, rate."""
+    cfg = download_config(served)
+    dataset = cfg.dataset(DATASET)
+    megabytes = served.size / 1e6
+    rows: list[tuple[str, float, str]] = []
+    if curl:
+        out = folder / "curl.zip"
+        command = [curl, "-sS", "--fail", "-o", str(out), served.url]
+        seconds = median_seconds(lambda _: subprocess.run(command, check=True), repeat)
+        rows.append(("curl (fetch only)", seconds, f"{megabytes / seconds:8.0f} MB/s"))
+
+    part = partial_path(DatasetPaths.of(DATASET, folder / "fetch"))
+
+    def fetch(_: int) -> None:
+        part.unlink(missing_ok=True)
+        fetch_source(served.url, part, dataset, cfg.download)
+
+    seconds = median_seconds(fetch, repeat)
+    rows.append(("ours: fetch + sha256", seconds, f"{megabytes / seconds:8.0f} MB/s"))
+
+    def extract(index: int) -> None:
+        target = folder / f"extract{index}"
+        target.mkdir()
+        extract_archive(served.archive, target)
+
+    seconds = median_seconds(extract, repeat)
+    rows.append(("ours: extract only", seconds, f"{served.members / seconds:8.0f} files/s"))
+
+    workspaces = [DatasetPaths.of(DATASET, folder / f"ws{i}") for i in range(repeat)]
+    seconds = median_seconds(lambda i: download.run(cfg, workspaces[i]), repeat)
+    rows.append(("ours: download stage", seconds, f"{megabytes / seconds:8.0f} MB/s"))
+    requests_before = server.count()
+    seconds = median_seconds(lambda _: download.run(cfg, workspaces[0]), repeat)
+    fetched_again = server.count() - requests_before
+    rows.append(("ours: already verified", seconds, f"{fetched_again} requests"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     from tasks.dev.httpserver import ArchiveServer
 
@@ -75,59 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     curl = shutil.which("curl")
 
     with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp, ArchiveServer() as server:
-        base = Path(tmp)
-        started = time.perf_counter()
-        archive = build_archive(base / "served.zip", args.mb)
-        with zipfile.ZipFile(archive) as bundle:
-            members = len(bundle.infolist())
-        body = archive.read_bytes()
-        size = len(body)
-        print(
-            f"archive: {size / 1e6:.1f} MB, {members} JPEGs "
-            f"(built in {time.perf_counter() - started:.1f} s)"
-        )
-        url = server.add(f"/{DATASET}.zip", body)
-        raw = tiny_params({DATASET: url})
-        raw["download"] = {}  # the production defaults (1 MiB chunks, 60 s timeout)
-        raw["datasets"][DATASET]["size"] = size
-        cfg = parse_config(raw)
-        ds = cfg.dataset(DATASET)
+        served = serve_archive(server, Path(tmp), args.mb)
+        rows = measure(served, server, Path(tmp), args.repeat, curl)
 
-        rows: list[tuple[str, float, str]] = []
-        if curl:
-            out = base / "curl.zip"
-            seconds = median_seconds(
-                lambda _: subprocess.run([curl, "-sS", "--fail", "-o", str(out), url], check=True),
-                args.repeat,
-            )
-            rows.append(("curl (fetch only)", seconds, f"{size / 1e6 / seconds:8.0f} MB/s"))
-
-        part = partial_path(DatasetPaths.of(DATASET, base / "fetch"))
-
-        def fetch(_: int) -> None:
-            part.unlink(missing_ok=True)
-            fetch_source(url, part, ds, cfg.download)
-
-        seconds = median_seconds(fetch, args.repeat)
-        rows.append(("ours: fetch + sha256", seconds, f"{size / 1e6 / seconds:8.0f} MB/s"))
-
-        def extract(index: int) -> None:
-            folder = base / f"extract{index}"
-            folder.mkdir()
-            extract_archive(archive, folder)
-
-        seconds = median_seconds(extract, args.repeat)
-        rows.append(("ours: extract only", seconds, f"{members / seconds:8.0f} files/s"))
-
-        workspaces = [DatasetPaths.of(DATASET, base / f"ws{i}") for i in range(args.repeat)]
-        seconds = median_seconds(lambda i: download.run(cfg, workspaces[i]), args.repeat)
-        rows.append(("ours: download stage", seconds, f"{size / 1e6 / seconds:8.0f} MB/s"))
-        requests_before = server.count()
-        seconds = median_seconds(lambda _: download.run(cfg, workspaces[0]), args.repeat)
-        fetched_again = server.count() - requests_before
-        rows.append(("ours: already verified", seconds, f"{fetched_again} requests"))
-
-    print(f"median of {args.repeat} runs, loopback HTTP, {size / 1e6:.1f} MB")
+    print(f"median of {args.repeat} runs, loopback HTTP, {served.size / 1e6:.1f} MB")
     for name, secs, rate in rows:
         print(f"  {name:<24} {secs * 1000:9.1f} ms  {rate}")
     if not curl:

@@ -157,6 +157,16 @@ class Pipeline:
     def validation_images(self) -> int:
         return self.val_images - self.test_images
 
+    def record(self) -> dict[str, int]:
+        """The run's sizes, as the JSON records them."""
+        return {
+            "train_images": self.train_images,
+            "validation_images": self.validation_images,
+            "test_images": self.test_images,
+            "head_epochs": self.head_epochs,
+            "finetune_epochs": self.finetune_epochs,
+        }
+
     def formula(self) -> str:
         n, v, t = self.train_images, self.validation_images, self.test_images
         return (
@@ -422,16 +432,7 @@ def build_models(keras: Any, name: str, size: int, jit: bool | str) -> dict[str,
     """The extractor, the phase-1 head and the fine-tune model, compiled, under the policy."""
     spec = BACKBONES[name]
     ops = keras.ops
-    constructor = getattr(keras.applications, spec.constructor)
-    full = constructor(include_top=False, weights=None, input_shape=(size, size, 3))
-    output = full.get_layer(spec.cut_at).output if spec.cut_at else full.output
-    backbone = keras.Model(full.input, output, name="backbone")
-    names = [layer.name for layer in backbone.layers]
-    start = names.index(spec.unfreeze_from)
-    backbone.trainable = True
-    for index, layer in enumerate(backbone.layers):
-        is_bn = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = index >= start and not is_bn
+    backbone = _backbone(keras, spec, size)
 
     def preprocess(x: Any) -> Any:
         if spec.preprocess == "tf":
@@ -441,25 +442,12 @@ def build_models(keras: Any, name: str, size: int, jit: bool | str) -> dict[str,
         return x
 
     feature_shape = tuple(int(d) for d in backbone.output.shape[1:])
-
-    def head() -> Any:
-        layers: list[Any] = [keras.Input(shape=feature_shape)]
-        if spec.pooling == "avg":
-            layers.append(keras.layers.GlobalAveragePooling2D())
-        else:
-            layers.append(keras.layers.Flatten())
-        if spec.dense_units:
-            layers.append(keras.layers.Dense(spec.dense_units, activation="relu"))
-        layers.append(keras.layers.Dropout(spec.dropout))
-        layers.append(keras.layers.Dense(1, activation="sigmoid", dtype="float32"))
-        return keras.Sequential(layers, name="head")
-
     inputs = keras.Input((size, size, 3), name="image")
     x = keras.layers.Lambda(preprocess, dtype="float32", name="preprocess")(inputs)
     features = backbone(x, training=False)
     extractor = keras.Model(inputs, features, name="extractor")
-    finetune = keras.Model(inputs, head()(features), name="finetune")
-    phase1 = head()
+    finetune = keras.Model(inputs, _head(keras, spec, feature_shape)(features), name="finetune")
+    phase1 = _head(keras, spec, feature_shape)
 
     flag = True if jit == JAX_JIT else jit
     extractor.compile(jit_compile=flag)
@@ -478,6 +466,45 @@ def build_models(keras: Any, name: str, size: int, jit: bool | str) -> dict[str,
     }
 
 
+def _backbone(keras: Any, spec: BackboneSpec, size: int) -> Any:
+    """The cut backbone with random weights, its layers from ``unfreeze_from`` on trainable
+    (BatchNormalization excepted)."""
+    constructor = getattr(keras.applications, spec.constructor)
+    full = constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+    output = full.get_layer(spec.cut_at).output if spec.cut_at else full.output
+    backbone = keras.Model(full.input, output, name="backbone")
+    names = [layer.name for layer in backbone.layers]
+    start = names.index(spec.unfreeze_from)
+    backbone.trainable = True
+    for index, layer in enumerate(backbone.layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = index >= start and not is_bn
+    return backbone
+
+
+def _head(keras: Any, spec: BackboneSpec, feature_shape: tuple[int, ...]) -> Any:
+    """The backbone's default head on features of ``feature_shape``."""
+    layers: list[Any] = [keras.Input(shape=feature_shape)]
+    if spec.pooling == "avg":
+        layers.append(keras.layers.GlobalAveragePooling2D())
+    else:
+        layers.append(keras.layers.Flatten())
+    if spec.dense_units:
+        layers.append(keras.layers.Dense(spec.dense_units, activation="relu"))
+    layers.append(keras.layers.Dropout(spec.dropout))
+    layers.append(keras.layers.Dense(1, activation="sigmoid", dtype="float32"))
+    return keras.Sequential(layers, name="head")
+
+
+def unmeasured_row(
+    base: dict, name: str, size: int, precision: str, jit: bool | str | None, batch: int | None
+) -> dict:
+    """A table row for one configuration, its rates still to measure."""
+    return {**base, "backbone": name, "image_size": size, "precision": precision, "jit": jit,
+            "batch_size": batch, "extract_img_s": None, "head_img_s": None,
+            "finetune_img_s": None}  # fmt: skip
+
+
 def measure_config(
     keras: Any,
     name: str,
@@ -490,11 +517,7 @@ def measure_config(
     """One row per batch size for this backbone, precision and jit (errors become rows)."""
     import numpy as np
 
-    rows = [
-        {**base, "backbone": name, "image_size": size, "precision": precision, "jit": jit,
-         "batch_size": batch, "extract_img_s": None, "head_img_s": None, "finetune_img_s": None}
-        for batch in settings.batch_sizes
-    ]  # fmt: skip
+    rows = [unmeasured_row(base, name, size, precision, jit, b) for b in settings.batch_sizes]
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -509,39 +532,45 @@ def measure_config(
         effective = models["finetune"].jit_compile
         rng = np.random.default_rng(0)
         for row in rows:
-            batch = row["batch_size"]
             row["build_s"] = round(build_seconds, 3)
             if jit is not JAX_JIT and bool(effective) != bool(jit):
                 row["note"] = f"Keras ran jit_compile={effective}"
             started = time.perf_counter()
-            phase = "inputs"
-            try:
-                images = keras.ops.convert_to_tensor(
-                    rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
-                )
-                labels = keras.ops.convert_to_tensor(
-                    rng.integers(0, 2, (batch, 1)).astype("float32")
-                )
-                feats = keras.ops.convert_to_tensor(
-                    rng.uniform(0, 6, (batch, *models["feature_shape"])).astype("float32")
-                )
-                phases = (
-                    ("extract", models["extractor"].predict_on_batch, (images,)),
-                    ("head", models["head"].train_on_batch, (feats, labels)),
-                    ("finetune", models["finetune"].train_on_batch, (images, labels)),
-                )
-                for phase, step, inputs in phases:
-                    row[f"{phase}_img_s"] = images_per_second(
-                        step, inputs, batch, settings.warmup, settings.steps
-                    )
-            except Exception as error:  # noqa: BLE001 - e.g. out of memory at this batch
-                row["error"] = f"{phase}: {one_line(error)}"
+            measure_batch(keras, models, row, rng, settings)
             row["seconds"] = round(time.perf_counter() - started, 3)
         return rows
     finally:
         keras.mixed_precision.set_global_policy("float32")
         keras.backend.clear_session()
         release_memory(keras.backend.backend())
+
+
+def measure_batch(
+    keras: Any, models: dict[str, Any], row: dict, rng: Any, settings: Settings
+) -> None:
+    """``row``'s three rates at its batch size, on random inputs already on the device; a
+    failure (e.g. out of memory at this batch) is the row's ``error``."""
+    batch, size = row["batch_size"], row["image_size"]
+    phase = "inputs"
+    try:
+        images = keras.ops.convert_to_tensor(
+            rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
+        )
+        labels = keras.ops.convert_to_tensor(rng.integers(0, 2, (batch, 1)).astype("float32"))
+        feats = keras.ops.convert_to_tensor(
+            rng.uniform(0, 6, (batch, *models["feature_shape"])).astype("float32")
+        )
+        phases = (
+            ("extract", models["extractor"].predict_on_batch, (images,)),
+            ("head", models["head"].train_on_batch, (feats, labels)),
+            ("finetune", models["finetune"].train_on_batch, (images, labels)),
+        )
+        for phase, step, inputs in phases:
+            row[f"{phase}_img_s"] = images_per_second(
+                step, inputs, batch, settings.warmup, settings.steps
+            )
+    except Exception as error:  # noqa: BLE001 - e.g. out of memory at this batch
+        row["error"] = f"{phase}: {one_line(error)}"
 
 
 def release_memory(backend: str) -> None:
@@ -552,6 +581,13 @@ def release_memory(backend: str) -> None:
         torch.cuda.empty_cache()
 
 
+def device_label(devices: Sequence[str]) -> str:
+    """The device column: the one model (and how many of it), or every name."""
+    if len(set(devices)) != 1:
+        return ", ".join(devices)
+    return f"{devices[0]} (1 of {len(devices)})" if len(devices) > 1 else devices[0]
+
+
 def run(settings: Settings) -> dict:
     """Measure everything ``settings`` asks for; returns the JSON payload (also printed)."""
     import keras
@@ -560,9 +596,7 @@ def run(settings: Settings) -> dict:
     backend = keras.backend.backend()
     devices = device_names(backend)
     accelerator = devices != ["cpu"]
-    device = devices[0] if len(set(devices)) == 1 else ", ".join(devices)
-    if len(devices) > 1 and len(set(devices)) == 1:
-        device = f"{devices[0]} (1 of {len(devices)})"
+    device = device_label(devices)
     base = {"backend": backend, "device": device}
     precisions = list(settings.precisions or PRECISIONS)
     jits = jit_settings(backend, settings.jit, accelerator)
@@ -571,16 +605,12 @@ def run(settings: Settings) -> dict:
         size = settings.image_size or BACKBONES[name].image_size
         for precision in precisions:
             if precision == "mixed_float16" and not accelerator and settings.precisions is None:
-                rows.append(
-                    {**base, "backbone": name, "image_size": size, "precision": precision,
-                     "jit": None, "batch_size": None, "extract_img_s": None, "head_img_s": None,
-                     "finetune_img_s": None, "skipped": FLOAT16_ON_CPU}
-                )  # fmt: skip
+                skipped = unmeasured_row(base, name, size, precision, None, None)
+                rows.append({**skipped, "skipped": FLOAT16_ON_CPU})
                 continue
             for jit in jits:
                 print(f"... {name} {size}px {precision} jit={jit}", file=sys.stderr, flush=True)
                 rows.extend(measure_config(keras, name, size, precision, jit, settings, base))
-    projections = best_projections(rows)
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "backend": backend,
@@ -603,15 +633,9 @@ def run(settings: Settings) -> dict:
         },
         "rows": rows,
         "projection": {
-            "pipeline": {
-                "train_images": PIPELINE.train_images,
-                "validation_images": PIPELINE.validation_images,
-                "test_images": PIPELINE.test_images,
-                "head_epochs": PIPELINE.head_epochs,
-                "finetune_epochs": PIPELINE.finetune_epochs,
-            },
+            "pipeline": PIPELINE.record(),
             "formula": PIPELINE.formula(),
-            "backbones": projections,
+            "backbones": best_projections(rows),
         },
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -90,15 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(head=False)
 
     def _serve(self, head: bool) -> None:
-        owner = self.server.owner
-        path = self.path.split("?", 1)[0]
-        with owner.lock:
-            route = owner.routes.get(path)
-            status = route.statuses.pop(0) if route and route.statuses else None
-            drop = None
-            if route and status is None and route.drop_after is not None and route.drops > 0:
-                route.drops -= 1
-                drop = route.drop_after
+        route, status, drop = self._next_answer()
         if route is None:
             self._record(404)
             return self._plain(404, b"not found\n")
@@ -106,51 +98,74 @@ class _Handler(BaseHTTPRequestHandler):
             self._record(status)
             extra = {"Retry-After": route.retry_after} if route.retry_after else {}
             return self._plain(status, f"status {status}\n".encode(), extra)
+        start = self._honoured_range_start(route)
+        if start is not None and start >= len(route.body):
+            self._record(416)
+            return self._plain(416, b"", {"Content-Range": f"bytes */{len(route.body)}"})
+        code = 200 if start is None else 206
+        self._record(code)
+        payload = memoryview(route.body)[start or 0 :]
+        self._send_headers(route, code, start or 0, len(payload))
+        if head:
+            return
+        if drop is not None:
+            return self._write_then_drop(payload[:drop])
+        self._write_body(payload, route.rate)
 
-        body = route.body
-        start = 0
-        code = 200
+    def _next_answer(self) -> tuple[Route | None, int | None, int | None]:
+        """This path's route, and the fault it answers with now (a status, or the body
+        bytes before the connection drops), used up under the lock."""
+        owner = self.server.owner
+        with owner.lock:
+            route = owner.routes.get(self.path.split("?", 1)[0])
+            status = route.statuses.pop(0) if route and route.statuses else None
+            drop = None
+            if route and status is None and route.drop_after is not None and route.drops > 0:
+                route.drops -= 1
+                drop = route.drop_after
+        return route, status, drop
+
+    def _honoured_range_start(self, route: Route) -> int | None:
+        """Where the requested ``Range`` starts, when the route honours it (None: whole body)."""
         wanted = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         if wanted and not route.ignore_range and (if_range is None or if_range == route.etag):
-            first = _range_start(wanted)
-            if first is not None and first >= len(body):
-                self._record(416)
-                return self._plain(416, b"", {"Content-Range": f"bytes */{len(body)}"})
-            if first is not None:
-                start, code = first, 206
-        self._record(code)
-        payload = memoryview(body)[start:]
+            return _range_start(wanted)
+        return None
+
+    def _send_headers(self, route: Route, code: int, start: int, length: int) -> None:
         self.send_response(code)
         if route.content_type:
             self.send_header("Content-Type", route.content_type)
         if route.send_length:
-            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Content-Length", str(length))
         else:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.send_header("Accept-Ranges", "none" if route.ignore_range else "bytes")
         self.send_header("ETag", route.etag or "")
         if code == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            size = len(route.body)
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         self.end_headers()
-        if head:
-            return
-        if drop is not None:
-            self.wfile.write(payload[:drop])
-            self.wfile.flush()
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        step = max(256, route.rate // 10) if route.rate else 1 << 20
+
+    def _write_then_drop(self, part: memoryview) -> None:
+        self.wfile.write(part)
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _write_body(self, payload: memoryview, rate: int | None) -> None:
+        """``payload`` in chunks, throttled to ``rate`` bytes per second when set."""
+        step = max(256, rate // 10) if rate else 1 << 20
         try:
             for offset in range(0, len(payload), step):
                 self.wfile.write(payload[offset : offset + step])
-                if route.rate:
-                    time.sleep(step / route.rate)
+                if rate:
+                    time.sleep(step / rate)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
