@@ -147,11 +147,11 @@ def build_dataset_dag(
         @xcom_task(trigger_rule="all_done", retries=0)
         @fails_fast()
         def finish() -> dict[str, Any]:
-            from tasks.orchestration import experiments
+            from tasks.orchestration import parent_run
 
             ti = get_current_context()["ti"]
             names = ["prepare", *graph.names, "record"]
-            return experiments.finish_tasks(
+            return parent_run.finish_tasks(
                 project, dataset, {name: ti.xcom_pull(task_ids=name) for name in names}
             )
 

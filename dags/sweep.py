@@ -104,7 +104,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
         @xcom_task(task_id="finish", trigger_rule="all_done", retries=0)
         @fails_fast()
         def finish_lane(combination: dict[str, Any]) -> dict[str, Any]:
-            from tasks.orchestration import experiments, sweep
+            from tasks.orchestration import parent_run, sweep
 
             combo = sweep.Combination.from_xcom(combination)
             ti = get_current_context()["ti"]
@@ -112,7 +112,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
                 name: ti.xcom_pull(task_ids=f"{GROUP}.{name}", map_indexes=ti.map_index)
                 for name in ["prepare", *stages, "record"]
             }
-            return experiments.finish_tasks(
+            return parent_run.finish_tasks(
                 combo.project(project), combo.dataset, results, combo.tags, label=combo.key
             )
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Config, env_overrides, load_config
+from tasks.config import Config, load_config, load_stage_config
+from tasks.contract import PARAMS_ENV, PARENT_ENV, ROOT_ENV
 from tasks.errors import ConfigError, StageError
 from tasks.io import storage_error
 from tasks.paths import DatasetPaths
@@ -139,7 +140,7 @@ def history(args: argparse.Namespace) -> Any:
 
 
 def _dataset_args(args: argparse.Namespace) -> tuple[Config, DatasetPaths]:
-    cfg = load_config(args.params, [*env_overrides(), *args.overrides])
+    cfg = load_stage_config(args.params, args.overrides)
     cfg.dataset(args.dataset)
     return cfg, DatasetPaths.of(args.dataset, Path(args.root))
 
@@ -157,9 +158,9 @@ def fetch_weights(args: argparse.Namespace) -> Any:
 def pipeline_run(args: argparse.Namespace) -> Any:
     """Start or end the MLflow parent run of one pipeline execution (the DAG's first and
     last tasks call this in the dataset's workspace)."""
-    from tasks.tracking.runs import PARENT_ENV, end_pipeline_run, start_pipeline_run
+    from tasks.tracking.runs import end_pipeline_run, start_pipeline_run
 
-    cfg = load_config(args.params, env_overrides())
+    cfg = load_stage_config(args.params)
     paths = DatasetPaths.of(args.dataset, Path(args.root))
     if args.action == "start":
         return start_pipeline_run(cfg, paths)
@@ -187,8 +188,8 @@ def dvc_stage(args: argparse.Namespace) -> Any:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params",
-        default=os.environ.get("TASKS_PARAMS", "params.yaml"),
-        help="parameter file (default: params.yaml, or $TASKS_PARAMS)",
+        default=os.environ.get(PARAMS_ENV, "params.yaml"),
+        help=f"parameter file (default: params.yaml, or ${PARAMS_ENV})",
     )
     parser.add_argument(
         "--set",
@@ -200,7 +201,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--root",
-        default=os.environ.get("TASKS_ROOT", "."),
+        default=os.environ.get(ROOT_ENV, "."),
         help="workspace holding data/, models/, reports/ (default: current folder)",
     )
 
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sweep's comparison: table, Pareto plot and MLflow run (the sweep DAG runs it)",
     )
     command.add_argument("folder", help="reports/sweep/<sweep id>, holding rows.json")
-    command.add_argument("--params", default=os.environ.get("TASKS_PARAMS", "params.yaml"))
+    command.add_argument("--params", default=os.environ.get(PARAMS_ENV, "params.yaml"))
     command.set_defaults(command_fn=sweep_report)
 
     command = sub.add_parser(
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(command_fn=history)
 
     command = sub.add_parser("datasets", help="print the dataset names in params.yaml")
-    command.add_argument("--params", default=os.environ.get("TASKS_PARAMS", "params.yaml"))
+    command.add_argument("--params", default=os.environ.get(PARAMS_ENV, "params.yaml"))
     command.set_defaults(command_fn=datasets)
 
     command = sub.add_parser(
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("dataset")
     _common(command)
     command.add_argument(
-        "--run-id", default=os.environ.get("TASKS_PARENT_RUN_ID"), help="the parent run to end"
+        "--run-id", default=os.environ.get(PARENT_ENV), help="the parent run to end"
     )
     command.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
     command.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
@@ -337,7 +338,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
     stage: StageCommand | None = getattr(args, "stage_fn", None)
     if stage is None:
         return args.command_fn(args)
-    cfg = load_config(args.params, [*env_overrides(), *args.overrides])
+    cfg = load_stage_config(args.params, args.overrides)
     cfg.dataset(args.dataset)
     if stage.__name__ in DEVICE_STAGES:
         from tasks.gpus import claim_gpus

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.contract import RUN_OVERRIDES_ENV, SET_ENV
 from tasks.errors import ConfigError
 from tasks.io import SHA256_HEX
 
@@ -40,8 +41,6 @@ DEFAULT_PARAMS = Path("params.yaml")
 RECIPES = Path(__file__).parent / "recipes"
 """The named presets (``recipe:``): one ``<name>.yaml`` of parameter values each."""
 DEFAULT_RECIPE = "default"
-SET_ENV = "TASKS_SET"
-"""JSON list of ``key=value`` overrides applied before ``--set`` (the DAGs set it per run)."""
 BACKBONES = (
     "mobilenet_v2",
     "inception_v3",
@@ -428,11 +427,13 @@ class Config(_Section):
     datasets: dict[str, DatasetConfig] = Field(min_length=1)
     download: DownloadConfig = DownloadConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    """The ``validate:`` section (``validate`` itself is a BaseModel method)."""
     train: TrainConfig = TrainConfig()
     augmentation: AugmentationConfig = AugmentationConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    """The ``register:`` section: the registry gate (``register`` is taken by ABCMeta)."""
     tracking: TrackingConfig = TrackingConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     overrides: tuple[str, ...] = ()
@@ -453,16 +454,6 @@ class Config(_Section):
                 named[key] = {**entry, "name": key} if isinstance(entry, dict) else entry
             return named
         return value
-
-    @property
-    def validation(self) -> ValidateConfig:
-        """The ``validate:`` section (a field may not be called ``validate``)."""
-        return self.validate_
-
-    @property
-    def gate(self) -> RegisterConfig:
-        """The ``register:`` section: the registry's promotion gate."""
-        return self.register_
 
     def dataset(self, name: str) -> DatasetConfig:
         """The dataset called ``name``, or a ConfigError listing the known ones."""
@@ -645,13 +636,9 @@ def load_config(
     return parse_config(raw, overrides, source=str(path))
 
 
-def env_overrides() -> list[str]:
-    """``$TASKS_SET``: a JSON list of KEY=VALUE overrides applied before ``--set``.
-
-    The Airflow DAGs set it for a run's conf overrides (already written into the
-    workspace's params.yaml), so every stage records them in MLflow.
-    """
-    text = os.environ.get(SET_ENV, "").strip()
+def env_overrides(name: str = SET_ENV) -> list[str]:
+    """``$TASKS_SET`` (or ``name``): a JSON list of ``key=value`` strings."""
+    text = os.environ.get(name, "").strip()
     if not text:
         return []
     try:
@@ -659,5 +646,21 @@ def env_overrides() -> list[str]:
     except json.JSONDecodeError:
         items = None
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ConfigError(f'${SET_ENV}: must be a JSON list of "key=value" strings')
+        raise ConfigError(f'${name}: must be a JSON list of "key=value" strings')
     return items
+
+
+def load_stage_config(
+    path: str | Path = DEFAULT_PARAMS, overrides: tuple[str, ...] | list[str] = ()
+) -> Config:
+    """What a stage command runs with: the params file, ``$TASKS_SET`` then ``--set``.
+
+    A scheduled run's overrides are already written into its workspace's params.yaml;
+    the orchestrator names them in ``$TASKS_RUN_OVERRIDES`` so that every stage
+    records them (MLflow's ``overrides`` tag) without applying them a second time.
+    """
+    cfg = load_config(path, [*env_overrides(), *overrides])
+    recorded = env_overrides(RUN_OVERRIDES_ENV)
+    if not recorded:
+        return cfg
+    return cfg.model_copy(update={"overrides": (*recorded, *cfg.overrides)})

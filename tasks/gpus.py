@@ -32,14 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from tasks.contract import GPU_LOCKS_ENV, GPU_WAIT_ENV, GPUS_ENV, GPUS_PER_TASK_ENV
 from tasks.errors import StageError
 
 log = logging.getLogger(__name__)
 
-GPUS_ENV = "TASKS_GPUS"
-PER_TASK_ENV = "TASKS_GPUS_PER_TASK"
-LOCKS_ENV = "TASKS_GPU_LOCKS"
-WAIT_ENV = "TASKS_GPU_WAIT_SECONDS"
 DEFAULT_LOCKS = "/tmp/tasks-gpu-locks"
 DEFAULT_WAIT = 600.0
 
@@ -80,21 +77,21 @@ def claim_gpus(env: Mapping[str, str] | None = None, poll_seconds: float = 1.0) 
             f"{GPUS_ENV} is set but TensorFlow was imported before the GPUs were claimed; "
             "claim them first (tasks.gpus.claim_gpus) so the task sees only its own"
         )
-    count = _positive_int(env, PER_TASK_ENV, 1)
+    count = _positive_int(env, GPUS_PER_TASK_ENV, 1)
     if count > len(ids):
         raise StageError(
-            f"{PER_TASK_ENV}={count} but {GPUS_ENV} names only {len(ids)} GPU(s) "
-            f"({','.join(ids)}); lower {PER_TASK_ENV} or list more GPUs"
+            f"{GPUS_PER_TASK_ENV}={count} but {GPUS_ENV} names only {len(ids)} GPU(s) "
+            f"({','.join(ids)}); lower {GPUS_PER_TASK_ENV} or list more GPUs"
         )
-    folder = Path(env.get(LOCKS_ENV) or DEFAULT_LOCKS)
+    folder = Path(env.get(GPU_LOCKS_ENV) or DEFAULT_LOCKS)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise StageError(
-            f"cannot create the GPU lock folder {folder} ({error.strerror}); set {LOCKS_ENV} "
+            f"cannot create the GPU lock folder {folder} ({error.strerror}); set {GPU_LOCKS_ENV} "
             "to a writable folder shared by the worker's tasks"
         ) from None
-    wait = float(env.get(WAIT_ENV) or DEFAULT_WAIT)
+    wait = float(env.get(GPU_WAIT_ENV) or DEFAULT_WAIT)
     deadline = time.monotonic() + wait
     announced = False
     while True:
@@ -105,7 +102,7 @@ def claim_gpus(env: Mapping[str, str] | None = None, poll_seconds: float = 1.0) 
             raise StageError(
                 f"no {count} free GPU(s) among {GPUS_ENV}={','.join(ids)} after {wait:.0f} s "
                 "(held by other tasks); size the Airflow gpu pool to the GPU count divided by "
-                f"{PER_TASK_ENV}, or raise {WAIT_ENV}"
+                f"{GPUS_PER_TASK_ENV}, or raise {GPU_WAIT_ENV}"
             )
         if not announced:
             log.info("all of GPUs %s are held by other tasks; waiting", ",".join(ids))

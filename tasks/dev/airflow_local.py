@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.contract import WORKSPACE_RECORD
 from tasks.errors import ConfigError, StageError
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID, Project
-from tasks.orchestration.workspace import RUN_RECORD
 from tasks.tracking.runs import comparison_url
 
 ADMIN_USER = "admin"
@@ -170,8 +170,8 @@ class LocalAirflow:
 
 
 def stage_seconds(project: Project, dataset: str) -> float:
-    """Seconds the stage commands of the dataset's latest run took (from its run record)."""
-    path = project.workspace(dataset) / RUN_RECORD
+    """Seconds the stage commands of the dataset's latest run took (from its workspace record)."""
+    path = project.workspace(dataset) / WORKSPACE_RECORD
     if not path.exists():
         return 0.0
     stages = json.loads(path.read_text()).get("stages", {})
@@ -256,7 +256,7 @@ def experiments_to_restore(project: Project, datasets: Sequence[str]) -> list[st
     """Each dataset's latest run as a DVC experiment, and the commands that restore it."""
     lines = ["", "DVC experiments (one per DAG run; `dvc exp show` in the project lists them):"]
     for ds in datasets:
-        path = project.workspace(ds) / RUN_RECORD
+        path = project.workspace(ds) / WORKSPACE_RECORD
         record = json.loads(path.read_text()) if path.exists() else {}
         name = record.get("experiment")
         if not name or not record.get("experiment_rev"):

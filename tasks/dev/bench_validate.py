@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         scan = scan_raw(paths.raw, cfg.dataset(DATASET))
         for workers in dict.fromkeys([1, worker_count(args.workers)]):
             started = time.perf_counter()
-            manifest = build_manifest(scan, cfg.validation.model_copy(update={"workers": workers}))
+            manifest = build_manifest(scan, cfg.validate_.model_copy(update={"workers": workers}))
             seconds = time.perf_counter() - started
             print(
                 f"decode      {seconds:6.2f} s  ({workers} process(es), "

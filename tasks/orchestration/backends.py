@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.contract import PROJECT_ENV, STATE_ENV
 from tasks.errors import ConfigError
 from tasks.orchestration.project import Project
 
@@ -102,8 +103,8 @@ def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
 
 def pod_env(project: Project) -> dict[str, str]:
     env = {
-        "TASKS_PROJECT": str(project.root),
-        "TASKS_STATE_DIR": str(project.state),
+        PROJECT_ENV: str(project.root),
+        STATE_ENV: str(project.state),
         "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
         "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
         "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",

@@ -8,8 +8,8 @@ experiment record, ``tasks.orchestration.experiments``). A failure is a
 :class:`StageFailed` with the stage command's own one-line error and whether a
 retry could help (:func:`should_retry`).
 
-Per-run overrides reach each stage command through ``$TASKS_SET`` so MLflow
-records them in the ``overrides`` tag.
+A run's overrides are in the workspace's params.yaml; each stage command is also
+told them (``$TASKS_RUN_OVERRIDES``) so MLflow records them in the ``overrides`` tag.
 
 Imported when Airflow parses the DAG files: standard library and base modules only.
 """
@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.contract import WORKSPACE_RECORD
 from tasks.errors import ConfigError, StageFailed
 from tasks.io import write_json
 from tasks.orchestration.project import Project
+from tasks.orchestration.records import read_workspace_record, stage_env
 from tasks.orchestration.stage_graph import read_stage_graph
-from tasks.orchestration.workspace import RUN_RECORD, default_remote, read_run_record, stage_env
+from tasks.orchestration.workspace import default_remote
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def dvc_command(
 ) -> tuple[int, list[str]]:
     """Run ``dvc <args>`` in ``ws``, echoing its output to the log; returns (code, lines).
 
-    ``record`` (the run record) gives the stage processes the run's overrides,
+    ``record`` (the workspace record) gives the stage processes the run's overrides,
     parent run, experiment name and store.
     """
     return workspace_command(ws, ["dvc", *args], record)
@@ -105,7 +107,7 @@ def workspace_command(
     with subprocess.Popen(
         cmd,
         cwd=ws,
-        env=stage_env(record.get("overrides", []), record),
+        env=stage_env(record),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -166,7 +168,7 @@ def run_stage(project: Project, dataset: str, stage: str) -> StageResult:
     Raises :class:`StageFailed` with the stage command's one-line error.
     """
     ws = project.workspace(dataset)
-    record = read_run_record(ws)
+    record = read_workspace_record(ws)
     spec = read_stage_graph(ws / "dvc.yaml", dataset).stage(stage)
     start = time.perf_counter()
     code, lines = dvc_command(ws, ["repro", "--single-item", spec.target], record)
@@ -208,9 +210,9 @@ def _run_ids(path: Path) -> dict[str, Any]:
 
 
 def _record_stage(ws: Path, result: StageResult) -> None:
-    record = read_run_record(ws)
+    record = read_workspace_record(ws)
     record.setdefault("stages", {})[result.stage] = {"ran": result.ran, "seconds": result.seconds}
-    write_json(ws / RUN_RECORD, record)
+    write_json(ws / WORKSPACE_RECORD, record)
 
 
 def stage_command(
@@ -282,7 +284,7 @@ def push_failure(ws: Path, dataset: str, lines: list[str]) -> StageFailed:
 def push_outputs(project: Project, dataset: str) -> PushResult:
     """``dvc push`` the workspace's outputs (to the project's remote, or ``TASKS_DVC_REMOTE``)."""
     ws = project.workspace(dataset)
-    record = read_run_record(ws)
+    record = read_workspace_record(ws)
     start = time.perf_counter()
     code, lines = dvc_command(ws, ["push"], record)
     if code:

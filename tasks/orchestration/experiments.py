@@ -33,8 +33,9 @@ from typing import Any
 from tasks.errors import StageFailed
 from tasks.orchestration.dvc import dvc_command, failure, push_outputs
 from tasks.orchestration.project import Project
+from tasks.orchestration.records import read_workspace_record, update_workspace_record
 from tasks.orchestration.stage_graph import read_stage_graph
-from tasks.orchestration.workspace import git, read_run_record, update_run_record
+from tasks.orchestration.workspace import git
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def record_experiment(
     default every stage of the dataset.
     """
     ws = project.workspace(dataset)
-    record = read_run_record(ws)
+    record = read_workspace_record(ws)
     name = record["experiment"]
     start = time.perf_counter()
     graph = read_stage_graph(ws / "dvc.yaml", dataset)
@@ -118,7 +119,7 @@ def record_experiment(
         seconds=round(time.perf_counter() - start, 2),
         workspace=str(ws),
     )
-    update_run_record(ws, experiment_rev=rev)
+    update_workspace_record(ws, experiment_rev=rev)
     log.info("%s", result)
     return result
 
@@ -134,83 +135,6 @@ def _exp_ref(ws: Any, name: str) -> str:
         if ref.rsplit("/", 1)[-1] == name:
             return ref
     raise StageFailed(f"record: dvc exp save made no ref for {name}", retryable=True)
-
-
-@dataclass(frozen=True)
-class PipelineOutcome:
-    """How a DAG run ended, as the ``finish`` task records it on the MLflow parent run."""
-
-    dataset: str
-    status: str
-    parent_run_id: str | None
-    experiment: str | None
-    failed_task: str | None
-    message: str
-
-    def xcom(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def finish_pipeline(
-    project: Project,
-    dataset: str,
-    prepared: dict[str, Any] | None,
-    failed_task: str | None,
-    tags: dict[str, str] | None = None,
-) -> PipelineOutcome:
-    """End the run's MLflow parent run: FINISHED with the experiment's name and rev, or
-    FAILED naming the task that failed. ``prepared`` is the prepare task's XCom (None when
-    prepare itself failed: then no parent run was opened and there is nothing to end);
-    ``tags`` go on the parent run either way (a sweep's id and combination)."""
-    from tasks.orchestration.workspace import pipeline_run
-
-    if not prepared or not prepared.get("parent_run_id"):
-        return PipelineOutcome(
-            dataset,
-            "FAILED",
-            None,
-            None,
-            failed_task or "prepare",
-            f"{dataset}: the run failed before it started (prepare); no MLflow run was opened",
-        )
-    parent = prepared["parent_run_id"]
-    record = read_run_record(project.workspace(dataset))
-    if failed_task:
-        failed = {**(tags or {}), "pipeline.failed_task": failed_task}
-        pipeline_run(project, dataset, "end", "FAILED", **failed)
-        message = (
-            f"{dataset}: {failed_task} failed; MLflow parent run {parent} ended FAILED "
-            "(its log names the reason)"
-        )
-        return PipelineOutcome(dataset, "FAILED", parent, None, failed_task, message)
-    finished = {
-        **(tags or {}),
-        "dvc.exp_name": record["experiment"],
-        "dvc.exp_rev": record.get("experiment_rev", ""),
-        "dvc.exp_baseline_rev": record["baseline"],
-    }
-    pipeline_run(project, dataset, "end", "FINISHED", **finished)
-    message = f"{dataset}: finished; experiment {record['experiment']}, MLflow parent run {parent}"
-    log.info("%s", message)
-    return PipelineOutcome(dataset, "FINISHED", parent, record["experiment"], None, message)
-
-
-def finish_tasks(
-    project: Project,
-    dataset: str,
-    results: dict[str, Any],
-    tags: dict[str, str] | None = None,
-    label: str = "",
-) -> dict[str, Any]:
-    """The ``finish`` task: end the parent run from each task's XCom, in order (None: that
-    task failed or never ran). Raises a one-line, not retryable :class:`StageFailed`
-    naming the first task that failed; ``label`` prefixes it (a sweep lane's key)."""
-    failed = next((name for name, value in results.items() if value is None), None)
-    outcome = finish_pipeline(project, dataset, results.get("prepare"), failed, tags)
-    if failed:
-        message = f"{label}: {outcome.message}" if label else outcome.message
-        raise StageFailed(message, retryable=False)
-    return outcome.xcom()
 
 
 def headline(

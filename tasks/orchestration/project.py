@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tasks.config import Config, load_config
+from tasks.contract import DVC_REMOTE_ENV, PARAMS_ENV, PROJECT_ENV, STATE_ENV
 from tasks.orchestration.stage_graph import StageGraph, read_stage_graph
 
 DAG_PREFIX = "transfer_learning__"
@@ -44,21 +45,21 @@ class Project:
         cls, root: str | Path | None = None, environ: Mapping[str, str] | None = None
     ) -> Project:
         env = os.environ if environ is None else environ
-        base = Path(root or env.get("TASKS_PROJECT") or Path.cwd()).resolve()
-        params = Path(env.get("TASKS_PARAMS") or "params.yaml")
-        state = Path(env.get("TASKS_STATE_DIR") or base)
+        base = Path(root or env.get(PROJECT_ENV) or Path.cwd()).resolve()
+        params = Path(env.get(PARAMS_ENV) or "params.yaml")
+        state = Path(env.get(STATE_ENV) or base)
         return cls(
             root=base,
             params=params if params.is_absolute() else base / params,
             state=state if state.is_absolute() else base / state,
-            remote=env.get("TASKS_DVC_REMOTE") or None,
+            remote=env.get(DVC_REMOTE_ENV) or None,
         )
 
     @classmethod
     def of_dag_file(cls, dag_file: str | Path) -> Project:
         """The project a DAG file belongs to: ``TASKS_PROJECT``, else the folder above
         the DAG folder."""
-        return cls.from_env(os.environ.get("TASKS_PROJECT") or Path(dag_file).resolve().parents[1])
+        return cls.from_env(os.environ.get(PROJECT_ENV) or Path(dag_file).resolve().parents[1])
 
     @property
     def dvc_yaml(self) -> Path:

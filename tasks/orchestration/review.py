@@ -18,15 +18,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tasks.contract import AWAITING_APPROVAL, gate_status
 from tasks.errors import StageFailed
 from tasks.orchestration.dvc import failure, workspace_command
 from tasks.orchestration.project import Project
-from tasks.orchestration.workspace import read_run_record
+from tasks.orchestration.records import read_workspace_record
 
 log = logging.getLogger(__name__)
 
 APPROVE, REJECT = "Approve", "Reject"
-AWAITING = "awaiting_approval"
 
 APPROVAL_SUBJECT = (
     "{% set g = ti.xcom_pull(task_ids='register')['metrics'] %}"
@@ -62,8 +62,7 @@ The full report is `reports/<dataset>/gate.json` in the workspace and on the MLf
 
 def needs_review(register_result: Mapping[str, Any] | None) -> bool:
     """Whether the register task left a candidate awaiting approval."""
-    metrics = (register_result or {}).get("metrics") or {}
-    return metrics.get("status") == AWAITING
+    return gate_status(register_result) == AWAITING_APPROVAL
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def apply_review(
     """Run ``python -m tasks approve`` in the workspace with the reviewer's answer."""
     argv, result = review_command(dataset, version, response)
     ws = project.workspace(dataset)
-    code, lines = workspace_command(ws, argv, read_run_record(ws))
+    code, lines = workspace_command(ws, argv, read_workspace_record(ws))
     if code:
         raise failure("approve", dataset, lines)
     log.info("v%s of %s %s by %s", version, dataset, result.decision, result.by)

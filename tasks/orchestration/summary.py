@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import Config
+from tasks.contract import WORKSPACE_RECORD
 from tasks.io import write_json, write_text
 from tasks.orchestration.project import Project
-from tasks.orchestration.workspace import RUN_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def champion_of(cfg: Config, project: Project, dataset: str) -> dict[str, Any] |
         "backbone": tags.get("backbone"),
         "airflow_run_id": tags.get("airflow.run_id"),
         "experiment": tags.get("dvc.exp_name"),
-        "metrics": _headline(metrics, cfg.gate.metric),
+        "metrics": _headline(metrics, cfg.register_.metric),
     }
 
 
@@ -112,9 +112,9 @@ def dataset_summary(cfg: Config, project: Project, dataset: str) -> dict[str, An
     ws = project.workspace(dataset)
     reports = ws / "reports" / dataset
     gate = _read_json(reports / "gate.json")
-    run = _read_json(ws / RUN_RECORD)
+    run = _read_json(ws / WORKSPACE_RECORD)
     latest = {
-        "metrics": _headline(_read_json(reports / "metrics.json"), cfg.gate.metric),
+        "metrics": _headline(_read_json(reports / "metrics.json"), cfg.register_.metric),
         "gate": {
             k: gate.get(k)
             for k in (
@@ -202,7 +202,7 @@ def write_summary(project: Project) -> Summary:
     store = project.mlflow_dir
     payload = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "gate_metric": cfg.gate.metric,
+        "gate_metric": cfg.register_.metric,
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{store / 'mlflow.db'} --port 5000",
         "datasets": datasets,
     }

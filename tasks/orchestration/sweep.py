@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -41,18 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import BACKBONES, recipe_names
+from tasks.contract import PARAMS_ENV, STORE_ENV
 from tasks.errors import ConfigError, StageError, StageFailed
 from tasks.io import write_json
 from tasks.orchestration.dvc import StageResult, run_stage
+from tasks.orchestration.process import run_checked
 from tasks.orchestration.project import Project
+from tasks.orchestration.records import read_workspace_record, stage_env
 from tasks.orchestration.runconf import resolve_run_config, set_entries
-from tasks.orchestration.workspace import (
-    STORE_ENV,
-    Prepared,
-    prepare_workspace,
-    read_run_record,
-    stage_env,
-)
+from tasks.orchestration.workspace import Prepared, prepare_workspace
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +233,7 @@ def lane_row(project: Project, combo: Combination) -> dict[str, Any]:
         "workspace": str(ws),
     }
     try:
-        record = read_run_record(ws)
+        record = read_workspace_record(ws)
     except StageError:
         return row
     stages = record.get("stages", {})
@@ -301,19 +297,11 @@ def compare_sweep(project: Project, combos: Sequence[Combination]) -> SweepCompa
     folder = sweep_folder(project, sweep)
     rows = [lane_row(project, combo) for combo in combos]
     write_json(folder / "rows.json", {"sweep": sweep, "rows": rows})
-    env = stage_env(())
+    env = stage_env()
     env[STORE_ENV] = str(project.state)
-    env["TASKS_PARAMS"] = str(project.params)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks", "sweep-report", str(folder)],
-        cwd=project.root,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise StageError(f"sweep {sweep}: the comparison failed: {tail.removeprefix('error: ')}")
+    env[PARAMS_ENV] = str(project.params)
+    argv = [sys.executable, "-m", "tasks", "sweep-report", str(folder)]
+    run_checked(argv, f"sweep {sweep}: the comparison failed", cwd=project.root, env=env)
     report = json.loads((folder / "comparison.json").read_text())
     best = report["best"]
     result = SweepComparison(sweep, str(folder), report["rows"], best, report["mlflow_run_id"])

@@ -15,9 +15,9 @@ brings ``<state>/.workspaces/<ds>/`` to the deployed commit:
 Then it writes the workspace's ``params.yaml`` = the project's params file with
 the run's overrides applied, for this dataset only (DVC sees the real values,
 and the experiment records them), points DVC at the project's shared cache and remote
-(``.dvc/config.local``), opens the run's MLflow parent run, and writes the run
-record (``.tasks-run.json``: dataset, overrides, Airflow run id, experiment
-name, baseline commit, parent run id).
+(``.dvc/config.local``), writes the workspace record (``.tasks-run.json``,
+``tasks.orchestration.records``) and opens the run's MLflow parent run
+(``tasks.orchestration.parent_run``, which ``finish`` ends).
 
 Why a workspace per dataset: ``dvc repro`` holds one lock per repository, so
 two dataset DAGs running in the project itself would fight over it (and over
@@ -32,14 +32,13 @@ library, ``yaml`` and the base modules.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,29 +46,26 @@ from typing import Any
 
 import yaml
 
-from tasks.config import SET_ENV, Config
+from tasks.config import Config
 from tasks.errors import StageError
-from tasks.io import atomic_path, file_lock, write_json, write_text
+from tasks.io import atomic_path, file_lock, write_text
+from tasks.orchestration.parent_run import start_parent_run
+from tasks.orchestration.process import run_checked
 from tasks.orchestration.project import Project
+from tasks.orchestration.records import (
+    stage_env,
+    update_workspace_record,
+    write_workspace_record,
+)
 from tasks.orchestration.runconf import params_mapping, resolve_run_config
 from tasks.orchestration.stage_graph import StageGraph
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD = ".tasks-run.json"
-"""The workspace's record of the current run (git-ignored)."""
-STORE_ENV = "TASKS_STORE_ROOT"
-"""Where a stage process finds the shared embedded MLflow store (``<state>/mlflow``)."""
-PARENT_ENV = "TASKS_PARENT_RUN_ID"
-"""The MLflow parent run of the pipeline execution a stage process belongs to."""
-EXPERIMENT_ENV = "TASKS_EXPERIMENT"
-"""The DVC experiment a stage process's run will be saved as (MLflow tag ``dvc.exp_name``)."""
 CODE_DIRS = ("tasks",)
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore")
 SNAPSHOT_AUTHOR = ("tasks pipeline", "pipeline@localhost")
 _REF_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-# Variables that would point a stage command away from its workspace.
-_LOCATION_ENV = ("TASKS_PARAMS", "TASKS_ROOT", SET_ENV, STORE_ENV, PARENT_ENV, EXPERIMENT_ENV)
 
 
 @dataclass(frozen=True)
@@ -126,9 +122,9 @@ def prepare_workspace(
         "store_root": str(project.state),
         "stages": {},
     }
-    write_json(ws / RUN_RECORD, record)
-    parent = pipeline_run(project, dataset, "start")
-    update_run_record(ws, parent_run_id=parent)
+    write_workspace_record(ws, record)
+    parent = start_parent_run(project, dataset)
+    update_workspace_record(ws, parent_run_id=parent)
     return Prepared(dataset, str(ws), overrides, cfg.train.backbone_name, name, baseline, parent)
 
 
@@ -154,11 +150,8 @@ def experiment_name(dataset: str, run_id: str | None) -> str:
 
 def git(repo: Path, *args: str) -> str:
     """``git <args>`` in ``repo``; its stdout, stripped. A failure is a one-line StageError."""
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, env=_git_env())
-    if proc.returncode:
-        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise StageError(f"git {' '.join(args)} failed in {repo}: {tail}")
-    return proc.stdout.strip()
+    doing = f"git {' '.join(args)} failed in {repo}"
+    return run_checked(["git", *args], doing, cwd=repo, env=_git_env()).strip()
 
 
 def _git_env() -> dict[str, str]:
@@ -343,70 +336,5 @@ def _init_tracking_store(project: Project) -> None:
         if db.exists() and db.stat().st_size:
             return
         code = "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"
-        proc = subprocess.run(
-            [sys.executable, "-c", code, uri], capture_output=True, text=True, env=stage_env(())
-        )
-        if proc.returncode:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise StageError(f"cannot create the MLflow store {db}: {tail}")
-
-
-def pipeline_run(
-    project: Project, dataset: str, action: str, status: str = "FINISHED", **tags: str
-) -> str | None:
-    """Start or end the run's MLflow parent run (``python -m tasks pipeline-run``).
-
-    In a subprocess, like every stage: MLflow's store migrations stay out of the
-    Airflow worker. ``start`` returns the new parent run id.
-    """
-    ws = project.workspace(dataset)
-    record = read_run_record(ws)
-    args = [sys.executable, "-m", "tasks", "pipeline-run", action, dataset]
-    if action == "end":
-        args += ["--status", status, *(f"--tag={k}={v}" for k, v in tags.items())]
-    env = stage_env(record.get("overrides", []), record)
-    proc = subprocess.run(args, cwd=ws, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise StageError(
-            f"MLflow parent run of {dataset} ({action}): {tail.removeprefix('error: ')}"
-        )
-    return proc.stdout.strip().splitlines()[-1] if action == "start" else None
-
-
-# --- the run record -----------------------------------------------------------
-
-
-def read_run_record(ws: Path) -> dict[str, Any]:
-    path = ws / RUN_RECORD
-    if not path.exists():
-        raise StageError(
-            f"{ws} has not been prepared for a run; run the DAG's prepare task first "
-            "(or trigger the whole DAG)"
-        )
-    return json.loads(path.read_text())
-
-
-def update_run_record(ws: Path, **values: Any) -> dict[str, Any]:
-    record = {**read_run_record(ws), **values}
-    write_json(ws / RUN_RECORD, record)
-    return record
-
-
-def stage_env(overrides: Sequence[str], record: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The environment of a stage process: the run's overrides, parent run and experiment."""
-    env = {k: v for k, v in os.environ.items() if k not in _LOCATION_ENV}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if overrides:
-        env[SET_ENV] = json.dumps(list(overrides))
-    record = record or {}
-    if record.get("store_root"):
-        env[STORE_ENV] = str(record["store_root"])
-    if record.get("parent_run_id"):
-        env[PARENT_ENV] = str(record["parent_run_id"])
-    if record.get("experiment"):
-        env[EXPERIMENT_ENV] = str(record["experiment"])
-    return env
+        argv = [sys.executable, "-c", code, uri]
+        run_checked(argv, f"cannot create the MLflow store {db}", cwd=Path.cwd(), env=stage_env())

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tasks.config import Config
+from tasks.contract import AWAITING_APPROVAL
 from tasks.errors import StageError
 from tasks.paths import DatasetPaths
-from tasks.tracking.registry import AWAITING_APPROVAL as AWAITING
 from tasks.tracking.registry import CHALLENGER, CHAMPION, registered_model_name
 
 if TYPE_CHECKING:
@@ -68,13 +68,30 @@ def _awaiting_version(client: MlflowClient, name: str, version: str | None) -> M
             "(`python -m tasks history` lists the versions the gate has seen)"
         ) from None
     status = found.tags.get("gate.decision", "")
-    if status != AWAITING:
+    if status != AWAITING_APPROVAL:
         raise StageError(
             f"{name} v{found.version} is not awaiting approval (gate.decision: "
             f"{status or 'none'}); only a candidate that passed the gate with "
             "register.approval: human can be approved or rejected"
         )
     return found
+
+
+def _history_reason(reason: str, gate_reason: str) -> str:
+    """The alias history's reason: the reviewer's, with the gate's after it."""
+    return f"{reason} (gate: {gate_reason})" if reason else gate_reason
+
+
+def _tag_review(
+    client: MlflowClient, candidate: ModelVersion, decision: str, by: str, reason: str
+) -> None:
+    """The review on the model version and on the register run that logged it."""
+    tags = {"gate.decision": decision, "gate.reviewed_by": by, "gate.review_reason": reason}
+    for key, value in tags.items():
+        client.set_model_version_tag(candidate.name, str(candidate.version), key, value)
+    if candidate.run_id:
+        for key, value in tags.items():
+            client.set_tag(candidate.run_id, key, value)
 
 
 def run(
@@ -108,16 +125,11 @@ def run(
             f"{paths.dataset}` again to compare with the current champion"
         )
 
+    # Apply the answer: the alias, the version's and the run's tags, the alias history
     decision = "approved" if approve else "rejected"
     if approve:
         promote_version(client, name, number, now)
-    tags = {"gate.decision": decision, "gate.reviewed_by": by, "gate.review_reason": reason}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, number, key, value)
-    if candidate.run_id:
-        for key, value in tags.items():
-            client.set_tag(candidate.run_id, key, value)
-    gate_reason = candidate.tags.get("gate.reason", "")
+    _tag_review(client, candidate, decision, by, reason)
     record_alias_move(
         client,
         name,
@@ -128,7 +140,7 @@ def run(
             "verdict": candidate.tags.get("gate.verdict"),
             "by": by,
             "previous": now if approve else None,
-            "reason": f"{reason} (gate: {gate_reason})" if reason else gate_reason,
+            "reason": _history_reason(reason, candidate.tags.get("gate.reason", "")),
             "run_id": candidate.run_id,
             "experiment": candidate.tags.get("dvc.exp_name"),
         },

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tasks.contract import PARAMS_ENV, ROOT_ENV
 from tasks.errors import ConfigError, StageError
 from tasks.ml.images import IMAGE_SUFFIXES, read_image
 
@@ -129,7 +130,7 @@ def _classes_from_params(path: Path) -> list[str] | None:
     """``datasets.<ds>.classes`` from params.yaml for a model under ``models/<ds>/``."""
     from tasks.config import load_config
 
-    params = Path(os.environ.get("TASKS_PARAMS", "params.yaml"))
+    params = Path(os.environ.get(PARAMS_ENV, "params.yaml"))
     if not params.is_file():
         return None
     try:
@@ -146,7 +147,7 @@ def _load_mlflow(uri: str) -> tuple[object, dict]:
     from tasks.tracking.models import load_logged_model
     from tasks.tracking.store import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(None, os.environ.get("TASKS_ROOT", ".")))
+    mlflow.set_tracking_uri(tracking_uri(None, os.environ.get(ROOT_ENV, ".")))
     return load_logged_model(uri)
 
 

@@ -35,87 +35,21 @@ import numpy as np
 
 from tasks.artifacts import labelled_rows, load_model, read_candidate
 from tasks.config import Config, RegisterConfig
+from tasks.contract import AWAITING_APPROVAL, PROMOTED, REJECTED
 from tasks.errors import StageError
 from tasks.io import file_md5, write_json
-from tasks.ml.comparison import BETTER, EQUIVALENT, WORSE, Comparison, compare
+from tasks.ml.comparison import Comparison, compare
+from tasks.ml.gate import Verdict, decide
 from tasks.paths import DatasetPaths
 from tasks.tracking.lineage import current_experiment
-from tasks.tracking.registry import (
-    AWAITING_APPROVAL,
-    CHALLENGER,
-    CHAMPION,
-    PREVIOUS,
-    registered_model_name,
-)
+from tasks.tracking.registry import CHALLENGER, CHAMPION, PREVIOUS, registered_model_name
 from tasks.tracking.runs import log_headline
-
-__all__ = ["BETTER", "EQUIVALENT", "WORSE", "GateDecision", "gate_verdict", "run"]
 
 if TYPE_CHECKING:
     import keras
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
-
-
-_SLACK = 1e-9
-
-
-PROMOTED, REJECTED, AWAITING = "promoted", "rejected", AWAITING_APPROVAL
-FIRST, BELOW_FLOOR, INCOMPARABLE = "first", "below_floor", "incomparable"
-
-
-def gate_verdict(
-    cfg: RegisterConfig,
-    candidate: float,
-    comparison: Comparison | None,
-    champion_version: str | None = None,
-    note: str = "",
-) -> tuple[bool, str, str]:
-    """(whether the gate passes, the verdict word, the reason in one line).
-
-    The verdict is the paired comparison's (``better``/``equivalent``/``worse``);
-    without one it is ``first`` (no champion), ``incomparable`` (``note`` says
-    why) or, below the floor, ``below_floor``. The floor applies in every case.
-    """
-    metric = cfg.metric
-    floor = f"test {metric} {candidate:.4f} is below the floor {cfg.floor:.4f}"
-    below = candidate + _SLACK < cfg.floor
-    if comparison is None:
-        if below:
-            return False, BELOW_FLOOR, floor
-        if champion_version is None:
-            why, verdict = "no champion yet", FIRST
-        else:
-            why = note or f"champion v{champion_version} cannot be compared"
-            verdict = INCOMPARABLE
-        reaches = f"test {metric} {candidate:.4f} reaches the floor {cfg.floor:.4f}"
-        return True, verdict, f"{reaches}; {why}"
-
-    who = f"champion v{champion_version}"
-    test = "McNemar's exact test" if cfg.method == "mcnemar" else "the paired bootstrap interval"
-    by = f"by {test} (alpha {cfg.alpha:g})"
-    evidence = comparison.evidence()
-    verdict = comparison.verdict
-    if verdict == WORSE:
-        passed, reason = False, f"significantly worse than {who} {by}: {evidence}"
-    elif verdict == BETTER:
-        passed, reason = True, f"significantly better than {who} {by}: {evidence}"
-    elif cfg.promote_if == "not_worse":
-        passed = True
-        reason = (
-            f"equivalent to {who} {by}: not significantly worse, so it takes over "
-            f"(register.promote_if: not_worse); {evidence}"
-        )
-    else:
-        passed = False
-        reason = (
-            f"equivalent to {who} {by}: no significant difference, so {who} stays "
-            f"(register.promote_if: better); {evidence}"
-        )
-    if below:
-        return False, verdict, f"{floor}; and {reason}"
-    return passed, verdict, reason
 
 
 @dataclass(frozen=True)
@@ -149,7 +83,11 @@ class GateDecision:
         return self.status == PROMOTED
 
     def __str__(self) -> str:
-        label = {PROMOTED: "PROMOTED", REJECTED: "NOT PROMOTED", AWAITING: "AWAITING APPROVAL"}
+        label = {
+            PROMOTED: "PROMOTED",
+            REJECTED: "NOT PROMOTED",
+            AWAITING_APPROVAL: "AWAITING APPROVAL",
+        }
         lines = [
             f"register: {self.model_name} v{self.version} -> @{self.alias} "
             f"({label[self.status]}: {self.verdict})",
@@ -183,7 +121,7 @@ class GateDecision:
         lines.append(f"  reason: {self.reason}")
         if self.promoted and self.champion_version is not None:
             lines.append(f"  v{self.champion_version} keeps @{PREVIOUS}")
-        if self.status == AWAITING:
+        if self.status == AWAITING_APPROVAL:
             lines.append(
                 f"  approve: python -m tasks approve {self.model_name.removesuffix('-classifier')} "
                 f"--version {self.version}  (or --reject REASON)"
@@ -233,28 +171,62 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.ml.images import read_image
-    from tasks.ml.metrics import classification_metrics
-    from tasks.ml.model import model_image_size
-    from tasks.tracking.models import log_classifier
     from tasks.tracking.registry import current_alias
     from tasks.tracking.runs import phase_run
 
     # Score the candidate on the held-out test rows
+    scored = _score_candidate(cfg, paths)
+    with phase_run(cfg, paths, "register", last=True) as run:
+        # Compare it with the champion, re-scored now on the same rows
+        client = MlflowClient()
+        champion = current_alias(client, scored.name, CHAMPION)
+        champion_version = None if champion is None else str(champion.version)
+        comparison, note = _compare_with_champion(cfg.register_, champion, scored, paths)
+
+        # Decide: the floor, the paired test, the approval rule
+        verdict = decide(cfg.register_, scored.score, comparison, champion_version, note)
+
+        # Record: the model version, its aliases, the decision wherever it is looked for
+        version = _log_candidate(scored, paths)
+        decision = _decision(
+            cfg.register_, scored, version, verdict, comparison, champion_version, run.info.run_id
+        )
+        _move_aliases(client, decision)
+        _record_decision(client, decision, scored.source, scored.metrics)
+        write_json(paths.gate, gate_report(decision))
+        mlflow.log_artifact(str(paths.gate))
+    return decision
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """The candidate scored on the test rows, with what the later steps need of it."""
+
+    name: str
+    classes: list[str]
+    model: keras.Model
+    frame: pd.DataFrame
+    probabilities: np.ndarray
+    metrics: dict[str, Any]
+    score: float
+    source: dict[str, str]
+    batch: int
+
+
+def _score_candidate(cfg: Config, paths: DatasetPaths) -> _Scored:
+    """Load the candidate and score it on the held-out test rows by ``register.metric``."""
+    from tasks.ml.metrics import classification_metrics
+
     classes = list(cfg.dataset(paths.dataset).classes)
-    gate = cfg.gate
-    name = registered_model_name(cfg, paths.dataset)
     model_path, record = read_candidate(paths)
     frame = labelled_rows(paths, "test", classes)
-    y_true = frame["label_index"].to_numpy()
     model = load_model(model_path)
-    batch = cfg.train.batch_size
-    candidate_probs = _predict(model, frame, paths, classes, batch)
-    candidate_metrics = classification_metrics(y_true, candidate_probs, classes)
-    candidate_score = candidate_metrics[gate.metric]
-    if candidate_score is None:
+    probabilities = _predict(model, frame, paths, classes, cfg.train.batch_size)
+    metrics = classification_metrics(frame["label_index"].to_numpy(), probabilities, classes)
+    score = metrics[cfg.register_.metric]
+    if score is None:
         raise StageError(
-            f"register.metric {gate.metric} is undefined on this test data (one class "
+            f"register.metric {cfg.register_.metric} is undefined on this test data (one class "
             "only?); pick accuracy or f1_macro in params.yaml"
         )
     source = {
@@ -262,74 +234,85 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
         "md5": file_md5(model_path),
         "phase": str(record.get("phase")),
     }
+    name = registered_model_name(cfg, paths.dataset)
+    return _Scored(
+        name, classes, model, frame, probabilities, metrics, float(score), source,
+        cfg.train.batch_size,
+    )  # fmt: skip
 
-    with phase_run(cfg, paths, "register", last=True) as run:
-        # Re-score the champion on the same rows, log the candidate, decide
-        client = MlflowClient()
-        champion = current_alias(client, name, CHAMPION)
-        comparison, note = None, ""
-        if champion is not None:
-            champion_probs, note = _rescore_champion(champion, name, frame, paths, classes, batch)
-            if champion_probs is not None:
-                comparison = compare(
-                    y_true,
-                    candidate_probs,
-                    champion_probs,
-                    metric=gate.metric,
-                    method=gate.method,
-                    alpha=gate.alpha,
-                    resamples=gate.bootstrap_samples,
-                    seed=gate.seed,
-                )
-        example = read_image(paths.raw / frame["path"].iloc[0], model_image_size(model))[None]
-        version = log_classifier(
-            model,
-            classes,
-            example,
-            name,
-            metadata={
-                "dataset": paths.dataset,
-                "source": source["path"],
-                "source_md5": source["md5"],
-            },
-        )
-        champion_version = None if champion is None else str(champion.version)
-        passed, verdict, reason = gate_verdict(
-            gate, float(candidate_score), comparison, champion_version, note
-        )
-        status = REJECTED
-        if passed:
-            status = AWAITING if gate.approval == "human" else PROMOTED
-        if status == AWAITING:
-            reason += "; it waits at @challenger for approval (register.approval: human)"
-        decision = GateDecision(
-            model_name=name,
-            version=str(version.version),
-            status=status,
-            alias=CHAMPION if status == PROMOTED else CHALLENGER,
-            verdict=verdict,
-            metric=gate.metric,
-            candidate_score=float(candidate_score),
-            champion_version=champion_version,
-            champion_score=None if comparison is None else comparison.champion,
-            floor=gate.floor,
-            method=gate.method,
-            alpha=gate.alpha,
-            promote_if=gate.promote_if,
-            approval=gate.approval,
-            images=len(frame),
-            reason=reason,
-            run_id=run.info.run_id,
-            comparison=None if comparison is None else comparison.as_dict(),
-            experiment=current_experiment(),
-        )
 
-        # Move the aliases and record the decision everywhere it is looked for
-        _move_aliases(client, decision)
-        _record_decision(client, decision, source, candidate_metrics)
-        write_json(paths.gate, gate_report(decision))
-        mlflow.log_artifact(str(paths.gate))
-    return decision
+def _compare_with_champion(
+    gate: RegisterConfig, champion: ModelVersion | None, scored: _Scored, paths: DatasetPaths
+) -> tuple[Comparison | None, str]:
+    """The paired comparison on the same rows; None (and why) when there is nothing to
+    compare with or the champion predicts other classes."""
+    if champion is None:
+        return None, ""
+    champion_probs, note = _rescore_champion(
+        champion, scored.name, scored.frame, paths, scored.classes, scored.batch
+    )
+    if champion_probs is None:
+        return None, note
+    comparison = compare(
+        scored.frame["label_index"].to_numpy(),
+        scored.probabilities,
+        champion_probs,
+        metric=gate.metric,
+        method=gate.method,
+        alpha=gate.alpha,
+        resamples=gate.bootstrap_samples,
+        seed=gate.seed,
+    )
+    return comparison, note
+
+
+def _log_candidate(scored: _Scored, paths: DatasetPaths) -> str:
+    """Log the candidate as an MLflow model and register it: the new version."""
+    from tasks.ml.images import read_image
+    from tasks.ml.model import model_image_size
+    from tasks.tracking.models import log_classifier
+
+    first = paths.raw / scored.frame["path"].iloc[0]
+    example = read_image(first, model_image_size(scored.model))[None]
+    metadata = {
+        "dataset": paths.dataset,
+        "source": scored.source["path"],
+        "source_md5": scored.source["md5"],
+    }
+    version = log_classifier(scored.model, scored.classes, example, scored.name, metadata=metadata)
+    return str(version.version)
+
+
+def _decision(
+    gate: RegisterConfig,
+    scored: _Scored,
+    version: str,
+    verdict: Verdict,
+    comparison: Comparison | None,
+    champion_version: str | None,
+    run_id: str,
+) -> GateDecision:
+    return GateDecision(
+        model_name=scored.name,
+        version=version,
+        status=verdict.status,
+        alias=CHAMPION if verdict.status == PROMOTED else CHALLENGER,
+        verdict=verdict.verdict,
+        metric=gate.metric,
+        candidate_score=scored.score,
+        champion_version=champion_version,
+        champion_score=None if comparison is None else comparison.champion,
+        floor=gate.floor,
+        method=gate.method,
+        alpha=gate.alpha,
+        promote_if=gate.promote_if,
+        approval=gate.approval,
+        images=len(scored.frame),
+        reason=verdict.reason,
+        run_id=run_id,
+        comparison=None if comparison is None else comparison.as_dict(),
+        experiment=current_experiment(),
+    )
 
 
 def _move_aliases(client: MlflowClient, decision: GateDecision) -> None:

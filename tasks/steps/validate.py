@@ -102,7 +102,7 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
     """Like :func:`run` but returns a failing result instead of raising."""
     start = time.perf_counter()
     dataset = cfg.dataset(paths.dataset)
-    settings = cfg.validation
+    settings = cfg.validate_
     scan = scan_raw(paths.raw, dataset)
     manifest = build_manifest(scan, settings)
     if dataset.test_carved:
@@ -226,6 +226,22 @@ def render_report(result: ValidationResult, pages: dict[str, Path]) -> str:
         f"<p>{result.counts['files']} files: {result.counts['ok']} ok, "
         f"{result.counts['quarantined']} quarantined. "
         f"{len(result.checks) - len(result.failed)}/{len(result.checks)} expectations passed.</p>",
+        *_expectation_rows(result, pages),
+        *_count_rows(result),
+        *_quarantine_rows(result),
+        f"<h2>Great Expectations Data Docs</h2><p><a href='{DATA_DOCS}/index.html'>"
+        "Data Docs site</a>. <span class='note'>Its pages load Bootstrap, jQuery and Vega from "
+        "CDNs: offline they are unstyled, and the site index (built by JavaScript) is empty; "
+        "the result pages linked above still read fine.</span></p>",
+        "</body></html>\n",
+    ]
+    return "\n".join(out)
+
+
+def _expectation_rows(result: ValidationResult, pages: dict[str, Path]) -> list[str]:
+    """The expectations table, each linked to its Great Expectations result page."""
+    e = html.escape
+    out = [
         "<h2>Expectations</h2><table><tr><th>result</th><th>check</th><th>observed</th>"
         "<th>unexpected</th><th>Great Expectations</th></tr>",
     ]
@@ -244,34 +260,32 @@ def render_report(result: ValidationResult, pages: dict[str, Path]) -> str:
             f"<td>{e(check.unexpected)}</td><td><code>{where}</code> on <code>"
             f"{e(check.frame)}</code></td></tr>"
         )
-    out.append(
+    return out
+
+
+def _count_rows(result: ValidationResult) -> list[str]:
+    e = html.escape
+    out = [
         "</table><h2>Images per split and class</h2><table><tr><th>split</th>"
         "<th>class</th><th>ok</th><th>quarantined</th><th>expected</th></tr>"
-    )
+    ]
     for split, labels in result.counts["splits"].items():
         for label, c in labels.items():
             out.append(
                 f"<tr><td>{e(split)}</td><td>{e(label)}</td><td>{c['ok']}</td>"
                 f"<td>{c['quarantined']}</td><td>{c.get('expected', '')}</td></tr>"
             )
-    out.append("</table>")
-    out.append(f"<h2>Quarantined files ({len(result.quarantined)})</h2>")
-    if result.quarantined:
-        out.append(
-            "<p class='note'>Left in place under data/raw, never trained on.</p>"
-            "<table><tr><th>path</th><th>reason</th></tr>"
-        )
-        out += [
-            f"<tr><td><code>{e(p)}</code></td><td>{e(r)}</td></tr>" for p, r in result.quarantined
-        ]
-        out.append("</table>")
-    else:
-        out.append("<p>None.</p>")
+    return [*out, "</table>"]
+
+
+def _quarantine_rows(result: ValidationResult) -> list[str]:
+    e = html.escape
+    out = [f"<h2>Quarantined files ({len(result.quarantined)})</h2>"]
+    if not result.quarantined:
+        return [*out, "<p>None.</p>"]
     out.append(
-        f"<h2>Great Expectations Data Docs</h2><p><a href='{DATA_DOCS}/index.html'>"
-        "Data Docs site</a>. <span class='note'>Its pages load Bootstrap, jQuery and Vega from "
-        "CDNs: offline they are unstyled, and the site index (built by JavaScript) is empty; "
-        "the result pages linked above still read fine.</span></p>"
+        "<p class='note'>Left in place under data/raw, never trained on.</p>"
+        "<table><tr><th>path</th><th>reason</th></tr>"
     )
-    out.append("</body></html>\n")
-    return "\n".join(out)
+    out += [f"<tr><td><code>{e(p)}</code></td><td>{e(r)}</td></tr>" for p, r in result.quarantined]
+    return [*out, "</table>"]

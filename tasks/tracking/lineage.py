@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tasks.config import Config
+from tasks.contract import EXPERIMENT_ENV
 from tasks.io import file_md5
 from tasks.paths import DatasetPaths
 
@@ -37,7 +38,7 @@ AIRFLOW_ENV_TAGS = {
     "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number",
     "DVC_EXP_NAME": "dvc.exp_name",
     "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev",
-    "TASKS_EXPERIMENT": "dvc.exp_name",
+    EXPERIMENT_ENV: "dvc.exp_name",
 }
 """Environment the scheduler (or ``dvc exp run``) sets, and the run tag each becomes."""
 WORKSPACE_TAG = "tasks.workspace"
@@ -45,7 +46,7 @@ WORKSPACE_TAG = "tasks.workspace"
 
 def current_experiment() -> str | None:
     """The DVC experiment this process's run will be saved as (scheduled, or ``dvc exp run``)."""
-    return os.environ.get("TASKS_EXPERIMENT") or os.environ.get("DVC_EXP_NAME") or None
+    return os.environ.get(EXPERIMENT_ENV) or os.environ.get("DVC_EXP_NAME") or None
 
 
 def locked_hash(root: Path, stage: str, out: str) -> str | None:

@@ -18,9 +18,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-AWAITING_APPROVAL = "awaiting_approval"
-"""``gate.decision`` of a version that passed the gate and waits for a person (register,
-approve and the DAG's approval step read it)."""
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 """Registry aliases: the served model, a refused (or not yet approved) candidate, the
 champion it replaced."""

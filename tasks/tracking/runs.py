@@ -16,12 +16,11 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Config
-from tasks.io import write_json
+from tasks.contract import PARENT_ENV, RunRecord
 from tasks.paths import DatasetPaths
 from tasks.tracking.lineage import WORKSPACE_TAG, flat_params, lineage_tags, log_manifest
 from tasks.tracking.registry import registered_model_name
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-PARENT_ENV = "TASKS_PARENT_RUN_ID"
-"""Set by the orchestrator: the parent run a stage's child run belongs to."""
 PARENT_TAG = "pipeline.parent"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -180,22 +177,6 @@ INPUT_CONTEXTS = {"train": "training", "finetune": "training", "evaluate": "eval
 """The phases that read the manifest, and the context MLflow shows for it."""
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    phase: str
-    run_id: str
-    parent_run_id: str
-    experiment_id: str
-    tracking_uri: str
-
-
-def read_record(paths: DatasetPaths, phase: str) -> RunRecord | None:
-    path = paths.run_record(phase)
-    if not path.exists():
-        return None
-    return RunRecord(**json.loads(path.read_text()))
-
-
 def end_stale_runs(experiment_id: str, paths: DatasetPaths, reason: str, **tags: str) -> list[str]:
     """End the RUNNING runs of this dataset and workspace that match ``tags`` as KILLED.
 
@@ -270,7 +251,7 @@ def _existing_parent(paths: DatasetPaths, experiment_id: str) -> str | None:
 
     candidate = os.environ.get(PARENT_ENV)
     if not candidate:
-        record = read_record(paths, "train")
+        record = RunRecord.read(paths.run_record("train"))
         candidate = record.parent_run_id if record else None
     if not candidate:
         return None
@@ -326,7 +307,7 @@ def phase_run(
                     log_manifest(cfg, paths, parent, "pipeline")
             yield run
         record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
-        write_json(paths.run_record(phase), record.__dict__)
+        record.write(paths.run_record(phase))
         if last and not scheduled:
             end_pipeline_run(cfg, paths, parent, "FINISHED")
 

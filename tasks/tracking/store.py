@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.config import Config, load_config
+from tasks.contract import PARAMS_ENV, STORE_ENV
 from tasks.errors import ConfigError, StageError
 
-STORE_ENV = "TASKS_STORE_ROOT"
 """Set by the orchestrator: the folder holding the shared embedded store (``mlflow/``)."""
 _DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
 
@@ -31,7 +31,7 @@ def tracking_uri(cfg: Config | None, root: str | Path = ".") -> str:
     if uri:
         return uri
     if cfg is None:
-        params = Path(os.environ.get("TASKS_PARAMS", "params.yaml"))
+        params = Path(os.environ.get(PARAMS_ENV, "params.yaml"))
         try:
             cfg = load_config(params) if params.is_file() else None
         except ConfigError:

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from tasks.config import parse_config
+from tasks.contract import RunRecord
 from tasks.errors import StageError
 from tasks.ml.gradcam import gradcam
 from tasks.ml.images import read_image
 from tasks.steps import evaluate
-from tasks.tracking.runs import read_record
 from tests.datagen import make_image, tiny_params
 from tests.tinymodel import make_workspace, tiny_models, use_candidate, write_history
 
@@ -97,7 +97,7 @@ def test_evaluate_scores_the_test_split_and_logs_the_same_numbers(cfg, workspace
         assert png.read_bytes()[:8] == PNG, name
         assert png.stat().st_size > 5_000, name
 
-    run = MlflowClient().get_run(read_record(paths, "evaluate").run_id)
+    run = MlflowClient().get_run(RunRecord.read(paths.run_record("evaluate")).run_id)
     assert run.info.run_id == result.run_id
     assert run.data.tags["phase"] == "evaluate"
     assert "mlflow.parentRunId" in run.data.tags

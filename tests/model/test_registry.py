@@ -10,10 +10,10 @@ import pytest
 
 from tasks.cli import main
 from tasks.config import parse_config
+from tasks.contract import RunRecord
 from tasks.errors import StageError
 from tasks.steps import register
 from tasks.tracking.registry import registered_model_name
-from tasks.tracking.runs import read_record
 from tests.datagen import tiny_params
 from tests.tinymodel import make_workspace, swap_validation_labels, tiny_models, use_candidate
 
@@ -68,7 +68,7 @@ def test_first_model_passing_the_floor_becomes_champion(paths, models, monkeypat
 
     client = MlflowClient()
     version = client.get_model_version(NAME, "1")
-    record = read_record(paths, "register")
+    record = RunRecord.read(paths.run_record("register"))
     assert version.run_id == record.run_id  # the version links to the run that logged it
     assert client.get_run(record.run_id).data.tags["phase"] == "register"
     assert version.tags["gate.decision"] == "promoted"

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.contract import RunRecord
 from tasks.errors import StageError
 from tasks.io import file_md5, sha256_file
 from tasks.ml.training import METRICS, choose_candidate
 from tasks.paths import DatasetPaths
 from tasks.steps import finetune, train
-from tasks.tracking.runs import read_record
 from tests.model.conftest import load_images, make_workspace, model_config
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ def test_train_then_finetune_learns_and_is_tracked(tmp_path, offline_weights, tr
         assert child.data.params["image_size"] == "32"
         assert str(offline_weights) in child.data.params["weights_source"]
         assert set(METRICS) <= set(child.data.metrics)
-    assert read_record(paths, "finetune").parent_run_id == parent.info.run_id
+    assert RunRecord.read(paths.run_record("finetune")).parent_run_id == parent.info.run_id
 
     # the device policy on this CPU, recorded with the same names as on a GPU
     for child in (train_run, tune_run):

@@ -6,9 +6,9 @@ import json
 
 import yaml
 
+from tasks.contract import WORKSPACE_RECORD
 from tasks.orchestration.project import Project
 from tasks.orchestration.summary import render_markdown, write_summary
-from tasks.orchestration.workspace import RUN_RECORD
 from tests.datagen import tiny_params
 
 
@@ -39,7 +39,7 @@ def test_summary_before_any_champion_lists_the_latest_gate(tmp_path, monkeypatch
         )
     )
     (reports / "metrics.json").write_text(json.dumps({"accuracy": 0.61, "per_class": {}}))
-    (ws / RUN_RECORD).write_text(json.dumps({"run_id": "manual__1", "overrides": ["a=1"]}))
+    (ws / WORKSPACE_RECORD).write_text(json.dumps({"run_id": "manual__1", "overrides": ["a=1"]}))
 
     summary = write_summary(project)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.contract import WORKSPACE_RECORD
 from tasks.errors import ConfigError
 from tasks.orchestration.project import Project
 from tasks.orchestration.runconf import resolve_run_config
@@ -18,7 +19,6 @@ from tasks.orchestration.sweep import (
     plan_sweep,
     sweep_id,
 )
-from tasks.orchestration.workspace import RUN_RECORD
 from tests.conftest import REPO
 
 
@@ -134,7 +134,7 @@ def _lane(
         "stages": {s: {"ran": True, "seconds": seconds / 2} for s in stages},
         "experiment_rev": "abc123" if "evaluate" in stages else None,
     }
-    (ws / RUN_RECORD).write_text(json.dumps(record))
+    (ws / WORKSPACE_RECORD).write_text(json.dumps(record))
     runs = ws / "reports" / "cats_vs_dogs" / "runs"
     runs.mkdir()
     for stage in ("train", "finetune"):
@@ -159,8 +159,8 @@ def test_rows_come_from_each_lanes_workspace(project):
     assert rows[0]["parent_run_id"] == "p-mobilenet_v2"
     assert (rows[3]["status"], rows[3]["failed_stage"]) == ("failed", "train")
     # evaluated but not recorded as a DVC experiment: not reproducible, so not a result
-    record = json.loads((Path(rows[2]["workspace"]) / RUN_RECORD).read_text())
-    (Path(rows[2]["workspace"]) / RUN_RECORD).write_text(
+    record = json.loads((Path(rows[2]["workspace"]) / WORKSPACE_RECORD).read_text())
+    (Path(rows[2]["workspace"]) / WORKSPACE_RECORD).write_text(
         json.dumps({**record, "experiment_rev": None})
     )
     unrecorded = lane_row(project, worse)

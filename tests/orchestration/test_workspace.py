@@ -25,10 +25,12 @@ from mlflow import MlflowClient
 
 from tasks.errors import ConfigError, StageError, StageFailed
 from tasks.orchestration.dvc import push_outputs, run_stage
-from tasks.orchestration.experiments import finish_pipeline, record_experiment
+from tasks.orchestration.experiments import record_experiment
+from tasks.orchestration.parent_run import finish_pipeline
 from tasks.orchestration.project import Project
+from tasks.orchestration.records import read_workspace_record
 from tasks.orchestration.runconf import conf_overrides
-from tasks.orchestration.workspace import git, prepare_workspace, read_run_record
+from tasks.orchestration.workspace import git, prepare_workspace
 from tests.datagen import tiny_params
 
 DATASETS = ("cats_vs_dogs", "ants_vs_bees")
@@ -50,7 +52,8 @@ if os.environ.get("TOY_HANG") == stage:
 out = Path("out") / ds
 out.mkdir(parents=True, exist_ok=True)
 if stage == "first":
-    (out / "first.txt").write_text(os.environ.get("TASKS_SET", "[]") + "\\n" + ds)
+    run = os.environ.get("TASKS_RUN_OVERRIDES", "[]")
+    (out / "first.txt").write_text(run + "\\n" + ds + "\\n" + os.environ.get("TASKS_SET", "unset"))
 else:
     (out / "model.bin").write_bytes(os.urandom(64))
     (out / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "detail": {"a": 1}}))
@@ -177,7 +180,7 @@ def test_prepare_writes_the_run_params_into_the_workspace_only(project):
     assert "no_scm" not in local
     assert f"dir = {project.root / '.dvc' / 'cache'}" in local
     assert f"url = {project.root / 'remote'}" in local
-    record = read_run_record(ws)
+    record = read_workspace_record(ws)
     assert record["overrides"] == ["finetune.epochs=4", "train.epochs=3"]
     assert record["run_id"] == "r1"
     # Not a git checkout: the workspace commits snapshots of the pipeline files itself.
@@ -205,7 +208,7 @@ def test_bad_conf_fails_prepare_with_one_line_and_leaves_the_workspace(project):
     with pytest.raises(ConfigError, match=r"run conf: train.epochs: .*greater than 0"):
         prepare_workspace(project, "cats_vs_dogs", {"set": {"train.epochs": 0}})
     assert (ws / "params.yaml").read_text() == params_before
-    assert read_run_record(ws)["overrides"] == ["finetune.epochs=4"]
+    assert read_workspace_record(ws)["overrides"] == ["finetune.epochs=4"]
 
 
 @pytest.mark.slow
@@ -233,7 +236,7 @@ def test_stage_runs_once_then_is_skipped_until_its_params_change(project):
     assert json.loads(written) == ["train.epochs=5"]
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert lock["stages"]["first@cats_vs_dogs"]["params"]["params.yaml"] == {"train.epochs": 5}
-    stages = read_run_record(ws)["stages"]
+    stages = read_workspace_record(ws)["stages"]
     assert set(stages) == {"first"} and stages["first"]["seconds"] > 0
     # Back to the file's params: DVC's run cache restores the earlier outputs, no rerun.
     prepare_workspace(project, "cats_vs_dogs")
@@ -304,6 +307,8 @@ def test_workspace_env_does_not_leak_the_callers_params(project, monkeypatch, tm
     run_stage(project, "cats_vs_dogs", "first")
     written = project.workspace("cats_vs_dogs") / "out" / "cats_vs_dogs" / "first.txt"
     assert json.loads(written.read_text().splitlines()[0]) == ["train.epochs=7"]
+    # the run's overrides are in the workspace's params.yaml: named, not applied again
+    assert written.read_text().splitlines()[2] == "unset"
 
 
 # --- runs as DVC experiments (the project a git checkout) ---------------------------

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tasks.config import RegisterConfig
 from tasks.errors import StageError
 from tasks.ml.comparison import compare, mcnemar_exact, paired_bootstrap
-from tasks.steps.register import gate_verdict
 
 
 def probs_for(correct: np.ndarray, y: np.ndarray, confidence: float = 0.9) -> np.ndarray:
@@ -84,54 +82,6 @@ def test_mismatched_inputs_are_refused():
         compare(Y, probs_for(np.ones(40, bool), Y), probs_for(np.ones(39, bool), Y[:39]))
     with pytest.raises(StageError, match="no test images"):
         compare(Y[:0], np.zeros((0, 2)), np.zeros((0, 2)))
-
-
-def _cmp(verdict: str):
-    good, bad = probs_for(np.ones(40, bool), Y), probs_for(np.arange(40) % 2 == 0, Y)
-    pairs = {"worse": (bad, good), "better": (good, bad), "equivalent": (good, good.copy())}
-    return compare(Y, *pairs[verdict])
-
-
-@pytest.mark.parametrize(
-    ("rule", "verdict", "passes", "words"),
-    [
-        ("better", "better", True, "significantly better than champion v3 by McNemar's"),
-        ("better", "worse", False, "significantly worse than champion v3"),
-        ("better", "equivalent", False, "so champion v3 stays (register.promote_if: better)"),
-        ("not_worse", "equivalent", True, "takes over (register.promote_if: not_worse)"),
-        ("not_worse", "worse", False, "significantly worse"),
-    ],
-)
-def test_gate_verdict_follows_the_rule(rule, verdict, passes, words):
-    cfg = RegisterConfig(floor=0.5, promote_if=rule)
-    comparison = _cmp(verdict)
-    ok, word, reason = gate_verdict(cfg, comparison.candidate, comparison, "3")
-    assert (ok, word) == (passes, verdict)
-    assert words in reason and "McNemar p=" in reason
-
-
-def test_gate_verdict_floor_and_first_champion():
-    cfg = RegisterConfig(floor=0.8)
-    assert gate_verdict(cfg, 0.79, None) == (
-        False,
-        "below_floor",
-        "test accuracy 0.7900 is below the floor 0.8000",
-    )
-    assert gate_verdict(cfg, 0.8, None)[:2] == (True, "first")  # exactly at the floor passes
-    ok, word, reason = gate_verdict(cfg, 0.9, None, "2", "champion v2 predicts other classes")
-    assert (ok, word) == (True, "incomparable") and "predicts other classes" in reason
-
-
-def test_below_the_floor_keeps_the_comparisons_verdict_and_says_both():
-    comparison = _cmp("worse")  # candidate accuracy 0.5
-    ok, word, reason = gate_verdict(
-        RegisterConfig(floor=0.8), comparison.candidate, comparison, "3"
-    )
-    assert (ok, word) == (False, "worse")
-    assert reason.startswith("test accuracy 0.5000 is below the floor 0.8000; and significantly")
-    better = _cmp("better")  # a better candidate that still misses a high floor is refused
-    ok, word, _ = gate_verdict(RegisterConfig(floor=0.8), 0.7, better, "3")
-    assert (ok, word) == (False, "better")
 
 
 def test_pareto_front_keeps_only_the_trade_offs():

@@ -99,6 +99,26 @@ def test_overrides_apply_parse_yaml_and_are_recorded(raw):
     assert "epochs" not in raw["train"], "overrides must not touch the caller's mapping"
 
 
+def test_a_stage_records_a_scheduled_runs_overrides_without_applying_them(
+    raw, tmp_path, monkeypatch
+):
+    """The workspace's params.yaml already holds the run's values: $TASKS_RUN_OVERRIDES
+    names them for the record; $TASKS_SET and --set still apply, in that order."""
+    from tasks.config import load_stage_config
+
+    raw["train"]["epochs"] = 7  # as prepare wrote it for {"epochs": 7}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("TASKS_RUN_OVERRIDES", '["train.epochs=7"]')
+    monkeypatch.setenv("TASKS_SET", '["train.batch_size=4"]')
+    cfg = load_stage_config(params, ["train.learning_rate=0.01"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate) == (7, 4, 0.01)
+    assert cfg.overrides == ("train.epochs=7", "train.batch_size=4", "train.learning_rate=0.01")
+    monkeypatch.setenv("TASKS_RUN_OVERRIDES", '"train.epochs=7"')
+    with pytest.raises(ConfigError, match=r"^\$TASKS_RUN_OVERRIDES: must be a JSON list"):
+        load_stage_config(params)
+
+
 def test_counts_must_name_exactly_the_classes(raw):
     raw["datasets"]["cats_vs_dogs"]["counts"]["train"] = {"cats": 1}
     with pytest.raises(ConfigError, match="counts.train names"):

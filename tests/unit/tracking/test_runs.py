@@ -5,10 +5,15 @@ import json
 import pandas as pd
 import pytest
 
+from tasks.contract import RunRecord
 from tasks.io import file_md5
 from tasks.paths import DatasetPaths
-from tasks.tracking.runs import phase_run, read_record
+from tasks.tracking.runs import phase_run
 from tasks.tracking.store import tracking_uri
+
+
+def _record(paths, phase: str) -> RunRecord | None:
+    return RunRecord.read(paths.run_record(phase))
 
 
 @pytest.mark.slow
@@ -27,7 +32,10 @@ def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monke
         mlflow.log_metric("loss", 1.0)
     with phase_run(cfg, paths, "finetune"):
         pass
-    train, finetune = read_record(paths, "train"), read_record(paths, "finetune")
+    train, finetune = (
+        _record(paths, "train"),
+        _record(paths, "finetune"),
+    )
     assert train.parent_run_id == finetune.parent_run_id
     assert train.run_id != finetune.run_id
 
@@ -54,7 +62,7 @@ def test_phases_share_one_parent_and_train_starts_a_new_one(cfg, tmp_path, monke
 
     with phase_run(cfg, paths, "train", new_parent=True):
         pass
-    assert read_record(paths, "train").parent_run_id != train.parent_run_id
+    assert _record(paths, "train").parent_run_id != train.parent_run_id
 
 
 @pytest.mark.slow
@@ -137,11 +145,9 @@ def test_a_killed_phase_leaves_no_run_running(cfg, tmp_path, monkeypatch):
     assert ended.data.tags["tasks.end_reason"] == "a new attempt of train started"
     experiment = ended.info.experiment_id
     assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
-    parent = client.get_run(read_record(paths, "register").parent_run_id)
+    parent = client.get_run(_record(paths, "register").parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert (
-        parent.info.end_time >= client.get_run(read_record(paths, "register").run_id).info.end_time
-    )
+    assert parent.info.end_time >= client.get_run(_record(paths, "register").run_id).info.end_time
 
 
 def test_an_older_experiment_gets_the_comparison_view_and_keeps_its_edited_note(
