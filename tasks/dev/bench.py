@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tasks.config import Config, parse_config
 from tasks.errors import ConfigError, StageError
@@ -84,7 +85,7 @@ def make_data(state: Path, train_images: int, val_images: int, side: int) -> Dat
     cfg = parse_config(tiny_params({DATASET: "file:///unused.zip"}, counts))
     if not paths.manifest.is_file():
         make_tree(paths.raw, DATASET, counts, side, seed=11)
-        frame = build_manifest(scan_raw(paths.raw, cfg.dataset(DATASET)), cfg.validation)
+        frame = build_manifest(scan_raw(paths.raw, cfg.dataset(DATASET)), cfg.validate_)
         paths.manifest.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(frame).to_parquet(paths.manifest, index=False)
     return paths
@@ -169,17 +170,62 @@ def tutorial(
     ``layers[100:]`` trainable (their gamma/beta) unless ``freeze_batch_norm``.
     """
     import keras
+
+    from tasks.ml.model import compile_model
+
+    train, tune = cfg.train, cfg.finetune
+    keras.utils.set_random_seed(train.seed)
+    started = time.perf_counter()
+    train_ds, val_ds, size = _tutorial_folders(cfg, paths)
+    model, base = _tutorial_model(cfg, size, weights)
+    compile_model(model, train.optimizer, train.learning_rate, 2, momentum=train.momentum)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=train.epochs, verbose=0)
+    frozen = Row(
+        "frozen base (head)",
+        "tutorial: base + aug every step",
+        train.epochs,
+        train_images,
+        time.perf_counter() - started,
+        history.history["val_accuracy"][-1],
+    )
+
+    started = time.perf_counter()
+    base.trainable = True
+    for layer in base.layers[:100]:
+        layer.trainable = False
+    if freeze_batch_norm:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    compile_model(model, tune.optimizer, tune.learning_rate, 2, momentum=tune.momentum)
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=train.epochs + tune.epochs,
+        initial_epoch=train.epochs,
+        verbose=0,
+    )
+    tuned = Row(
+        "fine-tune top blocks",
+        "tutorial: layers[100:]" + (", BN frozen" if freeze_batch_norm else ""),
+        tune.epochs,
+        train_images,
+        time.perf_counter() - started,
+        history.history["val_accuracy"][-1],
+    )
+    return [frozen, tuned]
+
+
+def _tutorial_folders(cfg: Config, paths: DatasetPaths) -> tuple[Any, Any, int]:
+    """The tutorial's input: ``image_dataset_from_directory`` over the raw split folders."""
+    import keras
     import tensorflow as tf
 
-    from tasks.ml.backbones import WeightsSource, build_backbone, get_backbone
-    from tasks.ml.model import build_head, compile_model, preprocess_layer
-    from tasks.ml.pipeline import augmentation_layers
+    from tasks.ml.backbones import get_backbone
 
     train = cfg.train
-    entry = get_backbone(train.backbone)
-    size = entry.resolve_size(train.image_size)
+    size = get_backbone(train.backbone).resolve_size(train.image_size)
     top = next(paths.raw.iterdir())
-    keras.utils.set_random_seed(train.seed)
 
     def folder(split: str, shuffle: bool) -> tf.data.Dataset:
         return keras.utils.image_dataset_from_directory(
@@ -191,9 +237,19 @@ def tutorial(
             verbose=False,
         ).prefetch(tf.data.AUTOTUNE)
 
-    rows = []
-    started = time.perf_counter()
-    train_ds, val_ds = folder("train", True), folder("validation", False)
+    return folder("train", True), folder("validation", False), size
+
+
+def _tutorial_model(cfg: Config, size: int, weights: Path) -> tuple[Any, Any]:
+    """The tutorial's model: augmentation inside it, the frozen base, the head."""
+    import keras
+
+    from tasks.ml.backbones import WeightsSource, build_backbone, get_backbone
+    from tasks.ml.model import build_head, preprocess_layer
+    from tasks.ml.pipeline import augmentation_layers
+
+    train = cfg.train
+    entry = get_backbone(train.backbone)
     base = build_backbone(train.backbone, size, WeightsSource("file", weights))
     base.trainable = False
     augment = keras.Sequential(augmentation_layers(cfg.augmentation, train.seed))
@@ -201,48 +257,7 @@ def tutorial(
     x = preprocess_layer(entry.preprocess)(augment(inputs))
     x = base(x, training=False)
     head = build_head(entry.head, tuple(base.output.shape[1:]), 2)
-    model = keras.Model(inputs, head(x))
-    compile_model(model, train.optimizer, train.learning_rate, 2, momentum=train.momentum)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=train.epochs, verbose=0)
-    rows.append(
-        Row(
-            "frozen base (head)",
-            "tutorial: base + aug every step",
-            train.epochs,
-            train_images,
-            time.perf_counter() - started,
-            history.history["val_accuracy"][-1],
-        )
-    )
-
-    started = time.perf_counter()
-    base.trainable = True
-    for layer in base.layers[:100]:
-        layer.trainable = False
-    if freeze_batch_norm:
-        for layer in base.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-    tune = cfg.finetune
-    compile_model(model, tune.optimizer, tune.learning_rate, 2, momentum=tune.momentum)
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=train.epochs + tune.epochs,
-        initial_epoch=train.epochs,
-        verbose=0,
-    )
-    rows.append(
-        Row(
-            "fine-tune top blocks",
-            "tutorial: layers[100:]" + (", BN frozen" if freeze_batch_norm else ""),
-            tune.epochs,
-            train_images,
-            time.perf_counter() - started,
-            history.history["val_accuracy"][-1],
-        )
-    )
-    return rows
+    return keras.Model(inputs, head(x)), base
 
 
 def run(args: argparse.Namespace) -> str:

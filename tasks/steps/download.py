@@ -8,20 +8,15 @@ outside the cached tree). What the caller can rely on:
 
 - Sources are tried in order: ``url``, then each of ``mirrors``; each may be
   ``https://``/``http://``, ``file://`` or a plain local path (relative to the
-  current folder). HTTP downloads (:mod:`tasks.http_fetch`) stream to
-  ``<paths.archive>.part`` with a progress bar (only when stderr is a
-  terminal), retry with exponential backoff on connection errors, 5xx and 429
-  (``Retry-After`` is honoured, both capped at ``download.max_backoff_seconds``)
-  and resume with a Range request.
+  current folder). HTTP downloads stream to ``<paths.archive>.part``, retry and
+  resume (:mod:`tasks.http_fetch`).
 - The archive is checked before anything is extracted: size (``size``), zip
   signature, sha256. With no pinned ``sha256`` the first good archive's hash
   is printed and recorded in ``paths.known_hashes`` (trust on first use) and
   every later download is checked against it.
-- Extraction (:mod:`tasks.archives`) refuses absolute paths, ``..`` and
-  symlinks, skips ``__MACOSX/``, ``.DS_Store``, ``Thumbs.db`` and ``._*``, goes
-  to a temporary folder renamed into place, and checks ``<layout.root>/<train>``
-  and ``<validation>`` exist. A failure at any point leaves the previous good
-  tree as it was.
+- Extraction is safe (:mod:`tasks.archives`) and goes to a temporary folder
+  renamed into place once ``<layout.root>/<train>`` and ``<validation>`` exist: a
+  failure at any point leaves the previous good tree as it was.
 - A verified dataset (record present, its sha256 equal to the pinned or
   recorded hash, tree present) returns at once; an archive already at
   ``paths.archive`` that matches a known hash is extracted without the network.

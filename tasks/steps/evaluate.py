@@ -96,6 +96,18 @@ def _spread(count: int, limit: int) -> list[int]:
     return sorted(set(np.linspace(0, count - 1, min(limit, count)).round().astype(int).tolist()))
 
 
+def _score(
+    model: keras.Model, cfg: Config, paths: DatasetPaths, split: str, classes: Sequence[str]
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+    """A split's labelled rows, the model's probabilities on them and the metrics."""
+    from tasks.ml.metrics import classification_metrics
+    from tasks.ml.model import predict_rows
+
+    frame = labelled_rows(paths, split, classes)
+    probs = predict_rows(model, frame, paths.raw, classes, cfg.train.batch_size)
+    return frame, probs, classification_metrics(frame["label_index"].to_numpy(), probs, classes)
+
+
 def draw_plots(
     cfg: Config,
     paths: DatasetPaths,
@@ -108,16 +120,8 @@ def draw_plots(
 ) -> list[Path]:
     """Write every evaluation PNG into ``folder``; returns their paths."""
     from tasks.ml import plots
-    from tasks.ml.gradcam import feature_map_size, gradcam
-    from tasks.ml.images import read_image
-    from tasks.ml.metrics import confident_mistakes
-    from tasks.ml.model import model_image_size
 
     y_true = frame["label_index"].to_numpy()
-    y_pred = probs.argmax(axis=1)
-    confidence = probs.max(axis=1)
-    size = model_image_size(model)
-    files = [paths.raw / p for p in frame["path"]]
     written = [
         plots.confusion_matrix(
             np.array(metrics["confusion_matrix"]["matrix"]),
@@ -136,29 +140,65 @@ def draw_plots(
     ]
     history, why = read_history(paths)
     written.append(plots.training_curves(history, folder / "training_curves.png", why))
+    written.append(_mistakes(cfg, paths, model, frame, probs, classes, folder))
+    written.append(_gradcam(cfg, paths, model, frame, classes, folder))
+    return written
 
+
+def _mistakes(
+    cfg: Config,
+    paths: DatasetPaths,
+    model: keras.Model,
+    frame: pd.DataFrame,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    folder: Path,
+) -> Path:
+    """``mistakes.png``: the most confident wrong predictions on the test split."""
+    from tasks.ml import plots
+    from tasks.ml.images import read_image
+    from tasks.ml.metrics import confident_mistakes
+    from tasks.ml.model import model_image_size
+
+    y_true, y_pred, confidence = frame["label_index"].to_numpy(), probs.argmax(1), probs.max(1)
     wrong = confident_mistakes(y_true, probs, cfg.evaluate.mistakes)
-    written.append(
-        plots.image_grid(
-            [read_image(files[i], size) for i in wrong],
-            [
-                f"{classes[y_true[i]]} → {classes[y_pred[i]]} ({confidence[i]:.2f})\n"
-                f"{Path(frame['path'][i]).name}"
-                for i in wrong
-            ],
-            folder / "mistakes.png",
-            title=f"Most confident mistakes on the test split (actual → predicted, confidence); "
-            f"{int((y_pred != y_true).sum())} of {len(y_true)} wrong",
-            empty=(
-                "no mistakes: every test image was classified correctly"
-                if (y_pred == y_true).all()
-                else "mistakes not drawn (evaluate.mistakes is 0)"
-            ),
-        )
+    size = model_image_size(model)
+    return plots.image_grid(
+        [read_image(paths.raw / frame["path"].iloc[i], size) for i in wrong],
+        [
+            f"{classes[y_true[i]]} → {classes[y_pred[i]]} ({confidence[i]:.2f})\n"
+            f"{Path(frame['path'][i]).name}"
+            for i in wrong
+        ],
+        folder / "mistakes.png",
+        title=f"Most confident mistakes on the test split (actual → predicted, confidence); "
+        f"{int((y_pred != y_true).sum())} of {len(y_true)} wrong",
+        empty=(
+            "no mistakes: every test image was classified correctly"
+            if (y_pred == y_true).all()
+            else "mistakes not drawn (evaluate.mistakes is 0)"
+        ),
     )
 
-    chosen = _spread(len(files), cfg.evaluate.gradcam_images)
-    images = [read_image(files[i], size) for i in chosen]
+
+def _gradcam(
+    cfg: Config,
+    paths: DatasetPaths,
+    model: keras.Model,
+    frame: pd.DataFrame,
+    classes: Sequence[str],
+    folder: Path,
+) -> Path:
+    """``gradcam.png``: where the model looked, on test images spread over the split."""
+    from tasks.ml import plots
+    from tasks.ml.gradcam import feature_map_size, gradcam
+    from tasks.ml.images import read_image
+    from tasks.ml.model import model_image_size
+
+    y_true = frame["label_index"].to_numpy()
+    chosen = _spread(len(frame), cfg.evaluate.gradcam_images)
+    size = model_image_size(model)
+    images = [read_image(paths.raw / frame["path"].iloc[i], size) for i in chosen]
     heatmaps, note, titles = None, "evaluate.gradcam_images is 0", []
     if images:
         heatmaps, cam_probs = gradcam(model, np.stack(images))
@@ -167,17 +207,14 @@ def draw_plots(
             f"actual {classes[y_true[i]]}\npredicted {classes[p.argmax()]} ({p.max():.2f})"
             for i, p in zip(chosen, cam_probs, strict=True)
         ]
-    written.append(
-        plots.gradcam_overlays(
-            images,
-            None if heatmaps is None else list(heatmaps),
-            titles,
-            folder / "gradcam.png",
-            note,
-            feature_map=feature_map_size(model),
-        )
+    return plots.gradcam_overlays(
+        images,
+        None if heatmaps is None else list(heatmaps),
+        titles,
+        folder / "gradcam.png",
+        note,
+        feature_map=feature_map_size(model),
     )
-    return written
 
 
 def predictions_csv(frame: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]) -> str:
@@ -205,20 +242,16 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
     """Score the candidate on the test split (and, labelled, validation); write the reports."""
     import mlflow
 
-    from tasks.ml.metrics import classification_metrics, flat_metrics
-    from tasks.ml.model import predict_rows
+    from tasks.ml.metrics import flat_metrics
     from tasks.tracking.models import log_evaluated_model
     from tasks.tracking.runs import log_headline, phase_run
 
+    # Score the candidate on the test split and the (labelled) validation split
     classes = cfg.dataset(paths.dataset).classes
     model_path, record = read_candidate(paths)
-    frame = labelled_rows(paths, "test", classes)
-    held_out = labelled_rows(paths, "validation", classes)
     model = load_model(model_path)
-    probs = predict_rows(model, frame, paths.raw, classes, cfg.train.batch_size)
-    metrics = classification_metrics(frame["label_index"].to_numpy(), probs, classes)
-    val_probs = predict_rows(model, held_out, paths.raw, classes, cfg.train.batch_size)
-    validation = classification_metrics(held_out["label_index"].to_numpy(), val_probs, classes)
+    frame, probs, metrics = _score(model, cfg, paths, "test", classes)
+    _, _, validation = _score(model, cfg, paths, "validation", classes)
     relative = model_path.relative_to(paths.root).as_posix()
     report = {
         "model": relative,
@@ -228,6 +261,7 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
         "validation": {"split": "validation", **validation},
     }
 
+    # Write the reports; log them, the metrics and the evaluated model
     with atomic_path(paths.plots) as staging:
         staging.mkdir(parents=True)
         drawn = draw_plots(cfg, paths, model, frame, probs, metrics, classes, staging)

@@ -3,44 +3,18 @@
 ``python -m tasks export <ds> [--format saved_model|litert|onnx ...] [--model PATH_OR_URI]``
 
 The model is the registered ``<prefix><ds>-classifier@champion`` (resolved to its
-version first, so a concurrent promotion cannot mix two versions), or ``--model``:
-a ``.keras`` file, a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI, or
-any other MLflow model URI. It is written in the form the registry serves
-(:func:`tasks.ml.model.probability_model`: input ``image``, float32 0-255 RGB
-``(batch, H, W, 3)``; one probability per class out) with ``keras.Model.export``:
+version first, so a concurrent promotion cannot mix two versions), or ``--model``
+(a ``.keras`` file or an MLflow model URI), written in the form the registry serves
+(:func:`tasks.ml.model.probability_model`) with ``keras.Model.export`` under
+``models/<ds>/export/<format>/``.
 
-=============  ===============================================  ========================
-``--format``   written to ``models/<ds>/export/``                read back with
-=============  ===============================================  ========================
-saved_model    ``saved_model/`` (a TensorFlow SavedModel)        ``tf.saved_model.load``
-litert         ``litert/model.tflite``                           the LiteRT interpreter
-onnx           ``onnx/model.onnx``                               onnxruntime (CPU)
-=============  ===============================================  ========================
-
-**Parity.** Each format is read back with its own runtime and run on the dataset's
-held-out test images (the manifest's ``test`` rows, decoded and resized as in
-training); its probabilities must be the Keras model's to within
-:data:`tasks.ml.export.TOLERANCE` (1e-4) on every image and class. Both sides
-run on the CPU, so the check measures the conversion, not a GPU's arithmetic.
-
-**Atomic.** A format is written into a temporary folder beside its target,
-checked there, and renamed into place only when it passes: a format that fails
-(a converter or runtime not installed, a conversion error, a difference above the
-tolerance) leaves no folder and keeps the previous good export of that format.
-The other formats asked for are still written; the command then fails with one
-line per refused format, each naming it, the measured difference (or the missing
-package) and what to do.
-
-**Report.** ``models/<ds>/export/export.json`` describes every format there: its
-path, size in bytes, the largest difference, how many images were compared and
-the model it came from.
-
-**Registry.** A model that came from the registry (the champion, or a
-``models:/`` URI) gets its exports logged as artifacts of the run that logged the
-registered version (``export/<format>/``, and ``export/export.json`` describing
-every export of this version on disk) and, per format, the version tags
-``export.<format>.max_abs_diff``, ``export.<format>.size_bytes`` and
-``export.<format>.images``.
+Each format is written into a temporary folder, read back with its own runtime and
+run on the held-out test images; only when its probabilities are the Keras model's
+to within :data:`tasks.ml.export.TOLERANCE` on every image is it renamed into place.
+A refused format leaves nothing and keeps the previous good export; the command then
+fails with one line per refused format. ``export.json`` describes every format there;
+a registered model also gets its exports on the run that logged the version and the
+figures as version tags. What a user sees: docs/serving.md, "Export".
 """
 
 from __future__ import annotations

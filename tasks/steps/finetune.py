@@ -53,7 +53,6 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     backbone = backbone_name(model, default=cfg.train.backbone)
     size = int(model.input_shape[1])
     boundary = cfg.finetune.unfreeze_from or default_boundary(backbone, cfg.train)
-    weights_description, weights_sha = _weights_record(cfg, backbone, size, paths)
 
     # The layers below the boundary run once (their activations cached) unless augmenting
     with phase.devices.scope():
@@ -62,23 +61,20 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     data = phase.datasets(size, cached)
 
     frozen_scores, unfrozen = _unfreeze(phase, model, boundary, data[1])
+
+    # Resume, params and lineage of the phase
     checkpoint = phase.checkpoint(
         batch_size=cfg.train.batch_size, seed=cfg.train.seed,
         frozen_model=file_md5(paths.frozen_model),
     )  # fmt: skip
-    previous = read_phase_history(paths, "train")
+    previous = read_phase_history(paths, "train")  # epochs number on from phase 1's
     offset = int(previous["epoch"].max()) if len(previous) else 0
+    tags = _lineage_tags(cfg, paths, backbone, size, boundary)
     params = phase.params(
         model, size, cached,
-        backbone=backbone, weights_source=weights_description,
+        backbone=backbone, weights_source=tags["weights.description"],
         unfreeze_from=boundary, unfrozen_layers=len(unfrozen),
     )  # fmt: skip
-    tags = {
-        "frozen_model.md5": file_md5(paths.frozen_model),
-        "weights.sha256": weights_sha,
-        "weights.description": weights_description,
-        "unfreeze_from": boundary,
-    }
 
     # Fit (resuming a killed attempt), save, choose the candidate, record
     with phase.tracked(params, tags, checkpoint, offset=offset) as (run, logger, callbacks):
@@ -137,6 +133,19 @@ def _frozen_model(paths: DatasetPaths, n_classes: int) -> keras.Model:
             f"{n_classes}; rerun `python -m tasks train {paths.dataset}`"
         )
     return model
+
+
+def _lineage_tags(
+    cfg: Config, paths: DatasetPaths, backbone: str, size: int, boundary: str
+) -> dict[str, str]:
+    """What the fine-tuned model comes from: the frozen model, the weights, the boundary."""
+    description, sha256 = _weights_record(cfg, backbone, size, paths)
+    return {
+        "frozen_model.md5": file_md5(paths.frozen_model),
+        "weights.sha256": sha256,
+        "weights.description": description,
+        "unfreeze_from": boundary,
+    }
 
 
 def _weights_record(cfg: Config, backbone: str, size: int, paths: DatasetPaths) -> tuple[str, str]:
