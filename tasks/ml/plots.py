@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,6 +82,23 @@ def _positives(classes: Sequence[str]) -> tuple[list[int], str]:
     return list(range(len(classes))), "one vs rest"
 
 
+def _curve_figure(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> tuple[Figure, Any, list[tuple[int, np.ndarray, np.ndarray]], str]:
+    """A curve plot's figure and axes, and per class with a curve (one that is neither
+    absent nor alone in ``y_true``): its index, its 0/1 truth and its scores."""
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    fig = _figure(5.5, 5)
+    positives, what = _positives(classes)
+    curves = []
+    for index in positives:
+        truth = (y_true == index).astype(int)
+        if truth.min() != truth.max():
+            curves.append((index, truth, probs[:, index]))
+    return fig, fig.add_subplot(1, 1, 1), curves, what
+
+
 def _draw_roc_curves(
     y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], split: str
 ) -> Figure:
@@ -89,22 +106,12 @@ def _draw_roc_curves(
 
     from tasks.ml.metrics import roc_points
 
-    y_true = np.asarray(y_true)
-    probs = np.asarray(probs, dtype=np.float64)
-    fig = _figure(5.5, 5)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax, curves, what = _curve_figure(y_true, probs, classes)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    positives, what = _positives(classes)
-    drawn = 0
-    for index in positives:
-        truth = (y_true == index).astype(int)
-        if truth.min() == truth.max():
-            continue
-        fpr, tpr = roc_points(truth, probs[:, index])
-        label = f"{classes[index]} (AUC {auc(fpr, tpr):.3f})"
-        ax.plot(fpr, tpr, linewidth=2, label=label)
-        drawn += 1
-    if not drawn:
+    for index, truth, scores in curves:
+        fpr, tpr = roc_points(truth, scores)
+        ax.plot(fpr, tpr, linewidth=2, label=f"{classes[index]} (AUC {auc(fpr, tpr):.3f})")
+    if not curves:
         ax.text(0.5, 0.5, f"ROC undefined: the {split} set has one class", ha="center")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
@@ -129,25 +136,15 @@ def _draw_precision_recall_curves(
 
     from tasks.ml.metrics import pr_points
 
-    y_true = np.asarray(y_true)
-    probs = np.asarray(probs, dtype=np.float64)
-    fig = _figure(5.5, 5)
-    ax = fig.add_subplot(1, 1, 1)
-    positives, what = _positives(classes)
-    drawn = 0
-    for index in positives:
-        truth = (y_true == index).astype(int)
-        if truth.min() == truth.max():
-            continue
-        precision, recall = pr_points(truth, probs[:, index])
-        ap = average_precision_score(truth, probs[:, index])
-        label = f"{classes[index]} (AP {ap:.3f})"
+    fig, ax, curves, what = _curve_figure(y_true, probs, classes)
+    for index, truth, scores in curves:
+        precision, recall = pr_points(truth, scores)
+        label = f"{classes[index]} (AP {average_precision_score(truth, scores):.3f})"
         (line,) = ax.plot(recall, precision, linewidth=2, drawstyle="steps-post", label=label)
         # a classifier without skill has precision = the positive share at every recall
         ax.axhline(truth.mean(), linestyle=":", linewidth=1.5, color=line.get_color())
-        drawn += 1
-    if drawn:
-        rate = "its positive share" if drawn == 1 else "each class's share"
+    if curves:
+        rate = "its positive share" if len(curves) == 1 else "each class's share"
         ax.plot([], [], linestyle=":", color="grey", label=f"no skill (dotted: {rate})")
         ax.legend(loc="lower left")
     else:

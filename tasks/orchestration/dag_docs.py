@@ -14,6 +14,7 @@ def _chain(stages: list[str]) -> str:
 def dataset_doc(project: Project, dataset: str, stages: list[str], backend: Backend) -> str:
     conf_keys = "\n".join(f"| `{key}` | `{dotted}` |" for key, dotted in CONF_KEYS.items())
     ws = project.workspace(dataset)
+    paths = project.dataset_paths(dataset)
     return f"""\
 ### Transfer learning: `{dataset}`
 
@@ -40,7 +41,7 @@ checked-in params.yaml is not modified and MLflow records them (`overrides` tag)
 Any other key: `{{"set": {{"train.epochs": 3}}}}`. Example:
 `{{"backbone": "vgg16", "finetune_epochs": 5}}`.
 
-Results: `{ws / "reports" / dataset}`, models in `{ws / "models" / dataset}`,
+Results: `{paths.reports}`, models in `{paths.models}`,
 MLflow experiment `{dataset}`, registered model `{dataset}-classifier`.
 """
 

@@ -182,7 +182,7 @@ def run_stage(project: Project, dataset: str, stage: str) -> StageResult:
         target = ws / path
         if target.is_file():
             metrics.update(_small(json.loads(target.read_text())))
-    run = _run_ids(ws / "reports" / dataset / "runs" / f"{stage}.json")
+    run = _run_ids(project.dataset_paths(dataset).run_record(stage))
     result = StageResult(
         stage=stage,
         dataset=dataset,

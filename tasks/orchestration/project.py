@@ -21,6 +21,7 @@ from pathlib import Path
 from tasks.config import Config, load_config
 from tasks.contract import DVC_REMOTE_ENV, PARAMS_ENV, PROJECT_ENV, STATE_ENV
 from tasks.orchestration.stage_graph import StageGraph, read_stage_graph
+from tasks.paths import DatasetPaths
 
 DAG_PREFIX = "transfer_learning__"
 """Airflow DAG ids: ``<prefix><dataset>`` per dataset, ``<prefix>summary`` for the report."""
@@ -94,9 +95,13 @@ class Project:
     def stage_graph(self, dataset: str) -> StageGraph:
         return read_stage_graph(self.dvc_yaml, dataset)
 
+    def dataset_paths(self, dataset: str) -> DatasetPaths:
+        """Where the stages of ``dataset`` read and write, in its workspace."""
+        return DatasetPaths.of(dataset, self.workspace(dataset))
+
     def model_file(self, dataset: str) -> Path:
         """The file whose update is the DAG's Airflow Asset: the candidate model record."""
-        return self.workspace(dataset) / "models" / dataset / "candidate.json"
+        return self.dataset_paths(dataset).candidate
 
     def asset_uri(self, dataset: str) -> str:
         return self.model_file(dataset).as_uri()

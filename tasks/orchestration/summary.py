@@ -109,12 +109,11 @@ def champion_of(cfg: Config, project: Project, dataset: str) -> dict[str, Any] |
 
 
 def dataset_summary(cfg: Config, project: Project, dataset: str) -> dict[str, Any]:
-    ws = project.workspace(dataset)
-    reports = ws / "reports" / dataset
-    gate = _read_json(reports / "gate.json")
-    run = _read_json(ws / WORKSPACE_RECORD)
+    paths = project.dataset_paths(dataset)
+    gate = _read_json(paths.gate)
+    run = _read_json(paths.root / WORKSPACE_RECORD)
     latest = {
-        "metrics": _headline(_read_json(reports / "metrics.json"), cfg.register_.metric),
+        "metrics": _headline(_read_json(paths.metrics), cfg.register_.metric),
         "gate": {
             k: gate.get(k)
             for k in (
@@ -135,7 +134,7 @@ def dataset_summary(cfg: Config, project: Project, dataset: str) -> dict[str, An
     return {
         "champion": champion_of(cfg, project, dataset),
         "latest_run": latest,
-        "reports": str(reports),
+        "reports": str(paths.reports),
     }
 
 

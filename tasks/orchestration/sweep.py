@@ -221,8 +221,8 @@ def sweep_folder(project: Project, sweep: str) -> Path:
 
 def lane_row(project: Project, combo: Combination) -> dict[str, Any]:
     """One row of the comparison: what the combination's workspace reports."""
-    ws = combo.project(project).workspace(combo.dataset)
-    reports = ws / "reports" / combo.dataset
+    paths = combo.project(project).dataset_paths(combo.dataset)
+    ws = paths.root
     row: dict[str, Any] = {
         "combination": combo.key,
         "dataset": combo.dataset,
@@ -239,7 +239,7 @@ def lane_row(project: Project, combo: Combination) -> dict[str, Any]:
     stages = record.get("stages", {})
     row["parent_run_id"] = record.get("parent_run_id")
     row["experiment"] = record.get("experiment")
-    metrics_file = reports / "metrics.json"
+    metrics_file = paths.metrics
     done = metrics_file.is_file() and "evaluate" in stages and record.get("experiment_rev")
     if not done:  # a lane counts once it is evaluated and recorded as a DVC experiment
         lane = ("download", "validate", *TRAINING_STAGES, "evaluate")
@@ -247,7 +247,7 @@ def lane_row(project: Project, combo: Combination) -> dict[str, Any]:
         return row
     metrics = json.loads(metrics_file.read_text())
     for stage in TRAINING_STAGES:  # the MLflow run of each phase (the original, if restored)
-        run = reports / "runs" / f"{stage}.json"
+        run = paths.run_record(stage)
         row[f"{stage}_run_id"] = (
             json.loads(run.read_text()).get("run_id") if run.is_file() else None
         )
