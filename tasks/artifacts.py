@@ -63,7 +63,7 @@ def read_manifest(paths: DatasetPaths) -> pd.DataFrame:
 
 def labelled_rows(paths: DatasetPaths, split: str, classes: Sequence[str]) -> pd.DataFrame:
     """The manifest's usable rows of ``split`` in path order, with ``label_index``."""
-    from tasks.ml.pipeline import usable_rows
+    from tasks.ml.inputs import usable_rows
 
     frame = usable_rows(read_manifest(paths), split, classes)
     frame = frame.sort_values("path", kind="stable").reset_index(drop=True)

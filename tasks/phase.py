@@ -76,7 +76,7 @@ class Phase:
         return self.cfg.dataset(self.paths.dataset).classes
 
     def images(self, *splits: str) -> int:
-        from tasks.ml.pipeline import count_rows
+        from tasks.ml.inputs import count_rows
 
         return sum(count_rows(self.manifest, split) for split in splits)
 
@@ -107,7 +107,7 @@ class Phase:
 
     def datasets(self, size: int, cached: bool) -> tuple[Any, Any]:
         """Training and validation images (augmented training images unless cached)."""
-        from tasks.ml.pipeline import phase_datasets
+        from tasks.ml.inputs import phase_datasets
 
         augment = self.cfg.augmentation if self.augments(cached) else None
         return phase_datasets(

@@ -245,8 +245,8 @@ def _tutorial_model(cfg: Config, size: int, weights: Path) -> tuple[Any, Any]:
     import keras
 
     from tasks.ml.backbones import WeightsSource, build_backbone, get_backbone
+    from tasks.ml.inputs import augmentation_layers
     from tasks.ml.model import build_head, preprocess_layer
-    from tasks.ml.pipeline import augmentation_layers
 
     train = cfg.train
     entry = get_backbone(train.backbone)

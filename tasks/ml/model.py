@@ -371,8 +371,8 @@ def image_batches(
 ) -> Any:
     """The images of ``frame``'s rows (one split) as a ``tf.data`` dataset of float32 0-255
     batches at the model's input size, decoded and resized exactly as in training
-    (``tasks.ml.pipeline.make_dataset``); rows keep their order."""
-    from tasks.ml.pipeline import make_dataset
+    (``tasks.ml.inputs.make_dataset``); rows keep their order."""
+    from tasks.ml.inputs import make_dataset
 
     height, width = model_image_size(model)
     if height != width:

@@ -286,8 +286,8 @@ def fit_on_activations(
     epochs, so the frozen part below need not run again. Shuffled like the
     image datasets (same seed).
     """
+    from tasks.ml.inputs import feature_dataset
     from tasks.ml.model import compile_model, n_outputs
-    from tasks.ml.pipeline import feature_dataset
 
     train_x, train_y = extract_features(extractor, train_images)
     val_x, val_y = extract_features(extractor, val_images)

@@ -108,7 +108,7 @@ def prepare_workspace(
     write_text(ws / "params.yaml", yaml.safe_dump(run_params(cfg, dataset), sort_keys=False))
     _write_dvc_config(project, ws)
     _init_tracking_store(project)
-    name = experiment_name(dataset, run_id)
+    name = dvc_experiment_name(dataset, run_id)
     record = {
         "dataset": dataset,
         "overrides": list(overrides),
@@ -142,7 +142,7 @@ def run_params(cfg: Config, dataset: str) -> dict[str, Any]:
 # --- git ----------------------------------------------------------------------
 
 
-def experiment_name(dataset: str, run_id: str | None) -> str:
+def dvc_experiment_name(dataset: str, run_id: str | None) -> str:
     """``<dataset>-<run id>`` with what git refuses in a ref name made ``-``."""
     text = f"{dataset}-{run_id or 'manual'}"
     return _REF_UNSAFE.sub("-", text).strip("-.").replace("..", "-")

@@ -97,15 +97,18 @@ def _spread(count: int, limit: int) -> list[int]:
 
 
 def _score(
-    model: keras.Model, cfg: Config, paths: DatasetPaths, split: str, classes: Sequence[str]
-) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
-    """A split's labelled rows, the model's probabilities on them and the metrics."""
+    model: keras.Model,
+    cfg: Config,
+    paths: DatasetPaths,
+    frame: pd.DataFrame,
+    classes: Sequence[str],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The model's probabilities on a split's labelled rows, and the metrics."""
     from tasks.ml.metrics import classification_metrics
     from tasks.ml.model import predict_rows
 
-    frame = labelled_rows(paths, split, classes)
     probs = predict_rows(model, frame, paths.raw, classes, cfg.train.batch_size)
-    return frame, probs, classification_metrics(frame["label_index"].to_numpy(), probs, classes)
+    return probs, classification_metrics(frame["label_index"].to_numpy(), probs, classes)
 
 
 def draw_plots(
@@ -249,9 +252,11 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
     # Score the candidate on the test split and the (labelled) validation split
     classes = cfg.dataset(paths.dataset).classes
     model_path, record = read_candidate(paths)
+    frame = labelled_rows(paths, "test", classes)
+    held_out = labelled_rows(paths, "validation", classes)
     model = load_model(model_path)
-    frame, probs, metrics = _score(model, cfg, paths, "test", classes)
-    _, _, validation = _score(model, cfg, paths, "validation", classes)
+    probs, metrics = _score(model, cfg, paths, frame, classes)
+    _, validation = _score(model, cfg, paths, held_out, classes)
     relative = model_path.relative_to(paths.root).as_posix()
     report = {
         "model": relative,
@@ -270,13 +275,9 @@ def run(cfg: Config, paths: DatasetPaths) -> EvaluationResult:
     write_json(paths.metrics, report)
 
     with phase_run(cfg, paths, "evaluate") as run:
-        mlflow.set_tags(
-            {
-                "model.path": relative,
-                "model.phase": str(record.get("phase")),
-                "model.md5": file_md5(model_path),
-            }
-        )
+        phase = str(record.get("phase"))
+        mlflow.set_tags({"model.path": relative, "model.phase": phase})
+        mlflow.set_tag("model.md5", file_md5(model_path))
         test_metrics = {f"test.{k}": v for k, v in flat_metrics(metrics).items()}
         validation_metrics = {f"validation.{k}": v for k, v in flat_metrics(validation).items()}
         mlflow.log_metrics(validation_metrics)

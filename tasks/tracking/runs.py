@@ -61,13 +61,13 @@ NOTE_TAG = "mlflow.note.content"
 END_REASON_TAG = "tasks.end_reason"
 
 
-def experiment_name(cfg: Config, dataset: str) -> str:
+def mlflow_experiment_name(cfg: Config, dataset: str) -> str:
     return f"{cfg.tracking.experiment_prefix}{dataset}"
 
 
 def use_experiment(cfg: Config, paths: DatasetPaths) -> str:
     """Point MLflow at our store and make sure the dataset's experiment exists; returns its id."""
-    name = experiment_name(cfg, paths.dataset)
+    name = mlflow_experiment_name(cfg, paths.dataset)
     return open_experiment(cfg, paths.root, name, experiment_tags(cfg, paths.dataset))
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from tasks.artifacts import read_manifest
 from tasks.config import AugmentationConfig
 from tasks.errors import StageError
-from tasks.ml.pipeline import make_dataset
+from tasks.ml.inputs import make_dataset
 from tasks.paths import DatasetPaths
 from tests.datagen import make_image
 from tests.model.conftest import make_workspace, manifest_rows, write_manifest
@@ -172,7 +172,7 @@ def test_missing_or_bad_manifest_says_run_validate(tmp_path):
 def test_training_and_early_stopping_never_read_the_test_split(tmp_path):
     """The phase datasets hold exactly the train and validation rows: test is held out."""
     from tasks.config import TrainConfig
-    from tasks.ml.pipeline import phase_datasets
+    from tasks.ml.inputs import phase_datasets
 
     paths = make_workspace(tmp_path, {"train": 3, "validation": 10})
     manifest = read_manifest(paths)

@@ -20,8 +20,8 @@ from tasks.config import parse_config, recipe_names
 from tasks.dev.alexnet import write_alexnet
 from tasks.ml.backbone_file import backbone_entry, default_boundary
 from tasks.ml.backbones import is_batch_norm, unfreeze_top_blocks
+from tasks.ml.inputs import augmentation_layers
 from tasks.ml.model import ModelSpec, build_model, compile_model
-from tasks.ml.pipeline import augmentation_layers
 from tests.conftest import REPO
 
 TINY = {"inception_v3": 75, "vgg16": 32, "xception": 71, "mobilenet_v2": 32}
