@@ -2,7 +2,7 @@
 
 A candidate passes when it reaches ``register.floor`` on ``register.metric`` and
 the paired comparison with the champion re-scored on the same test images
-(:mod:`tasks.ml.comparison`) finds it significantly ``better``, or, with
+(:mod:`tasks.ml.paired_test`) finds it significantly ``better``, or, with
 ``register.promote_if: not_worse``, not significantly ``worse``. Without a
 champion (``first``) or without a comparison (``incomparable``) the floor alone
 decides. With ``register.approval: human`` a passing candidate waits for a person.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tasks.config import RegisterConfig
 from tasks.contract import AWAITING_APPROVAL, PROMOTED, REJECTED
-from tasks.ml.comparison import BETTER, WORSE, Comparison
+from tasks.ml.paired_test import BETTER, WORSE, Comparison
 
 FIRST, BELOW_FLOOR, INCOMPARABLE = "first", "below_floor", "incomparable"
 _SLACK = 1e-9

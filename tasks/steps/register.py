@@ -9,7 +9,7 @@ when it was promoted may come from other data). It becomes ``@champion`` only if
 
 1. it reaches ``register.floor`` on ``register.metric``, and
 2. a paired test on those images (``register.method``: McNemar's exact test, or
-   a paired bootstrap interval of the difference; :mod:`tasks.ml.comparison`)
+   a paired bootstrap interval of the difference; :mod:`tasks.ml.paired_test`)
    finds it significantly ``better`` than the champion, or (with
    ``register.promote_if: not_worse``) not significantly ``worse``. An
    ``equivalent`` retrain does not churn ``@champion`` under the default rule.
@@ -38,8 +38,8 @@ from tasks.config import Config, RegisterConfig
 from tasks.contract import AWAITING_APPROVAL, PROMOTED, REJECTED
 from tasks.errors import StageError
 from tasks.io import file_md5, write_json
-from tasks.ml.comparison import Comparison, compare
 from tasks.ml.gate import Verdict, decide
+from tasks.ml.paired_test import Comparison, compare
 from tasks.paths import DatasetPaths
 from tasks.tracking.lineage import current_experiment
 from tasks.tracking.registry import CHALLENGER, CHAMPION, PREVIOUS, registered_model_name

@@ -213,7 +213,7 @@ def run(cfg: Config, folder: Path) -> SweepReport:
 def _rank(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Rows best first per dataset, each marked ``best`` (it goes through the gate) and,
     when finished, ``pareto`` (nothing else both faster and as accurate)."""
-    from tasks.ml.comparison import best_by_group, pareto_front
+    from tasks.ml.ranking import best_by_group, pareto_front
 
     done = [row for row in rows if row.get("status") == "ok"]
     best = best_by_group(done, "dataset", "test_accuracy", "training_seconds", "combination")

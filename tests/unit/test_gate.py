@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tasks.config import RegisterConfig
-from tasks.ml.comparison import compare
 from tasks.ml.gate import decide, gate_verdict
-from tests.unit.test_comparison import Y, probs_for
+from tasks.ml.paired_test import compare
+from tests.unit.test_paired_test import Y, probs_for
 
 
 def _cmp(verdict: str):

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from tasks.errors import StageError
-from tasks.ml.comparison import compare, mcnemar_exact, paired_bootstrap
+from tasks.ml.paired_test import compare, mcnemar_exact, paired_bootstrap
 
 
 def probs_for(correct: np.ndarray, y: np.ndarray, confidence: float = 0.9) -> np.ndarray:
@@ -82,29 +82,3 @@ def test_mismatched_inputs_are_refused():
         compare(Y, probs_for(np.ones(40, bool), Y), probs_for(np.ones(39, bool), Y[:39]))
     with pytest.raises(StageError, match="no test images"):
         compare(Y[:0], np.zeros((0, 2)), np.zeros((0, 2)))
-
-
-def test_pareto_front_keeps_only_the_trade_offs():
-    from tasks.ml.comparison import pareto_front
-
-    #            fast+ok  slow+best  slow+worse  dominated  tie with the first
-    costs = [10.0, 50.0, 60.0, 20.0, 10.0]
-    scores = [0.80, 0.95, 0.90, 0.70, 0.80]
-    assert pareto_front(costs, scores) == [True, True, False, False, True]
-    assert pareto_front([5.0], [0.5]) == [True]
-    assert pareto_front([], []) == []
-    with pytest.raises(ValueError):
-        pareto_front([1.0, 2.0], [0.5])
-
-
-def test_best_by_group_is_the_most_accurate_then_the_cheapest():
-    from tasks.ml.comparison import best_by_group
-
-    rows = [
-        {"ds": "a", "key": "a-vgg", "acc": 0.9, "s": 40.0},
-        {"ds": "a", "key": "a-mobile", "acc": 0.9, "s": 10.0},  # as accurate, faster
-        {"ds": "a", "key": "a-fast", "acc": 0.7, "s": 1.0},
-        {"ds": "b", "key": "b-only", "acc": 0.6, "s": 5.0},
-        {"ds": "c", "key": "c-failed", "acc": None, "s": 0.0},  # no score: never wins
-    ]
-    assert best_by_group(rows, "ds", "acc", "s", "key") == {"a": "a-mobile", "b": "b-only"}
