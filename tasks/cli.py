@@ -81,7 +81,7 @@ DEVICE_STAGES = frozenset({"train", "finetune", "evaluate", "register"})
 
 
 def predict(args: argparse.Namespace) -> Any:
-    from tasks.steps import predict
+    from tasks.commands import predict
 
     return predict.run(
         args.model, args.inputs, out=args.out, batch_size=args.batch_size, classes=args.classes
@@ -90,7 +90,7 @@ def predict(args: argparse.Namespace) -> Any:
 
 def export(args: argparse.Namespace) -> Any:
     """The champion (or --model) as SavedModel / LiteRT / ONNX, each checked against Keras."""
-    from tasks.steps import export
+    from tasks.commands import export
 
     cfg, paths = _dataset_args(args)
     return export.run(cfg, paths, args.formats, model=args.model)
@@ -102,7 +102,7 @@ EXPORT_FORMATS = ("saved_model", "litert", "onnx")
 
 def sweep_report(args: argparse.Namespace) -> Any:
     """A sweep's comparison table, Pareto plot and MLflow run, from its rows.json."""
-    from tasks.steps import sweep_report
+    from tasks.commands import sweep_report
 
     return sweep_report.run(load_config(args.params), Path(args.folder))
 
@@ -111,7 +111,7 @@ def approve(args: argparse.Namespace) -> Any:
     """A person's decision on the candidate awaiting approval (register.approval: human)."""
     import getpass
 
-    from tasks.steps import approve
+    from tasks.commands import approve
 
     cfg, paths = _dataset_args(args)
     return approve.run(

@@ -7,7 +7,7 @@
 
 The model is the tiny conv net trained by ``tests.tinymodel`` (cached per test
 session) and saved as ``.keras``; images are written to files and scored through
-the project's prediction path, ``tasks.steps.predict``: ``load_classifier`` (the
+the project's prediction path, ``tasks.commands.predict``: ``load_classifier`` (the
 saved-model loader and class names) and ``predict_files`` (Pillow decode and
 resize, ``class_probabilities``). A control checks that these tests can fail: the
 same checks on the tiny ``inverted`` and ``constant`` models do.
@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from tasks.steps.predict import Classifier, load_classifier, predict_files
+from tasks.commands.predict import Classifier, load_classifier, predict_files
 from tests.datagen import make_image
 from tests.tinymodel import IMAGE_SIZE, tiny_models
 

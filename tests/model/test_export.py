@@ -17,11 +17,11 @@ import yaml
 
 from tasks import cli
 from tasks.cli import main
+from tasks.commands import export
 from tasks.config import parse_config
 from tasks.errors import StageError
 from tasks.ml.export import FORMATS, TOLERANCE, Parity, max_abs_diff
 from tasks.ml.images import read_image
-from tasks.steps import export
 from tests.datagen import tiny_params
 from tests.tinymodel import make_workspace, register_champion, tiny_models
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from tasks.cli import main
+from tasks.commands import predict
 from tasks.errors import StageError
 from tasks.ml.images import read_image
-from tasks.steps import predict
 from tests.datagen import tiny_params
 from tests.tinymodel import register_champion, tiny_models
 

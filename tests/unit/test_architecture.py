@@ -66,6 +66,9 @@ def test_every_dvc_stage_is_a_step_module_and_a_cli_command_of_its_name():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no API
     assert set(stages) <= set(commands)
+    # tasks/steps/ holds the stages and nothing else; other commands live in tasks/commands/
+    steps = {p.stem for p in (REPO / "tasks" / "steps").glob("*.py") if p.stem != "__init__"}
+    assert steps == set(stages)
 
 
 def test_the_wheel_leaves_the_developer_tools_out():

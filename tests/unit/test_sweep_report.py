@@ -82,7 +82,7 @@ def test_report_table_plot_best_and_mlflow_run(store, tmp_path):
     folder.mkdir(parents=True)
     (folder / "rows.json").write_text(json.dumps({"sweep": "s1", "rows": rows}))
 
-    from tasks.steps import sweep_report
+    from tasks.commands import sweep_report
 
     report = sweep_report.run(cfg, folder)
 
@@ -155,8 +155,8 @@ def test_recipe_rows_show_the_parent_runs_headline_and_what_the_walkthrough_repo
 ):
     import mlflow
 
+    from tasks.commands import sweep_report
     from tasks.config import recipe_reference
-    from tasks.steps import sweep_report
 
     cfg = parse_config(tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}))
     mlflow.set_tracking_uri(store)
