@@ -266,7 +266,8 @@ def experiments_to_restore(project: Project, datasets: Sequence[str]) -> list[st
         if record.get("git_remote"):
             lines.append(
                 f"  {'':<14} restore: cd {record['git_remote']} && dvc exp apply {name}"
-                " && dvc pull   (in another clone: dvc exp pull origin first; README, Lineage)"
+                " && dvc pull   (in another clone: dvc exp pull origin first; "
+                "docs/reproducing.md, Lineage)"
             )
         else:
             ws = project.workspace(ds)
