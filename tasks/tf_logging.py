@@ -54,7 +54,10 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader)
         sys.meta_path.remove(self)
         with _native_stderr_filtered(STARTUP_NOISE):
             module = importlib.import_module(name)
-        self.real = module.__spec__
+        # The import system prefers the __spec__ of a module already in sys.modules over
+        # the spec returned here, and would execute tensorflow/__init__.py a second time
+        # from it: hide it until exec_module puts it back.
+        self.real, module.__spec__ = module.__spec__, None
         return importlib.util.spec_from_loader(name, self)
 
     def create_module(self, spec: Any) -> Any:

@@ -64,3 +64,30 @@ def test_a_log_level_the_user_set_wins_and_nothing_is_filtered(fake_tensorflow):
     assert "absl::InitializeLog() is called" in proc.stderr
     assert "oneDNN custom operations are on" in proc.stderr
     assert proc.stdout.split() == ["0", "SourceFileLoader", "False"]
+
+
+def test_tensorflow_is_executed_once_and_is_the_module_everyone_gets(fake_tensorflow):
+    """The import system prefers the spec of a module already in sys.modules: the filter
+    must not let it run tensorflow/__init__.py a second time into another module."""
+    init = fake_tensorflow / "tensorflow" / "__init__.py"
+    init.write_text(
+        "import builtins\n"
+        "builtins.fake_tf_inits = getattr(builtins, 'fake_tf_inits', 0) + 1\n" + init.read_text()
+    )
+    code = (
+        "import builtins, sys\n"
+        "from tasks.tf_logging import quiet_tensorflow_startup\n"
+        "quiet_tensorflow_startup()\n"
+        "import tensorflow\n"
+        "from tensorflow import _native\n"
+        "print(builtins.fake_tf_inits, sys.modules['tensorflow'] is tensorflow,"
+        " type(tensorflow.__spec__.loader).__name__)\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    environ["PYTHONPATH"] = os.pathsep.join([str(fake_tensorflow), str(REPO)])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "True", "SourceFileLoader"]
+    assert proc.stderr == "kept: a line of its own\n"
