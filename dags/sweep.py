@@ -41,7 +41,7 @@ def lane_stage_task(
 ) -> Any:
     """A combination's stage: a task mapped over the plan, or a pod/container per lane."""
     args = task_args(cfg, backend, stage)
-    operator = stage_operator(project, "sweep", stage, backend, **args)
+    operator = stage_operator(project, "sweep", stage, backend, lane=True, **args)
     if operator is not None:
         return operator
 
@@ -54,6 +54,54 @@ def lane_stage_task(
         return sweep.run_lane_stage(project, combo, stage).xcom()
 
     return run_lane_stage(combination)
+
+
+def lane_group(project: Project, cfg: Config, backend: Backend, stages: list[str]) -> Any:
+    """The task group mapped over the plan: one combination's pipeline, ``prepare`` →
+    every stage but register → ``record`` → ``finish``, in its own workspace."""
+
+    @xcom_task(task_id="prepare", **retry_args(cfg, "prepare"))
+    @fails_fast("prepare")
+    def prepare_lane(combination: dict[str, Any]) -> dict[str, Any]:
+        from tasks.orchestration import sweep
+
+        run_id = get_current_context()["dag_run"].run_id
+        combo = sweep.Combination.from_xcom(combination)
+        return sweep.prepare_lane(project, combo, run_id).xcom()
+
+    @xcom_task(task_id="record", **retry_args(cfg, "record"))
+    @fails_fast("record")
+    def record_lane(combination: dict[str, Any]) -> dict[str, Any]:
+        from tasks.orchestration import experiments, sweep
+
+        combo = sweep.Combination.from_xcom(combination)
+        return experiments.record_experiment(combo.project(project), combo.dataset, stages).xcom()
+
+    @xcom_task(task_id="finish", trigger_rule="all_done", retries=0)
+    @fails_fast()
+    def finish_lane(combination: dict[str, Any]) -> dict[str, Any]:
+        from tasks.orchestration import parent_run, sweep
+
+        combo = sweep.Combination.from_xcom(combination)
+        ti = get_current_context()["ti"]
+        results = {
+            name: ti.xcom_pull(task_ids=f"{GROUP}.{name}", map_indexes=ti.map_index)
+            for name in ["prepare", *stages, "record"]
+        }
+        return parent_run.finish_tasks(
+            combo.project(project), combo.dataset, results, combo.tags, label=combo.key
+        )
+
+    @task_group(group_id=GROUP)
+    def pipeline(combination: Any) -> None:
+        chain = [prepare_lane(combination)]
+        for stage in stages:
+            chain.append(lane_stage_task(project, cfg, stage, backend, combination))
+        chain += [record_lane(combination), finish_lane(combination)]
+        for up, down in zip(chain, chain[1:], strict=False):
+            up >> down
+
+    return pipeline
 
 
 def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = None) -> DAG:
@@ -82,48 +130,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
             combos = sweep.plan_sweep(project, dag_run.conf, dag_run.run_id)
             return [combo.xcom() for combo in combos]
 
-        @xcom_task(task_id="prepare", **retry_args(cfg, "prepare"))
-        @fails_fast("prepare")
-        def prepare_lane(combination: dict[str, Any]) -> dict[str, Any]:
-            from tasks.orchestration import sweep
-
-            run_id = get_current_context()["dag_run"].run_id
-            combo = sweep.Combination.from_xcom(combination)
-            return sweep.prepare_lane(project, combo, run_id).xcom()
-
-        @xcom_task(task_id="record", **retry_args(cfg, "record"))
-        @fails_fast("record")
-        def record_lane(combination: dict[str, Any]) -> dict[str, Any]:
-            from tasks.orchestration import experiments, sweep
-
-            combo = sweep.Combination.from_xcom(combination)
-            return experiments.record_experiment(
-                combo.project(project), combo.dataset, stages
-            ).xcom()
-
-        @xcom_task(task_id="finish", trigger_rule="all_done", retries=0)
-        @fails_fast()
-        def finish_lane(combination: dict[str, Any]) -> dict[str, Any]:
-            from tasks.orchestration import parent_run, sweep
-
-            combo = sweep.Combination.from_xcom(combination)
-            ti = get_current_context()["ti"]
-            results = {
-                name: ti.xcom_pull(task_ids=f"{GROUP}.{name}", map_indexes=ti.map_index)
-                for name in ["prepare", *stages, "record"]
-            }
-            return parent_run.finish_tasks(
-                combo.project(project), combo.dataset, results, combo.tags, label=combo.key
-            )
-
-        @task_group(group_id=GROUP)
-        def pipeline(combination: Any) -> None:
-            chain = [prepare_lane(combination)]
-            for stage in stages:
-                chain.append(lane_stage_task(project, cfg, stage, backend, combination))
-            chain += [record_lane(combination), finish_lane(combination)]
-            for up, down in zip(chain, chain[1:], strict=False):
-                up >> down
+        lanes = lane_group(project, cfg, backend, stages)
 
         @xcom_task(trigger_rule="all_done", retries=0)
         @fails_fast(also=(StageError,))
@@ -143,7 +150,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
             combos = [sweep.Combination.from_xcom(c) for c in ti.xcom_pull(task_ids="plan")]
             return sweep.gate_sweep(project, combos, ti.xcom_pull(task_ids="compare"))
 
-        pipeline.expand(combination=plan()) >> compare() >> gate()
+        lanes.expand(combination=plan()) >> compare() >> gate()
     return dag
 
 

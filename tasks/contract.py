@@ -16,8 +16,8 @@ What it knows of the run it belongs to comes three ways, each named here once:
    orchestration layer only (it builds the environment of 1. from it).
 
 Between Airflow tasks, XCom carries small copies of these (ids, paths, headline
-metrics) and nothing else. A gate decision's status (:data:`GATE_STATUSES`) is
-read by the approval step, so its words live here too.
+metrics) and nothing else. A gate decision's status is read by the
+approval step, so its words live here too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from tasks.io import write_json
 
@@ -101,9 +100,3 @@ PROMOTED = "promoted"
 REJECTED = "rejected"
 AWAITING_APPROVAL = "awaiting_approval"
 """Passed the gate; waits at ``@challenger`` for a person (``register.approval: human``)."""
-GATE_STATUSES = (PROMOTED, REJECTED, AWAITING_APPROVAL)
-
-
-def gate_status(result: dict[str, Any] | None) -> str | None:
-    """The status in a register task's result (its XCom), if any."""
-    return ((result or {}).get("metrics") or {}).get("status")

@@ -99,13 +99,13 @@ def fails_fast(stage: str | None = None, *, also: tuple[type[Exception], ...] = 
 
 
 def stage_operator(
-    project: Project, dataset: str, stage: str, backend: Backend, **args: Any
+    project: Project, dataset: str, stage: str, backend: Backend, *, lane: bool = False, **args: Any
 ) -> Any | None:
     """The pod or container running ``stage`` on the kubernetes or docker backend; None
-    when the stage runs on the worker. ``dataset="sweep"``: a sweep lane's stage, whose
-    dataset and workspace are rendered from the ``plan`` task's combination."""
+    when the stage runs on the worker. ``lane``: a sweep lane's stage, whose dataset and
+    workspace are rendered from the ``plan`` task's combination (``dataset`` names pods)."""
     if stage not in backend.gpu_stages or backend.kind == "local":
         return None
     make = kubernetes_stage if backend.kind == "kubernetes" else docker_stage
-    lane = SweepLane(plan_task="plan") if dataset == "sweep" else None
-    return make(project, dataset, stage, backend, lane=lane, **args)
+    sweep_lane = SweepLane(plan_task="plan") if lane else None
+    return make(project, dataset, stage, backend, lane=sweep_lane, **args)

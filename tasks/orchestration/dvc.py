@@ -27,11 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.contract import WORKSPACE_RECORD
 from tasks.errors import ConfigError, StageFailed
-from tasks.io import write_json
 from tasks.orchestration.project import Project
-from tasks.orchestration.records import read_workspace_record, stage_env
+from tasks.orchestration.records import read_workspace_record, stage_env, write_workspace_record
 from tasks.orchestration.stage_graph import read_stage_graph
 from tasks.orchestration.workspace import default_remote
 
@@ -212,7 +210,7 @@ def _run_ids(path: Path) -> dict[str, Any]:
 def _record_stage(ws: Path, result: StageResult) -> None:
     record = read_workspace_record(ws)
     record.setdefault("stages", {})[result.stage] = {"ran": result.ran, "seconds": result.seconds}
-    write_json(ws / WORKSPACE_RECORD, record)
+    write_workspace_record(ws, record)
 
 
 def stage_command(

@@ -24,20 +24,20 @@ log = logging.getLogger(__name__)
 
 def start_parent_run(project: Project, dataset: str) -> str:
     """Open the run's parent run (the workspace record must exist); its id."""
-    return _pipeline_run(project, dataset, ["start"]).strip().splitlines()[-1]
+    return _pipeline_run(project, dataset, "start").strip().splitlines()[-1]
 
 
 def end_parent_run(project: Project, dataset: str, status: str, **tags: str) -> None:
     """End the run's parent run with ``status`` and ``tags``."""
-    options = ["--status", status, *(f"--tag={k}={v}" for k, v in tags.items())]
-    _pipeline_run(project, dataset, ["end", *options])
+    options = (f"--tag={k}={v}" for k, v in tags.items())
+    _pipeline_run(project, dataset, "end", "--status", status, *options)
 
 
-def _pipeline_run(project: Project, dataset: str, action: list[str]) -> str:
+def _pipeline_run(project: Project, dataset: str, action: str, *options: str) -> str:
     ws = project.workspace(dataset)
-    argv = [sys.executable, "-m", "tasks", "pipeline-run", action[0], dataset, *action[1:]]
+    argv = [sys.executable, "-m", "tasks", "pipeline-run", action, dataset, *options]
     env = stage_env(read_workspace_record(ws))
-    return run_checked(argv, f"MLflow parent run of {dataset} ({action[0]})", cwd=ws, env=env)
+    return run_checked(argv, f"MLflow parent run of {dataset} ({action})", cwd=ws, env=env)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tasks.contract import AWAITING_APPROVAL, gate_status
+from tasks.contract import AWAITING_APPROVAL
 from tasks.errors import StageFailed
 from tasks.orchestration.dvc import failure, workspace_command
 from tasks.orchestration.project import Project
@@ -62,7 +62,8 @@ The full report is `reports/<dataset>/gate.json` in the workspace and on the MLf
 
 def needs_review(register_result: Mapping[str, Any] | None) -> bool:
     """Whether the register task left a candidate awaiting approval."""
-    return gate_status(register_result) == AWAITING_APPROVAL
+    metrics = (register_result or {}).get("metrics") or {}
+    return metrics.get("status") == AWAITING_APPROVAL
 
 
 @dataclass(frozen=True)
