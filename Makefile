@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 CONF ?=
 AIRFLOW_PORT ?= 8080
 
-.PHONY: setup run test test-fast lint bench bench-gpu clean airflow demo recipes stack-deps
+.PHONY: setup run test test-fast lint bench bench-scale bench-gpu clean airflow demo recipes stack-deps
 
 # GPU=1: TensorFlow with its CUDA libraries (uv.lock's `gpu` group, Linux) instead of
 # tensorflow-cpu; both are locked, `uv sync` alone gives the CPU build.
@@ -54,6 +54,15 @@ lint: setup
 
 bench: setup
 	$(PY) -m tasks.dev.bench
+
+# validate, train, finetune and dvc add/status/push on 5,000, 50,000 and 200,000 generated
+# images: wall s, s per 1,000 images and peak RSS each; a table and reports/bench/scale.json.
+# SIZES=5000 (comma-separated; 1m works on a big machine); data is kept in .bench/scale/.
+# BENCH_SCALE_ARGS='--cache-budget-mb 256 --stages train,finetune --set train.epochs=2'.
+SIZES ?=
+BENCH_SCALE_ARGS ?=
+bench-scale: setup
+	$(PY) -m tasks.dev.bench_scale $(if $(SIZES),--sizes $(SIZES)) $(BENCH_SCALE_ARGS)
 
 # images/s of feature extraction, head training and a fine-tune step per backbone, precision,
 # XLA and batch size, and the projected cats/dogs pipeline time: a table and
