@@ -260,9 +260,13 @@ class TrainConfig(_Optimized):
     head: HeadConfig = HeadConfig()
     batch_size: PositiveInt = 32
     epochs: PositiveInt = 10
+    cached_epochs: PositiveInt | None = 100
+    """Phase 1's epochs on cached features, where early stopping ends it (None: ``epochs``)."""
     learning_rate: PositiveFloat = 1e-4
     early_stopping_patience: NonNegativeInt = 3
     feature_cache: Literal["auto", "on", "off"] = "auto"
+    cache_budget_mb: NonNegativeInt | Literal["auto"] = "auto"
+    """RAM the per-image caches of a phase may hold; beyond it they are read from disk."""
     augment: bool = False
     seed: int = 42
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"

@@ -74,6 +74,11 @@ class DatasetPaths:
         """A training phase's resume state: outside every DVC output, removed when it ends."""
         return self.root / ".checkpoints" / self.dataset / phase
 
+    def array_cache(self, name: str) -> Path:
+        """Per-image arrays a phase computes once (decoded images, features, boundary
+        activations): beside the checkpoints, outside every DVC output."""
+        return self.root / ".checkpoints" / self.dataset / "arrays" / name
+
     @property
     def metrics(self) -> Path:
         return self.reports / "metrics.json"

@@ -20,7 +20,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,14 @@ if TYPE_CHECKING:
     import keras
     import mlflow
 
+    from tasks.ml.arrays import ArrayStore, Budget
     from tasks.ml.devices import DevicePolicy
+    from tasks.ml.model import Split
     from tasks.ml.training import PhaseCheckpoint, TrainResult
     from tasks.tracking.callback import EpochLogger
 
 LABELS = {"train": "phase 1", "finetune": "phase 2"}
+SPLITS = ("train", "validation")
 HEADLINE_PREFIX = {"train": "frozen", "finetune": "finetuned"}
 
 
@@ -53,6 +57,8 @@ class Phase:
     policy: DevicePolicy
     devices: Any
     started: float
+    _temporary: list[ArrayStore] = field(default_factory=list)
+    """The per-image caches to remove once the phase's model is saved."""
 
     @classmethod
     def start(cls, name: str, cfg: Config, paths: DatasetPaths) -> Phase:
@@ -96,24 +102,142 @@ class Phase:
 
     def use_cache(self, below: keras.Model, layer: str | None = "backbone") -> bool:
         """Whether the layers that do not train (``below``) run once over the images."""
+        from tasks.ml.arrays import free_bytes
         from tasks.ml.training import feature_bytes, use_feature_cache
 
-        images = self.images("train", "validation")
+        images = self.images(*SPLITS)
         needed = feature_bytes(below, images, layer=layer)
-        return use_feature_cache(self.settings, needed, self.name)
+        free = free_bytes(self.paths.array_cache(""))
+        return use_feature_cache(self.settings, needed, self.name, free)
+
+    @cached_property
+    def budget(self) -> Budget:
+        """The RAM this phase's per-image caches may hold (``train.cache_budget_mb``)."""
+        from tasks.ml.arrays import Budget, budget_bytes
+
+        return Budget(budget_bytes(self.cfg.train.cache_budget_mb))
+
+    def datasets(self, size: int) -> tuple[Any, Any]:
+        """Training and validation images, decoded once (held within the budget, else read
+        from disk), training batches shuffled and augmented if the phase augments."""
+        from tasks.ml.inputs import training_batches
+
+        train, val = (self._hold(self._image_store(split, size)) for split in SPLITS)
+        seed = self.cfg.train.seed
+        augment = self.cfg.augmentation if self.settings.augment else None
+        return (
+            training_batches(train.dataset(self.batch, shuffle=True, seed=seed), augment, seed),
+            training_batches(val.dataset(self.batch, shuffle=False, seed=0), None, 0),
+        )
+
+    def feature_data(self, model: keras.Model, boundary: str | None) -> tuple[Any, Any]:
+        """Phase 1's backbone features of the training and validation images, computed once.
+
+        With ``boundary`` (phase 2 will train on cached activations), the images pass
+        the layers below it and then the rest of the backbone: the activations at the
+        boundary are kept for phase 2, so the lower backbone runs once for both phases.
+        """
+        from tasks.ml.model import feature_extractor, split_at
+
+        with self.devices.scope():
+            split = split_at(model, boundary) if boundary else None
+            extractor = feature_extractor(model)
+        stores = []
+        for name in SPLITS:
+            features = self._key(name, "features", extractor)
+            chain = [(extractor, self.paths.array_cache(f"features/{name}"), features)]
+            if split is not None:
+                below = self._key(name, "boundary", split.lower)
+                chain[:1] = [
+                    (split.lower, self.paths.array_cache(f"boundary/{name}"), below),
+                    (split.above, chain[0][1], features),
+                ]
+            stores.append(self._stores(name, model.input_shape[1], chain)[-1])
+        return self._store_data(stores)
+
+    def boundary_data(self, split: Split) -> tuple[Any, Any]:
+        """Phase 2's activations at the boundary (phase 1's, when it kept them for us)."""
+        stores = []
+        for name in SPLITS:
+            directory = self.paths.array_cache(f"boundary/{name}")
+            chain = [(split.lower, directory, self._key(name, "boundary", split.lower))]
+            stores.append(self._stores(name, split.lower.input_shape[1], chain)[-1])
+        return self._store_data(stores)
+
+    def _key(self, split: str, what: str, model: keras.Model) -> dict[str, Any]:
+        """What a cache of ``model``'s outputs for ``split`` depends on."""
+        from tasks.ml.training import weights_digest
+
+        return {
+            "what": what, "split": split, "manifest": file_md5(self.paths.manifest),
+            "input": list(model.input_shape[1:]), "weights": weights_digest(model),
+            "precision": self.policy.precision,
+        }  # fmt: skip
+
+    def _stores(self, split: str, size: int, chain: list[Any]) -> list[ArrayStore]:
+        """The chain's stores, read back if made from the same inputs, else computed in one
+        pass over the split's images; the last one is this phase's to remove."""
+        from tasks.ml.arrays import ArrayStore
+        from tasks.ml.inputs import decoded_batches, training_batches
+        from tasks.ml.training import extract_stores
+
+        found = [ArrayStore.open(directory, key) for _, directory, key in chain]
+        if found[-1] is None:
+            images = decoded_batches(
+                self.manifest, self.paths.raw, split, self.classes, size, self.batch
+            )
+            with self.devices.scope():
+                found = list(extract_stores(training_batches(images, None, 0), chain))
+        self._temporary.append(found[-1])
+        return [store for store in found if store is not None]
+
+    def _image_store(self, split: str, size: int) -> ArrayStore:
+        """The split's images decoded once, as uint8 at ``size`` px."""
+        from tasks.ml.arrays import ArrayStore
+        from tasks.ml.inputs import decoded_batches
+
+        directory = self.paths.array_cache(f"images/{split}")
+        key = {"what": "images", "split": split, "size": size,
+               "manifest": file_md5(self.paths.manifest)}  # fmt: skip
+        store = ArrayStore.open(directory, key)
+        if store is None:
+            batches = decoded_batches(
+                self.manifest, self.paths.raw, split, self.classes, size, self.batch
+            )
+            store = ArrayStore.write(directory, ((x.numpy(), y.numpy()) for x, y in batches), key)
+        self._temporary.append(store)
+        return store
+
+    def _hold(self, store: ArrayStore) -> ArrayStore:
+        store.hold(self.budget)
+        return store
+
+    def _store_data(self, stores: list[ArrayStore]) -> tuple[Any, Any]:
+        """Shuffled training batches and ordered validation batches of two stores."""
+        train, val = (self._hold(store) for store in stores)
+        return (
+            train.dataset(self.batch, shuffle=True, seed=self.cfg.train.seed),
+            val.dataset(self.batch, shuffle=False, seed=0),
+        )
+
+    def epochs(self, cached: bool) -> int:
+        """The phase's epochs. Phase 1's head on cached features (an epoch costs next to
+        nothing) trains up to ``train.cached_epochs``, until early stopping finds it
+        converged; null there keeps ``train.epochs``."""
+        if self.name == "train" and cached and self.cfg.train.cached_epochs:
+            return self.cfg.train.cached_epochs
+        return self.settings.epochs
 
     def augments(self, cached: bool) -> bool:
         return self.settings.augment and not cached
 
-    def datasets(self, size: int, cached: bool) -> tuple[Any, Any]:
-        """Training and validation images (augmented training images unless cached)."""
-        from tasks.ml.inputs import phase_datasets
+    def boundary(self, model: keras.Model) -> str:
+        """Where phase 2 starts unfreezing ``model``'s backbone."""
+        from tasks.ml.backbone_file import default_boundary
+        from tasks.ml.model import backbone_name
 
-        augment = self.cfg.augmentation if self.augments(cached) else None
-        return phase_datasets(
-            self.manifest, self.paths.raw, self.classes, size, self.cfg.train,
-            shuffle=not cached, augment=augment, batch_size=self.batch,
-        )  # fmt: skip
+        backbone = backbone_name(model, default=self.cfg.train.backbone)
+        return self.cfg.finetune.unfreeze_from or default_boundary(backbone, self.cfg.train)
 
     def compile(self, model: keras.Model) -> None:
         """Compile ``model`` with the phase's optimizer (after changing ``trainable``)."""
@@ -136,7 +260,8 @@ class Phase:
 
         fingerprint = {
             "phase": self.name,
-            self.name: self.settings.model_dump(),
+            # the budget moves caches between RAM and disk; it changes no result
+            self.name: self.settings.model_dump(exclude={"cache_budget_mb"}),
             "augmentation": self.cfg.augmentation.model_dump(),
             "manifest": file_md5(self.paths.manifest),
             "policy": self.policy.params(),
@@ -152,7 +277,7 @@ class Phase:
         return {
             **own,
             "image_size": size,
-            "epochs": s.epochs,
+            "epochs": self.epochs(cached),
             "optimizer": s.optimizer,
             "learning_rate": s.learning_rate,
             "batch_size": self.cfg.train.batch_size,
@@ -185,7 +310,7 @@ class Phase:
         with phase_run(self.cfg, self.paths, self.name, new_parent=new_parent) as run:
             mlflow.log_params(params)
             mlflow.set_tags(tags)
-            log_resume(checkpoint, LABELS[self.name], self.settings.epochs)
+            log_resume(checkpoint, LABELS[self.name], params["epochs"])
             logger = EpochLogger(
                 self.name, offset=offset, images=self.images("train"), restored=checkpoint.finished
             )
@@ -195,27 +320,27 @@ class Phase:
     def fit(
         self,
         model: keras.Model,
-        split: tuple[keras.Model, keras.Model] | None,
         data: tuple[Any, Any],
         callbacks: list[Any],
+        trainee: keras.Model | None = None,
     ) -> None:
-        """Fit the compiled ``model`` on images; with ``split`` (the layers that run once,
-        the part that trains), fit the trainable part on activations computed once."""
-        from tasks.ml.training import fit_on_activations
+        """Fit the compiled ``model`` on ``data``; or, with ``trainee`` (the part of it that
+        trains: the head, or the layers above the boundary), fit that part on ``data``'s
+        cached activations with the phase's optimizer."""
+        from tasks.ml.model import compile_model, n_outputs
 
         s = self.settings
         with self.devices.scope():
-            if split is None:
-                model.fit(
-                    data[0], validation_data=data[1], epochs=s.epochs, callbacks=callbacks,
-                    verbose=0, shuffle=False,
+            if trainee is not None:
+                compile_model(
+                    trainee, s.optimizer, self.rate, n_outputs(trainee),
+                    self.policy.jit_compile, s.momentum,
                 )  # fmt: skip
-                return
-            fit_on_activations(
-                *split, *data,
-                optimizer=s.optimizer, momentum=s.momentum, learning_rate=self.rate,
-                jit_compile=self.policy.jit_compile, batch_size=self.batch,
-                seed=self.cfg.train.seed, epochs=s.epochs, callbacks=callbacks,
+                model = trainee
+            model.fit(
+                data[0], validation_data=data[1], epochs=self.epochs(trainee is not None),
+                callbacks=callbacks,
+                verbose=0, shuffle=False,
             )  # fmt: skip
 
     def save(self, model: keras.Model, path: Path, checkpoint: PhaseCheckpoint) -> None:
@@ -224,6 +349,8 @@ class Phase:
 
         save_model(with_precision(model, "float32"), path)
         checkpoint.remove()
+        for store in self._temporary:
+            store.remove()
 
     def headline(
         self,

@@ -129,7 +129,14 @@ def tiny_params(
             "timeout_seconds": 5,
         },
         "validate": {"min_side": 16, "workers": 1},
-        "train": {"image_size": 32, "weights": "none", "batch_size": 8, "epochs": 2},
+        # the tests count epochs: exactly train.epochs on cached features too
+        "train": {
+            "image_size": 32,
+            "weights": "none",
+            "batch_size": 8,
+            "epochs": 2,
+            "cached_epochs": None,
+        },  # fmt: skip
         "finetune": {"epochs": 1},
     }
     for key, value in sections.items():

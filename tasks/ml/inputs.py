@@ -5,8 +5,9 @@ them itself); labels are class indices (position in ``classes``). Any format
 the manifest accepted decodes to RGB: grayscale, RGBA, palette, 16-bit, PNG
 files named .jpg (TensorFlow sniffs the content), and, through Pillow, what
 TensorFlow cannot decode (CMYK JPEGs, TIFF, WebP, ...). Decoded images are
-resized (bilinear, antialiased, like Pillow's resize at prediction time),
-rounded to uint8 and cached in memory, so later epochs skip decoding.
+resized (bilinear, antialiased, like Pillow's resize at prediction time) and
+rounded to uint8; a phase that reads them every epoch decodes them once into an
+:class:`tasks.ml.arrays.ArrayStore` (in RAM within the budget, else on disk).
 Augmentation (flip, rotation, zoom, width/height shift, shear) runs on training batches only,
 seeded: the same seed gives the same batches, each epoch a fresh draw.
 """
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.config import AugmentationConfig, TrainConfig
+from tasks.config import AugmentationConfig
 from tasks.errors import StageError
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def augmentation_layers(aug: AugmentationConfig, seed: int) -> list[Any]:
     return layers
 
 
-def make_dataset(
+def decoded_batches(
     manifest_df: pd.DataFrame,
     raw_root: Path,
     split: str,
@@ -132,15 +133,12 @@ def make_dataset(
     image_size: int,
     batch_size: int,
     *,
-    augment: AugmentationConfig | None,
-    shuffle: bool,
-    seed: int,
+    shuffle: bool = False,
+    seed: int = 0,
 ) -> tf.data.Dataset:
-    """Batches of (float32 0-255 RGB images (size, size, 3), int labels) of ``split``.
-
-    Decoding runs in parallel and is cached; ``shuffle`` reshuffles every epoch
-    (seeded); ``augment`` applies the configured random layers to each batch.
-    """
+    """Batches of (uint8 RGB images (size, size, 3), int labels) of ``split``, decoded in
+    parallel on every pass (nothing held); in manifest order unless ``shuffle`` (seeded,
+    a new order each epoch)."""
     import tensorflow as tf
 
     files, labels, pillow = split_rows(manifest_df, split, classes)
@@ -162,11 +160,21 @@ def make_dataset(
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.constant(full), tf.constant(labels, tf.int32), tf.constant(pillow))
     )
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
     if shuffle:
         ds = ds.shuffle(len(full), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size)
+
+
+def training_batches(
+    uint8_batches: tf.data.Dataset, augment: AugmentationConfig | None, seed: int
+) -> tf.data.Dataset:
+    """uint8 image batches as float32 0-255, through ``augment``'s random layers if any."""
+    import tensorflow as tf
+
+    ds = uint8_batches.map(
+        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+    )
     layers = augmentation_layers(augment, seed) if augment is not None else []
     if layers:
 
@@ -182,49 +190,30 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def count_rows(manifest_df: pd.DataFrame, split: str) -> int:
-    return int(((manifest_df["split"] == split) & (manifest_df["status"] == "ok")).sum())
-
-
-def feature_dataset(
-    features: Any, labels: Any, batch_size: int, shuffle: bool, seed: int
-) -> tf.data.Dataset:
-    """Batches of cached backbone features, shuffled exactly like :func:`make_dataset`."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((features, labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def phase_datasets(
+def make_dataset(
     manifest_df: pd.DataFrame,
     raw_root: Path,
+    split: str,
     classes: Sequence[str],
     image_size: int,
-    train: TrainConfig,
+    batch_size: int,
     *,
-    shuffle: bool,
     augment: AugmentationConfig | None,
-    batch_size: int | None = None,
-) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """The training and validation datasets of a phase (augmentation on training only).
+    shuffle: bool,
+    seed: int,
+) -> tf.data.Dataset:
+    """Batches of (float32 0-255 RGB images (size, size, 3), int labels) of ``split``.
 
-    ``batch_size``: the global batch (default ``train.batch_size``, one device).
+    Decodes on every pass and holds nothing (a phase that reads the images every
+    epoch decodes them once into a budgeted :class:`tasks.ml.arrays.ArrayStore`);
+    ``shuffle`` reshuffles every epoch (seeded); ``augment`` applies the
+    configured random layers to each batch.
     """
+    batches = decoded_batches(
+        manifest_df, raw_root, split, classes, image_size, batch_size, shuffle=shuffle, seed=seed
+    )
+    return training_batches(batches, augment, seed)
 
-    def dataset(split: str, shuffle: bool, aug: AugmentationConfig | None) -> tf.data.Dataset:
-        return make_dataset(
-            manifest_df,
-            raw_root,
-            split,
-            classes,
-            image_size,
-            batch_size or train.batch_size,
-            augment=aug,
-            shuffle=shuffle,
-            seed=train.seed,
-        )
 
-    return dataset("train", shuffle, augment), dataset("validation", False, None)
+def count_rows(manifest_df: pd.DataFrame, split: str) -> int:
+    return int(((manifest_df["split"] == split) & (manifest_df["status"] == "ok")).sum())

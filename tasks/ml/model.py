@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import keras
 
@@ -261,15 +261,27 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer("backbone")(x, training=False), name="features")
 
 
-def split_at(model: keras.Model, boundary: str) -> tuple[keras.Model, keras.Model] | None:
-    """``(lower, upper)``: the end-to-end model cut where fine-tuning starts.
+class Split(NamedTuple):
+    """The end-to-end model cut where fine-tuning starts (:func:`split_at`)."""
+
+    lower: keras.Model
+    """Raw images -> the activations crossing the boundary."""
+    upper: keras.Model
+    """Those activations -> the model's output (the rest of the backbone, the head)."""
+    above: keras.Model
+    """Those activations -> the backbone's features (the rest of the backbone alone)."""
+
+
+def split_at(model: keras.Model, boundary: str) -> Split | None:
+    """The end-to-end model cut where fine-tuning starts: ``lower``, ``upper``, ``above``.
 
     ``lower`` maps raw images to the activations that the backbone's layers from
     ``boundary`` on read from the layers below it (one tensor, or several where a
     residual or a parallel branch crosses the cut); ``upper`` maps those to the
-    model's output. Both share the model's layers, so fitting ``upper`` trains
-    the model itself. The backbone runs in inference mode in both, as in the
-    whole model (BatchNorm keeps its statistics); the head's dropout trains.
+    model's output, ``above`` to the backbone's features. All share the model's
+    layers, so fitting ``upper`` trains the model itself. The backbone runs in
+    inference mode in all, as in the whole model (BatchNorm keeps its statistics);
+    the head's dropout trains.
     None when nothing lies below ``boundary`` (the whole backbone is unfrozen).
     """
     from tasks.ml.backbones import boundary_index
@@ -303,7 +315,8 @@ def split_at(model: keras.Model, boundary: str) -> tuple[keras.Model, keras.Mode
     upper = keras.Model(
         inputs[0] if one else inputs, model.get_layer("head")(features), name="upper"
     )
-    return lower, upper
+    above = keras.Model(inputs[0] if one else inputs, features, name="above")
+    return Split(lower, upper, above)
 
 
 def loss_for(n_classes: int) -> str:

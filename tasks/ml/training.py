@@ -13,25 +13,25 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import FinetuneConfig, TrainConfig
 from tasks.errors import StageError
-from tasks.io import atomic_path, write_json
+from tasks.io import atomic_path, human_size, write_json
+from tasks.ml.arrays import ArrayStore, StoreWriter
 
 if TYPE_CHECKING:
     import keras
-    import numpy as np
     import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 """What every epoch records, in both phases."""
-FEATURE_CACHE_LIMIT = 4 << 30
-"""Bytes of cached features above which ``feature_cache: auto`` trains end to end."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,10 @@ class TrainResult:
 
 
 def use_feature_cache(
-    section: TrainConfig | FinetuneConfig, feature_bytes: int, name: str = "train"
+    section: TrainConfig | FinetuneConfig,
+    feature_bytes: int,
+    name: str = "train",
+    free_bytes: float = float("inf"),
 ) -> bool:
     """Whether a phase trains on activations computed once instead of on images.
 
@@ -90,9 +93,10 @@ def use_feature_cache(
     the activations the unfrozen top blocks read (:func:`tasks.ml.model.split_at`),
     since the frozen layers below the fine-tune boundary give the same ones every
     epoch. Without augmentation the images do not change between epochs, so
-    they are computed once. ``auto`` falls back to training on images when
-    augmenting or when they would take more than :data:`FEATURE_CACHE_LIMIT`
-    bytes; ``off`` always trains on images, the tutorial way.
+    they are computed once (held in RAM within the cache budget, the rest read
+    from disk). ``auto`` falls back to training on images when augmenting or
+    when they would not fit in the disk's ``free_bytes``; ``off`` always trains
+    on images, the tutorial way.
     """
     if section.feature_cache == "off":
         return False
@@ -103,8 +107,11 @@ def use_feature_cache(
                 "features every epoch); set feature_cache to auto or off, or augment to false"
             )
         return False
-    if section.feature_cache == "auto" and feature_bytes > FEATURE_CACHE_LIMIT:
-        log.info("features would take %.1f GB; training on images instead", feature_bytes / 1e9)
+    if section.feature_cache == "auto" and feature_bytes > free_bytes:
+        log.warning(
+            "cached activations would take %s, more than the %s free on disk; training on "
+            "images instead", human_size(feature_bytes), human_size(free_bytes),
+        )  # fmt: skip
         return False
     return True
 
@@ -250,56 +257,45 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def extract_features(extractor: keras.Model, dataset: tf.data.Dataset) -> tuple[Any, np.ndarray]:
-    """(features, labels) of every batch of ``dataset``, in order (features: one array, or
-    a tuple of arrays for an extractor with several outputs)."""
+def extract_stores(
+    images: tf.data.Dataset, chain: Sequence[tuple[keras.Model, Path, dict[str, Any]]]
+) -> list[ArrayStore]:
+    """One pass over ``images``: each model of ``chain`` reads the previous one's outputs
+    (the first reads the images), and each model's outputs are written, with the labels,
+    as an :class:`ArrayStore` in its folder under its key (float32, whatever the policy
+    computed in).
+
+    Phase 1's chain is the layers below the fine-tune boundary, then the rest of the
+    backbone: the boundary activations phase 2 trains on come out on the way to the
+    head's features, so the lower backbone runs once for both phases.
+    """
     import numpy as np
 
-    features = extractor.predict(dataset, verbose=0)
-    if isinstance(features, list):  # several outputs; float32 whatever the policy computed in
-        features = tuple(np.asarray(f, dtype="float32") for f in features)
-    else:
-        features = np.asarray(features, dtype="float32")
-    labels = np.concatenate([y.numpy() for _, y in dataset])
-    return features, labels
+    writers = [StoreWriter(directory, key) for _, directory, key in chain]
+    with ExitStack() as stack:
+        for writer in writers:
+            stack.enter_context(writer)
+        for x, y in images:
+            outputs: Any = x
+            for (model, _, _), writer in zip(chain, writers, strict=True):
+                outputs = model.predict_on_batch(outputs)
+                arrays = outputs if isinstance(outputs, list | tuple) else [outputs]
+                outputs = [np.asarray(a, dtype="float32") for a in arrays]
+                writer.append([*outputs, y.numpy()])
+                outputs = outputs[0] if len(outputs) == 1 else outputs
+    return [writer.store for writer in writers]
 
 
-def fit_on_activations(
-    extractor: keras.Model,
-    trainee: keras.Model,
-    train_images: tf.data.Dataset,
-    val_images: tf.data.Dataset,
-    *,
-    optimizer: str,
-    learning_rate: float,
-    jit_compile: bool,
-    batch_size: int,
-    seed: int,
-    epochs: int,
-    callbacks: list[Any],
-    momentum: float = 0.0,
-) -> None:
-    """Run ``extractor`` once over both datasets, then fit ``trainee`` on its outputs.
+def weights_digest(model: keras.Model) -> str:
+    """MD5 of ``model``'s weights: what a cache of its outputs is keyed by."""
+    import hashlib
 
-    Phase 1's head on the frozen backbone's features, phase 2's top blocks on the
-    activations at the fine-tune boundary: the images do not change between
-    epochs, so the frozen part below need not run again. Shuffled like the
-    image datasets (same seed).
-    """
-    from tasks.ml.inputs import feature_dataset
-    from tasks.ml.model import compile_model, n_outputs
+    import numpy as np
 
-    train_x, train_y = extract_features(extractor, train_images)
-    val_x, val_y = extract_features(extractor, val_images)
-    compile_model(trainee, optimizer, learning_rate, n_outputs(trainee), jit_compile, momentum)
-    trainee.fit(
-        feature_dataset(train_x, train_y, batch_size, True, seed),
-        validation_data=feature_dataset(val_x, val_y, batch_size, False, 0),
-        epochs=epochs,
-        callbacks=callbacks,
-        verbose=0,
-        shuffle=False,
-    )
+    digest = hashlib.md5(usedforsecurity=False)
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(np.asarray(weight)).tobytes())
+    return digest.hexdigest()
 
 
 def validation_scores(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:

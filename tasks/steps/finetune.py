@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 2: unfreeze the top blocks, train at a low rate; write the candidate record."""
-    from tasks.ml.backbone_file import default_boundary
     from tasks.ml.model import backbone_name, split_at, with_precision
     from tasks.ml.training import best_epoch, validation_scores
 
@@ -52,15 +51,16 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         model = with_precision(_frozen_model(paths, len(phase.classes)), phase.policy.precision)
     backbone = backbone_name(model, default=cfg.train.backbone)
     size = int(model.input_shape[1])
-    boundary = cfg.finetune.unfreeze_from or default_boundary(backbone, cfg.train)
+    boundary = phase.boundary(model)
 
-    # The layers below the boundary run once (their activations cached) unless augmenting
+    # The layers below the boundary run once (phase 1 kept their activations) unless augmenting
     with phase.devices.scope():
         split = split_at(model, boundary)
-    cached = split is not None and phase.use_cache(split[0], layer=None)
-    data = phase.datasets(size, cached)
+    cached = split is not None and phase.use_cache(split.lower, layer=None)
+    data = phase.boundary_data(split) if cached and split else phase.datasets(size)
+    scorer = split.upper if cached and split else model  # the model as the data reaches it
 
-    frozen_scores, unfrozen = _unfreeze(phase, model, boundary, data[1])
+    frozen_scores, unfrozen = _unfreeze(phase, model, boundary, scorer, data[1])
 
     # Resume, params and lineage of the phase
     checkpoint = phase.checkpoint(
@@ -80,9 +80,9 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     with phase.tracked(params, tags, checkpoint, offset=offset) as (run, logger, callbacks):
         finetuned_scores = None
         if cfg.finetune.epochs:
-            phase.fit(model, split if cached else None, data, callbacks)
+            phase.fit(model, data, callbacks, scorer if cached else None)
             with phase.devices.scope():
-                finetuned_scores = validation_scores(model, data[1])
+                finetuned_scores = validation_scores(scorer, data[1])
         phase.save(model, paths.finetuned_model, checkpoint)
         record = _write_candidate(paths, frozen_scores, finetuned_scores)
         _record_phase(paths, previous.to_dict("records") + logger.rows, record)
@@ -103,16 +103,18 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
 
 
 def _unfreeze(
-    phase: Phase, model: keras.Model, boundary: str, validation: Any
+    phase: Phase, model: keras.Model, boundary: str, scorer: keras.Model, validation: Any
 ) -> tuple[dict[str, float], list[str]]:
-    """Score the frozen model, then unfreeze the top blocks from ``boundary`` (BatchNorm
-    stays frozen) and recompile: the frozen scores and the unfrozen layers."""
+    """Score the frozen model (through ``scorer``, which reads ``validation``: the model
+    itself on images, or its part above the boundary on cached activations), then
+    unfreeze the top blocks from ``boundary`` (BatchNorm stays frozen) and recompile: the
+    frozen scores and the unfrozen layers."""
     from tasks.ml.backbones import unfreeze_top_blocks
     from tasks.ml.training import validation_scores
 
-    phase.compile(model)
+    phase.compile(scorer)
     with phase.devices.scope():
-        frozen_scores = validation_scores(model, validation)
+        frozen_scores = validation_scores(scorer, validation)
         unfrozen = unfreeze_top_blocks(model.get_layer("backbone"), boundary)
     phase.compile(model)
     return frozen_scores, unfrozen

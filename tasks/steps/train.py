@@ -8,6 +8,11 @@ the training and validation images are computed once and the ``head`` is
 fitted on them (``tasks.ml.training.use_feature_cache``): the saved model is
 still the same end-to-end model, and with the same seed the head learns what
 end-to-end training would. ``off`` always trains end to end, the tutorial way.
+When phase 2 will train on cached activations too, the images pass the layers
+below its boundary and then the rest of the backbone, and the activations at
+the boundary are kept for it (``.checkpoints/<ds>/arrays/``), so the lower
+backbone runs once for both phases. The caches are held in RAM within
+``train.cache_budget_mb`` and read from disk beyond it.
 
 Writes ``models/<ds>/frozen.keras`` and the phase's history
 (``reports/<ds>/history/train.csv`` and ``train.png``), and logs the ``train``
@@ -35,7 +40,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     """Phase 1: train the head on the frozen backbone; write ``frozen.keras``."""
     from tasks.ml.backbone_file import backbone_entry
     from tasks.ml.backbones import resolve_weights
-    from tasks.ml.model import ModelSpec, build_model, feature_extractor
+    from tasks.ml.model import ModelSpec, build_model
 
     # Build the model on the frozen backbone, under the device policy
     phase = Phase.start("train", cfg, paths)
@@ -48,11 +53,13 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         model = build_model(ModelSpec(entry, size, head, len(phase.classes)), weights)
     phase.compile(model)
 
-    # The head trains on the backbone's features computed once, unless augmenting
+    # The head trains on the backbone's features computed once, unless augmenting; on the
+    # way, the activations at phase 2's boundary are kept for it
     cached = phase.use_cache(model)
-    with phase.devices.scope():
-        split = (feature_extractor(model), model.get_layer("head")) if cached else None
-    data = phase.datasets(size, cached)
+    if cached:
+        data = phase.feature_data(model, _boundary_for_phase2(phase, model))
+    else:
+        data = phase.datasets(size)
     checkpoint = phase.checkpoint(weights=weights.sha256)
     pooled = len(model.get_layer("backbone").output.shape) > 2
     params = phase.params(
@@ -64,7 +71,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
 
     # Fit (resuming a killed attempt), save, record
     with phase.tracked(params, tags, checkpoint, new_parent=True) as (run, logger, callbacks):
-        phase.fit(model, split, data, callbacks)
+        phase.fit(model, data, callbacks, model.get_layer("head") if cached else None)
         phase.save(model, paths.frozen_model, checkpoint)
         best = _record_phase(model, paths, logger.rows, cached)
         phase.headline(
@@ -79,6 +86,14 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
         val_loss=float(best["val_loss"]), val_accuracy=float(best["val_accuracy"]),
         feature_cache=cached,
     )  # fmt: skip
+
+
+def _boundary_for_phase2(phase: Phase, model: keras.Model) -> str | None:
+    """Phase 2's boundary when it will train on cached activations there (else None)."""
+    tune = phase.cfg.finetune
+    if tune.epochs == 0 or tune.augment or tune.feature_cache == "off":
+        return None
+    return phase.boundary(model)
 
 
 def _record_phase(

@@ -170,18 +170,16 @@ def test_missing_or_bad_manifest_says_run_validate(tmp_path):
 
 
 def test_training_and_early_stopping_never_read_the_test_split(tmp_path):
-    """The phase datasets hold exactly the train and validation rows: test is held out."""
-    from tasks.config import TrainConfig
-    from tasks.ml.inputs import phase_datasets
+    """A phase's datasets hold exactly the train and validation rows: test is held out."""
+    from tasks.phase import Phase
+    from tests.model.conftest import model_config
 
     paths = make_workspace(tmp_path, {"train": 3, "validation": 10})
-    manifest = read_manifest(paths)
-    held_out = manifest[manifest["split"] == "test"]
+    phase = Phase.start("train", model_config("train.batch_size=4"), paths)
+    held_out = phase.manifest[phase.manifest["split"] == "test"]
     assert len(held_out) == 4  # 2 of each class's 10 validation images
     # give the test images a third label: any test row read into a phase would be refused
-    manifest.loc[held_out.index, "label"] = "held_out"
-    train_ds, val_ds = phase_datasets(
-        manifest, paths.raw, CLASSES, 32, TrainConfig(batch_size=4), shuffle=False, augment=None
-    )
+    phase.manifest.loc[held_out.index, "label"] = "held_out"
+    train_ds, val_ds = phase.datasets(32)
     assert sum(len(y) for _, y in batches(train_ds)) == 6
     assert sum(len(y) for _, y in batches(val_ds)) == 16

@@ -292,6 +292,66 @@ def test_fine_tuning_on_boundary_activations_trains_the_same_model(
     assert run.data.params["feature_cache"] == "False"
 
 
+def test_a_tiny_cache_budget_reads_from_disk_and_trains_the_same_models(
+    tmp_path, offline_weights, tracking, caplog
+):
+    """``train.cache_budget_mb=0``: every per-image cache is read from disk, batch by
+    batch, and both phases train exactly the models they train with the caches in RAM.
+    Phase 2 trains on the boundary activations phase 1 kept: it reads no image."""
+    import logging
+    import shutil
+
+    from tasks.artifacts import load_model
+
+    paths = make_workspace(tmp_path, {"train": 12, "validation": 6})
+    settings = dict(train={"weights": str(offline_weights), "head": {"dropout": 0.0}})
+    common = ("train.epochs=2", "finetune.epochs=2", "finetune.optimizer=adam")
+    weights, where = {}, {}
+    for budget in ("auto", "0"):
+        cfg = model_config(*common, f"train.cache_budget_mb={budget}", **settings)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tasks.ml.arrays"):
+            train.run(cfg, paths)
+            kept = paths.array_cache("boundary")
+            assert sorted(p.name for p in kept.iterdir()) == ["train", "validation"]
+            assert not paths.array_cache("features").exists()  # phase 1's own, removed
+            if budget == "0":
+                shutil.move(paths.raw, tmp_path / "elsewhere")  # phase 2 needs no image
+            tuned = finetune.run(cfg, paths)
+        assert tuned.feature_cache
+        assert not kept.exists()  # phase 2 removed them once its model was saved
+        where[budget] = [
+            r.getMessage().rsplit(" ", 1)[-1] for r in caplog.records if r.name == "tasks.ml.arrays"
+        ]
+        weights[budget] = [
+            *load_model(paths.frozen_model).get_weights(),
+            *load_model(paths.finetuned_model).get_weights(),
+        ]
+    # features + boundary activations, train and validation: RAM, then disk
+    assert where == {"auto": ["RAM"] * 4, "0": ["disk"] * 4}
+    for a, b in zip(weights["auto"], weights["0"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_head_on_cached_features_trains_until_early_stopping_ends_it(
+    tmp_path, offline_weights, tracking
+):
+    """``train.cached_epochs``: epochs on cached features cost next to nothing, so the head
+    trains past ``train.epochs`` until validation loss stops improving."""
+    paths = make_workspace(tmp_path, {"train": 12, "validation": 6})
+    cfg = model_config(
+        "train.epochs=2", "train.cached_epochs=60", "train.early_stopping_patience=2",
+        "train.optimizer=adam", "train.learning_rate=0.003",
+        train={"weights": str(offline_weights)},
+    )  # fmt: skip
+    frozen = train.run(cfg, paths)
+    assert frozen.feature_cache
+    # ran past train.epochs, and stopped two epochs after the best one, before 60
+    assert 2 < frozen.epochs_run < 60
+    assert frozen.epochs_run == frozen.best_epoch + 2
+    assert _runs(tracking)["train"].data.params["epochs"] == "60"
+
+
 def test_boundary_cache_needs_augmentation_off(tmp_path, offline_weights, tracking):
     paths = make_workspace(tmp_path, {"train": 12, "validation": 6})
     settings = dict(train={"weights": str(offline_weights)})
