@@ -14,8 +14,8 @@ For each size (images in total; ``50k``, ``1m`` work too) it:
    parallel, once: ``<state>/ants_vs_bees-<size>-<side>px/data/raw/`` is reused by later
    runs (``.generated.json`` marks a finished tree);
 2. writes that workspace's params.yaml (the project's, with the dataset's counts,
-   mobilenet_v2 at 64 px, ``train.weights: none``, epochs 1 + 1, batch 32, an SQLite
-   MLflow store in the workspace) and runs each stage as its own process,
+   mobilenet_v2 at 64 px, ``train.weights: none``, epochs 1 + 1 (``cached_epochs:
+   null``), batch 32, an SQLite MLflow store in the workspace) and runs each stage as its own process,
    ``python -m tasks <stage> ants_vs_bees``. download does not run: validate reads
    ``data/raw/<ds>/`` directly. The MLflow store is created before the clocks start;
    ``--cache-budget-mb`` adds ``--set train.cache_budget_mb=N`` to train and finetune,
@@ -69,6 +69,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "weights": "none",  # we time, not score: no download, no pretraining
         "batch_size": 32,
         "epochs": 1,
+        "cached_epochs": None,  # one epoch on cached features too: the same work per image
     },
     "finetune": {"epochs": 1},
 }
