@@ -15,8 +15,8 @@ For each size (images in total; ``50k``, ``1m`` work too) it:
    runs (``.generated.json`` marks a finished tree);
 2. writes that workspace's params.yaml (the project's, with the dataset's counts,
    mobilenet_v2 at 64 px, ``train.weights: none``, epochs 1 + 1 (``cached_epochs:
-   null``), batch 32, an SQLite MLflow store in the workspace) and runs each stage as its own process,
-   ``python -m tasks <stage> ants_vs_bees``. download does not run: validate reads
+   null``), batch 32, an SQLite MLflow store in the workspace) and runs each stage as
+   its own process, ``python -m tasks <stage> ants_vs_bees``. download does not run: validate reads
    ``data/raw/<ds>/`` directly. The MLflow store is created before the clocks start;
    ``--cache-budget-mb`` adds ``--set train.cache_budget_mb=N`` to train and finetune,
    ``--set`` goes to every stage;
