@@ -40,7 +40,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -276,20 +276,22 @@ def build_manifest(scan: Scan, settings: ValidateConfig) -> pd.DataFrame:
     inspect = partial(inspect_image, max_pixels=settings.max_pixels, min_side=settings.min_side)
     sources = [str(scan.raw / found.path) for found in scan.files]
     workers = min(worker_count(settings.workers), max(len(sources), 1))
-    if workers == 1:
-        facts = [inspect(source) for source in sources]
-    else:
-        chunk = max(1, min(64, len(sources) // (workers * 8)))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            facts = list(pool.map(inspect, sources, chunksize=chunk))
-
-    rows = []
-    for found, fact in zip(scan.files, facts, strict=True):
-        row = {"path": found.path, "split": found.split, "label": found.label, **fact}
-        if not found.label:
-            row.update(status=QUARANTINED, reason=f"{Reason.NO_CLASS} (directly in the split)")
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    columns: dict[str, list[Any]] = {name: [] for name in COLUMNS}
+    with ExitStack() as stack:
+        if workers == 1:
+            facts: Iterable[dict[str, Any]] = map(inspect, sources)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            chunk = max(1, min(64, len(sources) // (workers * 8)))
+            facts = pool.map(inspect, sources, chunksize=chunk)
+        # column by column as the facts arrive: no list of row dicts (memory per image)
+        for found, fact in zip(scan.files, facts, strict=True):
+            row = {"path": found.path, "split": found.split, "label": found.label, **fact}
+            if not found.label:
+                row.update(status=QUARANTINED, reason=f"{Reason.NO_CLASS} (directly in the split)")
+            for name, values in columns.items():
+                values.append(row.get(name))
+    frame = pd.DataFrame(columns)
     frame = frame.astype(
         {
             "path": "string",
