@@ -184,6 +184,9 @@ class StoreWriter:
         import numpy as np
 
         arrays = [np.ascontiguousarray(array) for array in batch]
+        if len({len(array) for array in arrays}) != 1:
+            lengths = [len(array) for array in arrays]
+            raise ValueError(f"{self.directory}: a batch's columns have {lengths} rows; one each")
         if not self._files:
             self._columns = [Column(a.dtype.str, tuple(a.shape[1:])) for a in arrays]
             self._files = [open(self._tmp / f"{i}.bin", "wb") for i in range(len(arrays))]

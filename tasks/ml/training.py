@@ -270,15 +270,23 @@ def extract_stores(
     head's features, so the lower backbone runs once for both phases.
     """
     import numpy as np
+    import tensorflow as tf
 
+    # The models are called directly, not through predict_on_batch: under a
+    # MirroredStrategy that hands the whole batch to every replica and concatenates
+    # their outputs (each row once per replica).
+    steps = [
+        tf.function(lambda x, m=model: m(x, training=False), reduce_retracing=True)
+        for model, _, _ in chain
+    ]
     writers = [StoreWriter(directory, key) for _, directory, key in chain]
     with ExitStack() as stack:
         for writer in writers:
             stack.enter_context(writer)
         for x, y in images:
             outputs: Any = x
-            for (model, _, _), writer in zip(chain, writers, strict=True):
-                outputs = model.predict_on_batch(outputs)
+            for step, writer in zip(steps, writers, strict=True):
+                outputs = step(outputs)
                 arrays = outputs if isinstance(outputs, list | tuple) else [outputs]
                 outputs = [np.asarray(a, dtype="float32") for a in arrays]
                 writer.append([*outputs, y.numpy()])

@@ -80,6 +80,13 @@ def test_a_store_of_other_inputs_or_half_written_is_not_found(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_columns_of_different_lengths_are_refused_and_nothing_is_written(tmp_path):
+    features, labels = np.zeros((8, 3), "float32"), np.zeros(4, "int32")
+    with pytest.raises(ValueError, match=r"a batch's columns have \[8, 4\] rows; one each"):
+        ArrayStore.write(tmp_path / "s", [(features, labels)], KEY)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_budget_is_shared_and_auto_is_a_quarter_of_memory():
     budget = Budget(100)
     assert budget.take(60) and not budget.take(41) and budget.take(40) and not budget.take(1)
