@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import weakref
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -270,15 +271,8 @@ def extract_stores(
     head's features, so the lower backbone runs once for both phases.
     """
     import numpy as np
-    import tensorflow as tf
 
-    # The models are called directly, not through predict_on_batch: under a
-    # MirroredStrategy that hands the whole batch to every replica and concatenates
-    # their outputs (each row once per replica).
-    steps = [
-        tf.function(lambda x, m=model: m(x, training=False), reduce_retracing=True)
-        for model, _, _ in chain
-    ]
+    steps = [forward(model) for model, _, _ in chain]
     writers = [StoreWriter(directory, key) for _, directory, key in chain]
     with ExitStack() as stack:
         for writer in writers:
@@ -292,6 +286,31 @@ def extract_stores(
                 writer.append([*outputs, y.numpy()])
                 outputs = outputs[0] if len(outputs) == 1 else outputs
     return [writer.store for writer in writers]
+
+
+_FORWARD: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def forward(model: keras.Model) -> Any:
+    """``model`` in inference mode as one traced function for any batch size (traced once
+    per model, whichever split it reads).
+
+    Not ``predict_on_batch``: under a MirroredStrategy that hands the whole batch to
+    every replica and concatenates their outputs, so each row would come back once per
+    replica.
+    """
+    import tensorflow as tf
+
+    if model not in _FORWARD:
+        specs = [tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs]
+        signature = [specs[0] if len(specs) == 1 else specs]
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+
+        def call(x: Any) -> Any:
+            return ref()(x, training=False)  # type: ignore[misc]
+
+        _FORWARD[model] = tf.function(call, input_signature=signature)
+    return _FORWARD[model]
 
 
 def weights_digest(model: keras.Model) -> str:
