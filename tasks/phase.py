@@ -122,13 +122,9 @@ class Phase:
         from disk), training batches shuffled and augmented if the phase augments."""
         from tasks.ml.inputs import training_batches
 
-        train, val = (self._hold(self._image_store(split, size)) for split in SPLITS)
-        seed = self.cfg.train.seed
+        train, val = self._store_data([self._image_store(split, size) for split in SPLITS])
         augment = self.cfg.augmentation if self.settings.augment else None
-        return (
-            training_batches(train.dataset(self.batch, shuffle=True, seed=seed), augment, seed),
-            training_batches(val.dataset(self.batch, shuffle=False, seed=0), None, 0),
-        )
+        return training_batches(train, augment, self.cfg.train.seed), training_batches(val, None, 0)
 
     def feature_data(self, model: keras.Model, boundary: str | None) -> tuple[Any, Any]:
         """Phase 1's backbone features of the training and validation images, computed once.
