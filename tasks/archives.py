@@ -25,8 +25,10 @@ import shutil
 import stat
 import zipfile
 import zlib
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from tasks.config import DatasetConfig
 from tasks.errors import SourceFailed, StageError
 from tasks.io import human_size, storage_error
 
@@ -140,6 +142,22 @@ def extract_archive(archive: Path, target: Path, *, final: Path | None = None) -
         raise StageError(f"{archive}: extracting to {target} failed: {error}") from None
 
 
+def archive_files(archive: Path) -> dict[str, str]:
+    """The files ``archive`` would extract: relative POSIX path (junk skipped) -> the
+    entry's name in the zip. The same checks as :func:`extract_archive`: an unsafe
+    archive is refused whole."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            plan, _ = _plan(bundle)
+    except SourceFailed as failure:
+        raise StageError(f"{archive}: {failure.reason} (use a trusted source)") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as error:
+        raise StageError(
+            f"{archive}: not a readable zip archive ({error}); delete it and download again"
+        ) from None
+    return {relative.as_posix(): info.filename for info, relative in plan if not info.is_dir()}
+
+
 def _plan(bundle: zipfile.ZipFile) -> tuple[_Plan, int]:
     """The entries to write with their relative paths, and their uncompressed bytes.
 
@@ -188,4 +206,18 @@ def _check_space(target: Path, needed: int) -> None:
         raise StageError(
             f"extracting needs {human_size(needed)} but {target} has {human_size(free)} free; "
             "free some space"
+        )
+
+
+def check_layout(names: Iterable[str], ds: DatasetConfig) -> None:
+    """Refuse an archive (its files' relative paths) without ``<layout.root>/<train>/`` and
+    ``<validation>/``, before anything is extracted."""
+    folders = {"/".join(name.split("/")[:2]) for name in names if name.count("/") >= 2}
+    wanted = [f"{ds.layout.root}/{folder}" for folder in (ds.layout.train, ds.layout.validation)]
+    missing = [f"{folder}/" for folder in wanted if folder not in folders]
+    if missing:
+        raise StageError(
+            f"{ds.name}: the archive has no {' or '.join(missing)} (found: "
+            f"{', '.join(sorted(folders)[:10]) or 'nothing'}); fix datasets.{ds.name}.layout "
+            "in params.yaml or use the right archive"
         )

@@ -58,7 +58,29 @@ def read_manifest(paths: DatasetPaths) -> pd.DataFrame:
             f"manifest {paths.manifest} lacks columns {missing}; rerun "
             f"`python -m tasks validate {paths.dataset}`"
         )
+    _check_shards(paths, frame)
     return frame
+
+
+def _check_shards(paths: DatasetPaths, frame: pd.DataFrame) -> None:
+    """A manifest that locates its images in shards must be the one the shards were
+    written with (``index.json``'s digest): a run killed between the two is refused."""
+    from tasks.ml.shards import is_sharded, locator_digest, read_index
+
+    if not is_sharded(frame):
+        return
+    if read_index(paths.shards).get("digest") != locator_digest(frame):
+        raise StageError(
+            f"the shards in {paths.shards} were not written with the manifest "
+            f"{paths.manifest}; rerun `python -m tasks validate {paths.dataset}`"
+        )
+
+
+def image_root(paths: DatasetPaths, frame: pd.DataFrame) -> Path:
+    """Where ``frame``'s images are read: the shards folder, or the extracted files."""
+    from tasks.ml.shards import is_sharded
+
+    return paths.shards if is_sharded(frame) else paths.raw
 
 
 def labelled_rows(paths: DatasetPaths, split: str, classes: Sequence[str]) -> pd.DataFrame:

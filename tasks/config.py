@@ -109,6 +109,10 @@ def carve_count(available: int, fraction: float) -> int:
     return min(max(int(available * fraction + 0.5), 1), available - 1)
 
 
+SHARDS_ABOVE = 20_000
+"""``format: auto`` stores a dataset as shards above this many files."""
+
+
 class DatasetConfig(_Section):
     name: str = ""
     url: str
@@ -119,6 +123,16 @@ class DatasetConfig(_Section):
     classes: list[str] = Field(min_length=2)
     counts: dict[Literal["train", "validation", "test"], dict[str, NonNegativeInt]]
     """Images per class in each split *folder* (``test`` only with ``layout.test``)."""
+    format: Literal["auto", "files", "shards"] = "auto"
+    """How the images are stored: ``files`` (the archive extracted, one file per image),
+    ``shards`` (the archive kept whole, the accepted images written as TFRecord shards);
+    ``auto``: shards when the archive holds more than :data:`SHARDS_ABOVE` files."""
+
+    def stored_as(self, files: int) -> Literal["files", "shards"]:
+        """The format for an archive of ``files`` files."""
+        if self.format == "auto":
+            return "shards" if files > SHARDS_ABOVE else "files"
+        return self.format
 
     @field_validator("url")
     @classmethod
@@ -208,6 +222,8 @@ class ValidateConfig(_Section):
     quarantine_budget: float = Field(0.02, ge=0, le=1)
     class_balance: float = Field(0.5, ge=0, le=1)
     workers: NonNegativeInt = 0
+    shard_mb: float = Field(256.0, gt=0)
+    """Target size of one shard (``datasets.<ds>.format: shards``)."""
 
 
 class HeadConfig(_Section):

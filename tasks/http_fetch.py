@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import requests
 import urllib3
@@ -367,3 +368,15 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def local_source(source: str) -> Path | None:
+    """The file a ``file://`` URL or plain path names; None for http(s)."""
+    parsed = urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        return None
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise SourceFailed(f"file:// URL with host {parsed.netloc!r}; write file:///path")
+        return Path(unquote(parsed.path))
+    return Path(source).expanduser()

@@ -205,3 +205,11 @@ def human_size(count: float, byte_unit: str = "B") -> str:
 
 def _size(count: float) -> str:
     return human_size(count, "bytes")
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``source`` at ``target`` too: a hard link (no second copy), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -23,6 +23,17 @@ class DatasetPaths:
         return self.root / "data" / "raw" / self.dataset
 
     @property
+    def raw_archive(self) -> Path:
+        """``format: shards``: the verified archive, kept whole in ``raw`` (one DVC object)."""
+        return self.raw / "archive.zip"
+
+    @property
+    def shards(self) -> Path:
+        """The accepted images as TFRecord shards and their ``index.json`` (DVC out of
+        ``validate``; with ``format: files`` only the index, which says so)."""
+        return self.root / "data" / "shards" / self.dataset
+
+    @property
     def archive(self) -> Path:
         """The downloaded archive itself, kept for resume and re-verification."""
         return self.root / "data" / "archives" / f"{self.dataset}.zip"

@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.artifacts import read_manifest, save_model
+from tasks.artifacts import image_root, read_manifest, save_model
 from tasks.config import Config, FinetuneConfig, TrainConfig
 from tasks.io import file_md5
 from tasks.paths import DatasetPaths
@@ -76,6 +76,11 @@ class Phase:
         )
         keras.utils.set_random_seed(train.seed)
         return phase
+
+    @cached_property
+    def root(self) -> Path:
+        """Where the manifest's images are: the extracted files, or the shards."""
+        return image_root(self.paths, self.manifest)
 
     @property
     def classes(self) -> list[str]:
@@ -180,7 +185,7 @@ class Phase:
         found = [ArrayStore.open(directory, key) for _, directory, key in chain]
         if found[-1] is None:
             images = decoded_batches(
-                self.manifest, self.paths.raw, split, self.classes, size, self.batch
+                self.manifest, self.root, split, self.classes, size, self.batch
             )
             with self.devices.scope():
                 found = list(extract_stores(training_batches(images, None, 0), chain))
@@ -198,7 +203,7 @@ class Phase:
         store = ArrayStore.open(directory, key)
         if store is None:
             batches = decoded_batches(
-                self.manifest, self.paths.raw, split, self.classes, size, self.batch
+                self.manifest, self.root, split, self.classes, size, self.batch
             )
             store = ArrayStore.write(directory, ((x.numpy(), y.numpy()) for x, y in batches), key)
         self._temporary.append(store)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.artifacts import labelled_rows, load_model, relative
+from tasks.artifacts import image_root, labelled_rows, load_model, relative
 from tasks.config import Config
 from tasks.errors import StageError
 from tasks.io import atomic_path, storage_error, write_json
@@ -261,7 +261,7 @@ def _test_batches(
     """The test images as float32 0-255 batches, decoded and resized as in training."""
     from tasks.ml.model import image_batches
 
-    batches = image_batches(model, frame, paths.raw, classes, batch_size)
+    batches = image_batches(model, frame, image_root(paths, frame), classes, batch_size)
     return [np.asarray(images, np.float32) for images in batches]
 
 

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.config import AugmentationConfig
 from tasks.errors import StageError
+from tasks.ml.shards import is_sharded, shard_records
 
 if TYPE_CHECKING:
     import pandas as pd
     import tensorflow as tf
 
+SHUFFLE_BUFFER = 4096
 _TF_FORMATS = {"JPEG", "PNG", "GIF", "BMP"}
 _TF_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX"}
 
@@ -51,15 +53,10 @@ def usable_rows(manifest: pd.DataFrame, split: str, classes: Sequence[str]) -> p
     return rows
 
 
-def split_rows(
-    manifest: pd.DataFrame, split: str, classes: Sequence[str]
-) -> tuple[list[str], list[int], list[bool]]:
-    """Paths, class indices and needs-Pillow flags of the ``ok`` rows of ``split``."""
-    rows = usable_rows(manifest, split, classes)
+def row_labels(rows: pd.DataFrame, classes: Sequence[str]) -> list[int]:
+    """The class index of each row's label."""
     index = {name: i for i, name in enumerate(classes)}
-    labels = [index[label] for label in rows["label"]]
-    pillow = [needs_pillow(row) for row in rows.to_dict("records")]
-    return list(rows["path"].astype(str)), labels, pillow
+    return [index[label] for label in rows["label"]]
 
 
 def needs_pillow(row: dict[str, Any]) -> bool:
@@ -70,20 +67,21 @@ def needs_pillow(row: dict[str, Any]) -> bool:
     return isinstance(mode, str) and bool(mode) and mode not in _TF_MODES
 
 
-def _pillow_decode(path: bytes) -> Any:
+def _pillow_decode(contents: bytes) -> Any:
+    import io
+
     import numpy as np
     from PIL import Image
 
-    with Image.open(path.decode()) as image:
+    with Image.open(io.BytesIO(contents)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(path: tf.Tensor, pillow: tf.Tensor) -> tf.Tensor:
-    """One file -> uint8 RGB (H, W, 3), with TensorFlow or (``pillow`` true) Pillow."""
+def decode_image(contents: tf.Tensor, pillow: tf.Tensor) -> tf.Tensor:
+    """One file's bytes -> uint8 RGB (H, W, 3), with TensorFlow or (``pillow`` true) Pillow."""
     import tensorflow as tf
 
     def with_tf() -> tf.Tensor:
-        contents = tf.io.read_file(path)
         return tf.cond(
             tf.io.is_jpeg(contents),
             # the accurate IDCT, as Pillow (and so prediction) decodes
@@ -94,7 +92,7 @@ def decode_image(path: tf.Tensor, pillow: tf.Tensor) -> tf.Tensor:
         )
 
     def with_pillow() -> tf.Tensor:
-        return tf.numpy_function(_pillow_decode, [path], tf.uint8, stateful=False)
+        return tf.numpy_function(_pillow_decode, [contents], tf.uint8, stateful=False)
 
     image = tf.cond(pillow, with_pillow, with_tf)
     return tf.ensure_shape(image, [None, None, 3])
@@ -127,7 +125,7 @@ def augmentation_layers(aug: AugmentationConfig, seed: int) -> list[Any]:
 
 def decoded_batches(
     manifest_df: pd.DataFrame,
-    raw_root: Path,
+    root: Path,
     split: str,
     classes: Sequence[str],
     image_size: int,
@@ -138,32 +136,51 @@ def decoded_batches(
 ) -> tf.data.Dataset:
     """Batches of (uint8 RGB images (size, size, 3), int labels) of ``split``, decoded in
     parallel on every pass (nothing held); in manifest order unless ``shuffle`` (seeded,
-    a new order each epoch)."""
+    a new order each epoch).
+
+    ``root``: the folder of the manifest's files, or of its shards when the manifest
+    locates its images in shards (:mod:`tasks.ml.shards`; ``shuffle`` then draws from a
+    buffer of ``SHUFFLE_BUFFER`` images read in order).
+    """
     import tensorflow as tf
 
-    files, labels, pillow = split_rows(manifest_df, split, classes)
-    root = str(Path(raw_root))
-    full = [f"{root}/{name}" for name in files]
-    missing = [name for name in full[:1000] if not Path(name).is_file()]
-    if missing:
-        raise StageError(
-            f"{len(missing)} manifest file(s) missing under {root}, e.g. {missing[0]}; rerun "
-            "download and validate so the manifest matches data/raw"
-        )
+    rows = usable_rows(manifest_df, split, classes)
+    labels, pillow = row_labels(rows, classes), [needs_pillow(r) for r in rows.to_dict("records")]
+    facts = tf.data.Dataset.from_tensor_slices((tf.constant(labels, tf.int32), tf.constant(pillow)))
+    if is_sharded(rows):
+        ds = tf.data.Dataset.zip(shard_records(root, rows), facts)
+        if shuffle:
+            buffer = min(len(rows), SHUFFLE_BUFFER)
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        files = tf.data.Dataset.from_tensor_slices(tf.constant(file_paths(rows, root)))
+        ds = tf.data.Dataset.zip(files, facts)
+        if shuffle:
+            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(lambda path, facts: (tf.io.read_file(path), facts))
 
-    def load(path: tf.Tensor, label: tf.Tensor, use_pillow: tf.Tensor) -> Any:
-        image = decode_image(path, use_pillow)
+    def load(contents: tf.Tensor, facts: Any) -> Any:
+        label, use_pillow = facts
+        image = decode_image(contents, use_pillow)
         image = tf.image.resize(image, (image_size, image_size), antialias=True)
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return image, label
 
-    ds = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(full), tf.constant(labels, tf.int32), tf.constant(pillow))
-    )
-    if shuffle:
-        ds = ds.shuffle(len(full), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size)
+
+
+def file_paths(rows: pd.DataFrame, root: Path) -> list[str]:
+    """The rows' files under ``root``; an error naming the fix when some are missing."""
+    base = str(Path(root))
+    full = [f"{base}/{name}" for name in rows["path"].astype(str)]
+    missing = [name for name in full[:1000] if not Path(name).is_file()]
+    if missing:
+        raise StageError(
+            f"{len(missing)} manifest file(s) missing under {base}, e.g. {missing[0]}; rerun "
+            "download and validate so the manifest matches data/raw"
+        )
+    return full
 
 
 def training_batches(
@@ -192,7 +209,7 @@ def training_batches(
 
 def make_dataset(
     manifest_df: pd.DataFrame,
-    raw_root: Path,
+    root: Path,
     split: str,
     classes: Sequence[str],
     image_size: int,
@@ -210,7 +227,7 @@ def make_dataset(
     configured random layers to each batch.
     """
     batches = decoded_batches(
-        manifest_df, raw_root, split, classes, image_size, batch_size, shuffle=shuffle, seed=seed
+        manifest_df, root, split, classes, image_size, batch_size, shuffle=shuffle, seed=seed
     )
     return training_batches(batches, augment, seed)
 

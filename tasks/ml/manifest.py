@@ -23,7 +23,9 @@ in ``data/raw`` untouched. Hidden and junk files (dotfiles, ``.DS_Store``,
 ``Thumbs.db``, ``__MACOSX/``) are not part of the dataset and get no row.
 
 Each image is fully decoded (``img.load()``) under a decompression-bomb pixel
-limit, in a process pool.
+limit, in a process pool. The files are read from the extracted tree, or, for a
+dataset stored as shards, straight from the kept archive (:func:`scan_raw`'s
+``archive``): the paths, and so the manifest, are the same either way.
 
 The ``test`` split is held out: training, early stopping and the choice
 between the frozen and fine-tuned model never read it; ``evaluate`` and the
@@ -34,10 +36,13 @@ class-stratified share of the ok validation images into it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -103,6 +108,16 @@ class Scan:
     files: list[FoundFile]
     class_folders: dict[str, list[str]] = field(default_factory=dict)
     """split -> class folder names found there; a split whose folder is missing is absent."""
+    archive: Path | None = None
+    """The zip the files are read from (stored as shards), else None: the extracted tree."""
+    members: dict[str, str] = field(default_factory=dict)
+    """With ``archive``: each file's path -> its entry name in the zip."""
+
+    def source(self, path: str) -> str | tuple[str, str]:
+        """What :func:`read_source` reads ``path`` from: the file, or (zip, entry)."""
+        if self.archive is None:
+            return str(self.raw / path)
+        return str(self.archive), self.members[path]
 
 
 def is_junk(name: str) -> bool:
@@ -110,13 +125,17 @@ def is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
-def scan_raw(raw: Path, dataset: DatasetConfig) -> Scan:
+def scan_raw(raw: Path, dataset: DatasetConfig, archive: Path | None = None) -> Scan:
     """List every non-junk file under each split folder, with its split and class label.
 
-    Raises StageError when ``raw`` or its layout root is missing. A missing
-    split folder is not an error here: the expectations report it.
+    ``archive``: the zip kept whole in ``raw`` (a dataset stored as shards); its
+    entries are listed instead of a tree. Raises StageError when ``raw`` or its
+    layout root is missing. A missing split folder is not an error here: the
+    expectations report it.
     """
     raw = Path(raw)
+    if archive is not None:
+        return _scan_archive(raw, Path(archive), dataset)
     if not raw.is_dir():
         raise StageError(f"{raw} not found: run `python -m tasks download {dataset.name}` first")
     top = raw / dataset.layout.root
@@ -145,6 +164,36 @@ def scan_raw(raw: Path, dataset: DatasetConfig) -> Scan:
     return Scan(raw=raw, files=files, class_folders=folders)
 
 
+def _scan_archive(raw: Path, archive: Path, dataset: DatasetConfig) -> Scan:
+    """:func:`scan_raw` over the entries of ``archive`` (paths as if extracted into ``raw``)."""
+    from tasks.archives import archive_files
+
+    members = archive_files(archive)
+    wanted = {dataset.split_folder(split): split for split in dataset.folder_splits}
+    root = dataset.layout.root
+    files: list[FoundFile] = []
+    folders: dict[str, set[str]] = {}
+    for path in sorted(members):
+        parts = path.split("/")
+        if len(parts) < 3 or parts[0] != root or parts[1] not in wanted:
+            continue
+        if any(is_junk(part) for part in parts[2:]):
+            continue
+        split = wanted[parts[1]]
+        folders.setdefault(split, set())
+        label = parts[2] if len(parts) > 3 else ""
+        if label:
+            folders[split].add(label)
+        files.append(FoundFile(path, split, label))
+    return Scan(
+        raw=raw,
+        files=files,
+        class_folders={split: sorted(names) for split, names in folders.items()},
+        archive=archive,
+        members=members,
+    )
+
+
 def _walk_files(folder: Path) -> Iterable[Path]:
     for current, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not is_junk(d))
@@ -157,8 +206,24 @@ def _rel(path: Path, raw: Path) -> str:
     return path.relative_to(raw).as_posix()
 
 
-def inspect_image(path: str | Path, max_pixels: int, min_side: int) -> dict[str, Any]:
-    """Read, hash and fully decode one file; return its manifest facts with status/reason.
+def read_source(source: str | Path | tuple[str, str]) -> bytes:
+    """The bytes of a file, or of an entry ``(zip, name)`` of an archive (each process
+    keeps the archives it reads open)."""
+    if isinstance(source, tuple):
+        return _open_zip(source[0]).read(source[1])
+    return Path(source).read_bytes()
+
+
+@functools.lru_cache(maxsize=4)
+def _open_zip(archive: str) -> zipfile.ZipFile:
+    return zipfile.ZipFile(archive)
+
+
+def inspect_image(
+    source: str | Path | tuple[str, str], max_pixels: int, min_side: int
+) -> dict[str, Any]:
+    """Read (:func:`read_source`), hash and fully decode one file; return its manifest
+    facts with status/reason.
 
     Pillow's decompression-bomb guard runs with ``max_pixels`` as its limit and
     its warning is treated as an error, so anything over the limit is refused
@@ -175,9 +240,10 @@ def inspect_image(path: str | Path, max_pixels: int, min_side: int) -> dict[str,
         "reason": "",
     }
     try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        return _quarantined(facts, f"{Reason.UNREADABLE}: {error.strerror or error}")
+        data = read_source(source)
+    except (OSError, zipfile.BadZipFile, zlib.error) as error:
+        detail = getattr(error, "strerror", None) or error
+        return _quarantined(facts, f"{Reason.UNREADABLE}: {detail}")
     facts.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     if not data:
         return _quarantined(facts, f"{Reason.EMPTY} (0 bytes)")
@@ -274,7 +340,7 @@ def build_manifest(scan: Scan, settings: ValidateConfig) -> pd.DataFrame:
     import pandas as pd
 
     inspect = partial(inspect_image, max_pixels=settings.max_pixels, min_side=settings.min_side)
-    sources = [str(scan.raw / found.path) for found in scan.files]
+    sources = [scan.source(found.path) for found in scan.files]
     workers = min(worker_count(settings.workers), max(len(sources), 1))
     columns: dict[str, list[Any]] = {name: [] for name in COLUMNS}
     with ExitStack() as stack:

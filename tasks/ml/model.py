@@ -378,7 +378,7 @@ def model_image_size(model: keras.Model) -> tuple[int, int]:
 def image_batches(
     model: keras.Model,
     frame: pd.DataFrame,
-    raw_root: Path,
+    root: Path,
     classes: Sequence[str],
     batch_size: int,
 ) -> Any:
@@ -395,7 +395,7 @@ def image_batches(
         raise StageError(f"image_batches reads one split at a time; got rows of {splits}")
     dataset = make_dataset(
         frame,
-        Path(raw_root),
+        Path(root),
         splits[0],
         classes,
         height,
@@ -410,13 +410,14 @@ def image_batches(
 def predict_rows(
     model: keras.Model,
     frame: pd.DataFrame,
-    raw_root: Path,
+    root: Path,
     classes: Sequence[str],
     batch_size: int,
 ) -> np.ndarray:
-    """(images, classes) probabilities for the rows of ``frame`` (files under ``raw_root``),
+    """(images, classes) probabilities for the rows of ``frame`` (images under ``root``:
+    the files, or the shards),
     read by :func:`image_batches`; rows keep their order."""
     from tasks.ml.metrics import class_probabilities
 
-    outputs = model.predict(image_batches(model, frame, raw_root, classes, batch_size), verbose=0)
+    outputs = model.predict(image_batches(model, frame, root, classes, batch_size), verbose=0)
     return class_probabilities(outputs, len(classes))

@@ -21,6 +21,10 @@ outside the cached tree). What the caller can rely on:
   recorded hash, tree present) returns at once; an archive already at
   ``paths.archive`` that matches a known hash is extracted without the network.
 - ``offline=True`` (or ``download.offline``) uses only what is on disk.
+- ``datasets.<ds>.format: shards`` (``auto``: above
+  :data:`tasks.config.SHARDS_ABOVE` files) extracts nothing: ``paths.raw`` holds
+  the checked archive itself, ``archive.zip`` (hard-linked where it can be), one
+  DVC object instead of one per image; ``validate`` reads the images from it.
 
 Every failure is a one-line :class:`StageError` that names the fix.
 """
@@ -36,11 +40,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import requests
 
 from tasks.archives import (
+    archive_files,
+    check_layout,
     check_zip_content_type,
     check_zip_file,
     check_zip_head,
@@ -48,12 +53,13 @@ from tasks.archives import (
 )
 from tasks.config import Config, DatasetConfig, DownloadConfig
 from tasks.errors import SourceFailed, StageError
-from tasks.http_fetch import BadURL, Checks, discard, fetch, progress
+from tasks.http_fetch import BadURL, Checks, discard, fetch, local_source, progress
 from tasks.io import (
     SHA256_HEX,
     atomic_path,
     file_lock,
     human_size,
+    link_or_copy,
     sha256_file,
     storage_error,
     write_json,
@@ -158,12 +164,19 @@ def _install(
     expected: ExpectedHash | None,
     started: float,
 ) -> DownloadResult:
-    """Extract the verified archive into a temporary folder and rename it onto ``paths.raw``."""
+    """Extract the verified archive (or, stored as shards, place it whole) into a temporary
+    folder and rename it onto ``paths.raw``."""
     archive = paths.archive
+    names = archive_files(archive)
+    check_layout(names, ds)
+    stored_as = ds.stored_as(len(names))
     with atomic_path(paths.raw) as tmp:
         tmp.mkdir()
-        files = extract_archive(archive, tmp, final=paths.raw)
-        check_layout(tmp, ds)
+        if stored_as == "shards":
+            link_or_copy(archive, tmp / paths.raw_archive.name)
+            files = len(names)
+        else:
+            files = extract_archive(archive, tmp, final=paths.raw)
         elapsed = time.monotonic() - started
         record = {
             "version": RECORD_VERSION,
@@ -174,6 +187,7 @@ def _install(
             "sha256": sha,
             "verified_against": expected.origin if expected else "trust on first use",
             "files": files,
+            "format": stored_as,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(elapsed, 3),
             "overrides": list(cfg.overrides),
@@ -186,7 +200,8 @@ def _install(
             f"(recorded in {paths.known_hashes}; pin it with datasets.{ds.name}.sha256: {sha})"
         )
         log.warning(message)
-    log.info("%s: %d files extracted to %s", ds.name, files, paths.raw)
+    done = "kept whole (format: shards) in" if stored_as == "shards" else "extracted to"
+    log.info("%s: %d files %s %s", ds.name, files, done, paths.raw)
     return DownloadResult(
         ds.name, source, paths.raw, sha, size, skipped=False, seconds=time.monotonic() - started
     )
@@ -257,6 +272,11 @@ def verified_record(
         return None
     if ds.size and record.get("bytes") != ds.size:
         return None
+    stored_as = record.get("format", "files")
+    if ds.format not in ("auto", stored_as):
+        return None
+    if stored_as == "shards":
+        return record if paths.raw_archive.is_file() else None
     root = paths.raw / ds.layout.root
     if not all((root / folder).is_dir() for folder in (ds.layout.train, ds.layout.validation)):
         return None
@@ -363,18 +383,6 @@ def partial_path(paths: DatasetPaths) -> Path:
     return paths.archive.with_name(paths.archive.name + ".part")
 
 
-def local_source(source: str) -> Path | None:
-    """The file a ``file://`` URL or plain path names; None for http(s)."""
-    parsed = urlparse(source)
-    if parsed.scheme in ("http", "https"):
-        return None
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise SourceFailed(f"file:// URL with host {parsed.netloc!r}; write file:///path")
-        return Path(unquote(parsed.path))
-    return Path(source).expanduser()
-
-
 def fetch_source(
     source: str,
     part: Path,
@@ -424,29 +432,6 @@ def _copy_local(path: Path, part: Path, ds: DatasetConfig, dl: DownloadConfig) -
             bar.update(len(block))
             block = src.read(dl.chunk_bytes)
     return digest.hexdigest(), total
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-def check_layout(root: Path, ds: DatasetConfig) -> None:
-    """Refuse an extracted tree without ``<layout.root>/<train>`` and ``<validation>``."""
-    top = Path(root) / ds.layout.root
-    missing = [
-        f"{ds.layout.root}/{folder}/"
-        for folder in (ds.layout.train, ds.layout.validation)
-        if not (top / folder).is_dir()
-    ]
-    if not missing:
-        return
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(root).iterdir())
-    if top.is_dir():
-        found = sorted(f"{ds.layout.root}/{p.name}" for p in top.iterdir() if p.is_dir())
-    raise StageError(
-        f"{ds.name}: the archive has no {' or '.join(missing)} (found: "
-        f"{', '.join(found[:10]) or 'nothing'}); fix datasets.{ds.name}.layout in params.yaml "
-        "or use the right archive"
-    )
 
 
 # ----------------------------------------------------------------------------- helpers

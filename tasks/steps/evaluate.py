@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.artifacts import labelled_rows, load_model, read_candidate, read_history
+from tasks.artifacts import image_root, labelled_rows, load_model, read_candidate, read_history
 from tasks.config import Config
 from tasks.io import atomic_path, file_md5, write_json, write_text
 from tasks.paths import DatasetPaths
@@ -107,7 +107,7 @@ def _score(
     from tasks.ml.metrics import classification_metrics
     from tasks.ml.model import predict_rows
 
-    probs = predict_rows(model, frame, paths.raw, classes, cfg.train.batch_size)
+    probs = predict_rows(model, frame, image_root(paths, frame), classes, cfg.train.batch_size)
     return probs, classification_metrics(frame["label_index"].to_numpy(), probs, classes)
 
 
@@ -162,12 +162,14 @@ def _mistakes(
     from tasks.ml.images import read_image
     from tasks.ml.metrics import confident_mistakes
     from tasks.ml.model import model_image_size
+    from tasks.ml.shards import image_file
 
     y_true, y_pred, confidence = frame["label_index"].to_numpy(), probs.argmax(1), probs.max(1)
     wrong = confident_mistakes(y_true, probs, cfg.evaluate.mistakes)
+    root = image_root(paths, frame)
     size = model_image_size(model)
     return plots.image_grid(
-        [read_image(paths.raw / frame["path"].iloc[i], size) for i in wrong],
+        [read_image(image_file(root, frame.iloc[i]), size) for i in wrong],
         [
             f"{classes[y_true[i]]} → {classes[y_pred[i]]} ({confidence[i]:.2f})\n"
             f"{Path(frame['path'][i]).name}"
@@ -197,11 +199,13 @@ def _gradcam(
     from tasks.ml.gradcam import feature_map_size, gradcam
     from tasks.ml.images import read_image
     from tasks.ml.model import model_image_size
+    from tasks.ml.shards import image_file
 
     y_true = frame["label_index"].to_numpy()
     chosen = _spread(len(frame), cfg.evaluate.gradcam_images)
     size = model_image_size(model)
-    images = [read_image(paths.raw / frame["path"].iloc[i], size) for i in chosen]
+    root = image_root(paths, frame)
+    images = [read_image(image_file(root, frame.iloc[i]), size) for i in chosen]
     heatmaps, note, titles = None, "evaluate.gradcam_images is 0", []
     if images:
         heatmaps, cam_probs = gradcam(model, np.stack(images))

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.artifacts import labelled_rows, load_model, read_candidate
+from tasks.artifacts import image_root, labelled_rows, load_model, read_candidate
 from tasks.config import Config, RegisterConfig
 from tasks.contract import AWAITING_APPROVAL, PROMOTED, REJECTED
 from tasks.errors import StageError
@@ -136,7 +136,7 @@ def _predict(
 ) -> np.ndarray:
     from tasks.ml.model import predict_rows
 
-    return predict_rows(model, frame, paths.raw, classes, batch)
+    return predict_rows(model, frame, image_root(paths, frame), classes, batch)
 
 
 def _rescore_champion(
@@ -270,9 +270,10 @@ def _log_candidate(scored: _Scored, paths: DatasetPaths) -> str:
     """Log the candidate as an MLflow model and register it: the new version."""
     from tasks.ml.images import read_image
     from tasks.ml.model import model_image_size
+    from tasks.ml.shards import image_file
     from tasks.tracking.models import log_classifier
 
-    first = paths.raw / scored.frame["path"].iloc[0]
+    first = image_file(image_root(paths, scored.frame), scored.frame.iloc[0])
     example = read_image(first, model_image_size(scored.model))[None]
     metadata = {
         "dataset": paths.dataset,

@@ -16,6 +16,11 @@ Outputs (see :class:`tasks.paths.DatasetPaths`):
   Data Docs pull Bootstrap, jQuery and Vega from CDNs: offline their result
   pages are unstyled but readable, and their index table (filled in by
   JavaScript) is empty; hence our ``index.html``. Written on pass and fail.
+- ``data/shards/<ds>/``: for a dataset stored as shards (``datasets.<ds>.format``;
+  ``download`` kept the archive whole), the accepted images as TFRecord shards
+  and their ``index.json`` (``tasks.ml.shards``), the manifest locating each
+  image; for a dataset stored as files only an index that says so. Written
+  with the manifest, only when every expectation passes.
 - ``reports/<ds>/validation.json``: DVC metrics: each check's pass/fail and
   observed value, counts per split/class/status, the quarantined files.
 
@@ -29,9 +34,9 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.config import Config, ValidateConfig
+from tasks.config import SPLITS, Config, DatasetConfig, ValidateConfig
 from tasks.errors import StageError
 from tasks.io import atomic_path, write_json
 from tasks.ml.expectations import (
@@ -43,8 +48,18 @@ from tasks.ml.expectations import (
     import_great_expectations,
     run_checkpoints,
 )
-from tasks.ml.manifest import QUARANTINED, build_manifest, carve_test_split, scan_raw
+from tasks.ml.manifest import (
+    QUARANTINED,
+    Scan,
+    build_manifest,
+    carve_test_split,
+    read_source,
+    scan_raw,
+)
 from tasks.paths import DatasetPaths
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +118,7 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
     start = time.perf_counter()
     dataset = cfg.dataset(paths.dataset)
     settings = cfg.validate_
-    scan = scan_raw(paths.raw, dataset)
+    scan = scan_raw(paths.raw, dataset, archive=_kept_archive(paths, dataset))
     manifest = build_manifest(scan, settings)
     if dataset.test_carved:
         manifest = carve_test_split(manifest, cfg.evaluate.test_fraction)
@@ -135,13 +150,51 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
         (staging / "index.html").write_text(render_report(result, pages), encoding="utf-8")
 
     if result.passed:
+        writing = time.perf_counter()
+        manifest = _write_images(manifest, scan, paths, settings)
         with atomic_path(paths.manifest) as tmp:
             manifest.to_parquet(tmp, index=False)
+        timings["write"] = time.perf_counter() - writing
     seconds = time.perf_counter() - start
     result = replace(result, seconds=seconds)
     write_json(paths.validation_summary, summary_metrics(result, settings))
     log.info("validation of %s %s in %.1f s", dataset.name, _verdict(result), seconds)
     return result
+
+
+def _kept_archive(paths: DatasetPaths, dataset: DatasetConfig) -> Path | None:
+    """The archive ``download`` kept whole (the dataset is stored as shards), else None;
+    an error when ``datasets.<ds>.format`` asks for the other storage."""
+    stored_as = "shards" if paths.raw_archive.is_file() else "files"
+    if dataset.format not in ("auto", stored_as):
+        raise StageError(
+            f"datasets.{dataset.name}.format is {dataset.format} but {paths.raw} holds the "
+            f"dataset as {stored_as}; rerun `python -m tasks download {dataset.name}`"
+        )
+    return paths.raw_archive if stored_as == "shards" else None
+
+
+def _write_images(
+    manifest: pd.DataFrame, scan: Scan, paths: DatasetPaths, settings: ValidateConfig
+) -> pd.DataFrame:
+    """``data/shards/<ds>``: the accepted images as shards when read from the archive (the
+    manifest gains their locations), else an index saying they are files."""
+    from tasks.ml.shards import write_index, write_shards
+
+    with atomic_path(paths.shards) as staging:
+        staging.mkdir()
+        if scan.archive is None:
+            write_index(staging, {"format": "files"})
+            return manifest
+        manifest = write_shards(
+            manifest,
+            lambda path: read_source(scan.source(path)),
+            staging,
+            int(settings.shard_mb * 2**20),
+            SPLITS,
+        )
+    log.info("%s: accepted images written as shards to %s", paths.dataset, paths.shards)
+    return manifest
 
 
 def _verdict(result: ValidationResult) -> str:

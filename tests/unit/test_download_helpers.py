@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tasks.archives import check_layout
 from tasks.config import parse_config
 from tasks.errors import SourceFailed, StageError
+from tasks.http_fetch import local_source
 from tasks.paths import DatasetPaths
-from tasks.steps.download import check_layout, expected_hash, local_source
+from tasks.steps.download import expected_hash
 from tests.datagen import tiny_params
 
 
@@ -20,13 +22,13 @@ def _dataset(**layout):
     return parse_config(raw).dataset("cats_vs_dogs")
 
 
-def test_check_layout_names_the_missing_folders(tmp_path):
-    (tmp_path / "cats_and_dogs_filtered" / "train").mkdir(parents=True)
-    check_layout(tmp_path, _dataset(validation="train"))
+def test_check_layout_names_the_missing_folders():
+    names = ["cats_and_dogs_filtered/train/cats/1.jpg", "cats_and_dogs_filtered/README"]
+    check_layout(names, _dataset(validation="train"))
     with pytest.raises(StageError, match="no cats_and_dogs_filtered/validation/ .*found: "):
-        check_layout(tmp_path, _dataset())
+        check_layout(names, _dataset())
     with pytest.raises(StageError, match="no other/train/ or other/validation/ .*cats_and_dogs"):
-        check_layout(tmp_path, _dataset(root="other"))
+        check_layout(names, _dataset(root="other"))
 
 
 def test_known_hash_record_is_read_and_a_malformed_one_is_named(tmp_path):
