@@ -1,8 +1,9 @@
 """``make bench-scale``: how validate, train, finetune and DVC scale with the image count.
 
     python -m tasks.dev.bench_scale [--sizes 5000,50000,200000] [--side 64]
-        [--stages validate,train,finetune,dvc] [--cache-budget-mb N] [--set KEY=VALUE ...]
-        [--workers N] [--state .bench/scale] [--out reports/bench/scale.json]
+        [--format shards|files] [--stages download,validate,train,finetune,dvc]
+        [--cache-budget-mb N] [--set KEY=VALUE ...] [--workers N] [--state .bench/scale]
+        [--out reports/bench/scale.json]
 
 (from the project root: the workspaces' params start from its params.yaml;
 ``make bench-scale SIZES=5000 BENCH_SCALE_ARGS='--cache-budget-mb 256'``).
@@ -13,16 +14,25 @@ For each size (images in total; ``50k``, ``1m`` work too) it:
    by default) in the real ants_vs_bees layout, 2/3 train and 1/3 validation, in
    parallel, once: ``<state>/ants_vs_bees-<size>-<side>px/data/raw/`` is reused by later
    runs (``.generated.json`` marks a finished tree);
-2. writes that workspace's params.yaml (the project's, with the dataset's counts,
-   mobilenet_v2 at 64 px, ``train.weights: none``, epochs 1 + 1 (``cached_epochs:
-   null``), batch 32, an SQLite MLflow store in the workspace) and runs each stage as
-   its own process, ``python -m tasks <stage> ants_vs_bees``. download does not run: validate reads
-   ``data/raw/<ds>/`` directly. The MLflow store is created before the clocks start;
-   ``--cache-budget-mb`` adds ``--set train.cache_budget_mb=N`` to train and finetune,
-   ``--set`` goes to every stage;
-3. ``git init`` + ``dvc init`` in the workspace (afresh each run), then times
-   ``dvc add`` of :func:`tracked_dir`, ``dvc status`` and ``dvc push`` to a local
-   remote, and counts the objects in the DVC cache and the remote.
+2. with ``--format shards`` (the default), zips that tree once (stored, like a JPEG
+   archive) and runs in a second workspace, ``...-shards``, whose
+   ``data/archives/`` holds the zip: ``download`` keeps it whole in ``data/raw`` and
+   ``validate`` writes the shards. With ``--format files`` validate reads the
+   generated tree in ``data/raw/<ds>/`` directly and download does not run;
+3. writes the workspace's params.yaml (the project's, with the dataset's counts and
+   format, mobilenet_v2 at 64 px, ``train.weights: none``, epochs 1 + 1
+   (``cached_epochs: null``), batch 32, an SQLite MLflow store in the workspace) and
+   runs each stage as its own process, ``python -m tasks <stage> ants_vs_bees``. The
+   MLflow store is created before the clocks start; ``--cache-budget-mb`` adds
+   ``--set train.cache_budget_mb=N`` to train and finetune, ``--set`` goes to every stage;
+4. ``git init`` + ``dvc init`` in the workspace (afresh each run), then times
+   ``dvc add`` of :func:`tracked_dirs` (the data a DVC pipeline tracks), ``dvc status``
+   and ``dvc push`` to a local remote, and counts the objects in the DVC cache and the
+   remote.
+
+With two sizes or more, the table ends with a least-squares line per stage,
+``seconds = start-up + slope x images``: the slope is the cost per 1,000 images that
+the fixed start-up (imports, building the model) hides at the small sizes.
 
 Each command's wall seconds and peak RSS (``ru_maxrss`` from ``os.wait4``: the largest
 of the process and the worker processes it waited for, not their sum) go into one
@@ -39,7 +49,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,14 +56,15 @@ from typing import Any
 import yaml
 
 from tasks.contract import RUN_ENV
-from tasks.dev.synthetic import LAYOUTS, make_image
+from tasks.dev.synthetic import LAYOUTS, generate_tree, zip_tree
 from tasks.errors import ConfigError, StageError
-from tasks.io import write_json
+from tasks.io import atomic_path, link_or_copy, write_json
 from tasks.orchestration.process import last_line
 from tasks.paths import DatasetPaths
 
 DATASET = "ants_vs_bees"
-STAGES = ("validate", "train", "finetune")
+STAGES = ("download", "validate", "train", "finetune")
+FORMATS = ("shards", "files")
 DVC = "dvc"
 """The pseudo-stage that times ``dvc add``, ``dvc status`` and ``dvc push``."""
 DEFAULT_SIZES = "5000,50000,200000"
@@ -82,13 +92,35 @@ class Measured:
     peak_rss_mb: float
 
 
-def tracked_dir(paths: DatasetPaths) -> Path:
-    """The directory ``dvc add`` tracks: the one place to point at another data layout."""
-    return paths.raw
+def tracked_dirs(paths: DatasetPaths, stored_as: str) -> list[Path]:
+    """What ``dvc add`` tracks: the data the pipeline's DVC outs hold for the format (the
+    kept archive and the shards, or the extracted tree)."""
+    return [paths.raw, paths.shards] if stored_as == "shards" else [paths.raw]
 
 
 def workspace(state: Path, size: int, side: int) -> Path:
+    """Where the generated tree is (and the workspace of ``--format files``)."""
     return state / f"{DATASET}-{size}-{side}px"
+
+
+def run_workspace(state: Path, size: int, side: int, stored_as: str) -> Path:
+    tree = workspace(state, size, side)
+    return tree if stored_as == "files" else tree.with_name(f"{tree.name}-shards")
+
+
+def ensure_archive(tree: Path, ws: Path) -> None:
+    """``ws``'s ``data/archives/<ds>.zip``: the generated tree zipped (stored), made once
+    (``<tree>.zip``, kept beside the tree) and hard-linked in."""
+    bundle = tree.with_name(f"{tree.name}.zip")
+    raw = DatasetPaths.of(DATASET, tree).raw
+    if not bundle.is_file() or bundle.stat().st_mtime < (tree / GENERATED).stat().st_mtime:
+        print(f"bench-scale: zipping {raw} ...", flush=True)
+        with atomic_path(bundle) as tmp:
+            zip_tree(raw, tmp)
+    archive = DatasetPaths.of(DATASET, ws).archive
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    archive.unlink(missing_ok=True)
+    link_or_copy(bundle, archive)
 
 
 def split_counts(images: int) -> dict[str, dict[str, int]]:
@@ -99,30 +131,6 @@ def split_counts(images: int) -> dict[str, dict[str, int]]:
     for split, total in (("train", train), ("validation", images - train)):
         counts[split] = {first: total - total // 2, second: total // 2}
     return counts
-
-
-def _write_image(job: tuple[str, int, int, int, int]) -> None:
-    path, label_index, width, height, seed = job
-    image = make_image(label_index, width, seed=seed).crop((0, 0, width, height))
-    image.save(path, "JPEG", quality=90)
-
-
-def generate(raw: Path, counts: dict[str, dict[str, int]], side: int, workers: int) -> None:
-    """Write the tree under ``raw`` (``<layout root>/<split folder>/<class>/*.jpg``)."""
-    layout = LAYOUTS[DATASET]
-    jobs = []
-    for split, per_class in counts.items():
-        for index, (label, count) in enumerate(per_class.items()):
-            folder = raw / layout["root"] / layout[split] / label
-            folder.mkdir(parents=True, exist_ok=True)
-            seed = 1_000_000 * (2 * index + (split == "validation"))
-            jobs += [
-                (str(folder / f"{label}.{n}.jpg"), index, side * 9 // 8, side, seed + n)
-                for n in range(count)
-            ]
-    with ProcessPoolExecutor(workers) as pool:
-        for _ in pool.map(_write_image, jobs, chunksize=256):
-            pass
 
 
 def ensure_dataset(ws: Path, size: int, side: int, workers: int) -> float | None:
@@ -137,17 +145,21 @@ def ensure_dataset(ws: Path, size: int, side: int, workers: int) -> float | None
     shutil.rmtree(raw, ignore_errors=True)
     print(f"bench-scale: generating {size} images of {side * 9 // 8}x{side} px ...", flush=True)
     started = time.perf_counter()
-    generate(raw, counts, side, workers)
+    generate_tree(raw, DATASET, counts, side, workers)
     seconds = time.perf_counter() - started
     write_json(marker, {"counts": counts, "side": side, "seconds": seconds})
     return seconds
 
 
-def workspace_params(project_params: Path, ws: Path, size: int) -> dict[str, Any]:
+def workspace_params(
+    project_params: Path, ws: Path, size: int, stored_as: str = "files"
+) -> dict[str, Any]:
     """The project's params with this bench's dataset, settings and MLflow store."""
     params: dict[str, Any] = yaml.safe_load(project_params.read_text())
     dataset = params["datasets"][DATASET]
-    params["datasets"] = {DATASET: {**dataset, "counts": split_counts(size)}}
+    params["datasets"] = {
+        DATASET: {**dataset, "counts": split_counts(size), "format": stored_as, "sha256": None}
+    }
     for section, values in OVERRIDES.items():
         params[section] = {**(params.get(section) or {}), **values}
     params["tracking"] = {
@@ -220,6 +232,8 @@ def run_stages(ws: Path, size: int, args: argparse.Namespace) -> dict[str, dict[
     """Each chosen pipeline stage as a fresh process: its figures by stage."""
     env = child_env(ws)
     chosen = [stage for stage in STAGES if stage in args.stages]
+    if args.format == "files" and "download" in chosen:
+        chosen.remove("download")  # the generated tree is data/raw already
     if {"train", "finetune"} & set(chosen):
         create_store(ws, args, env)
     figures = {}
@@ -247,39 +261,37 @@ def remote_of(ws: Path) -> Path:
     return ws.parent / f"{ws.name}.remote"
 
 
-def reset_dvc(ws: Path) -> None:
+def reset_dvc(ws: Path, tracked: list[Path]) -> None:
     """Remove what an earlier run's ``git init`` / ``dvc init`` / ``dvc add`` left."""
-    tracked = tracked_dir(DatasetPaths.of(DATASET, ws))
     for folder in (ws / ".git", ws / ".dvc", remote_of(ws)):
         shutil.rmtree(folder, ignore_errors=True)
-    for path in (
-        ws / ".dvcignore",
-        tracked.parent / ".gitignore",
-        tracked.with_name(f"{tracked.name}.dvc"),
-    ):
-        path.unlink(missing_ok=True)
+    (ws / ".dvcignore").unlink(missing_ok=True)
+    for folder in tracked:
+        (folder.parent / ".gitignore").unlink(missing_ok=True)
+        folder.with_name(f"{folder.name}.dvc").unlink(missing_ok=True)
 
 
 def count_files(folder: Path) -> int:
     return sum(len(names) for _, _, names in os.walk(folder))
 
 
-def run_dvc(ws: Path, size: int) -> dict[str, Any]:
-    """``dvc add`` / ``status`` / ``push`` of :func:`tracked_dir` in a fresh DVC repo."""
-    reset_dvc(ws)
+def run_dvc(ws: Path, size: int, stored_as: str) -> dict[str, Any]:
+    """``dvc add`` / ``status`` / ``push`` of :func:`tracked_dirs` in a fresh DVC repo."""
+    tracked = tracked_dirs(DatasetPaths.of(DATASET, ws), stored_as)
+    reset_dvc(ws, tracked)
     env, logs = child_env(ws), ws / "logs"
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
-    target = tracked_dir(DatasetPaths.of(DATASET, ws)).relative_to(ws)
+    targets = [str(folder.relative_to(ws)) for folder in tracked]
     for name, argv in {
         "git-init": ["git", "init", "-q"],
         "dvc-init": [dvc, "init", "-q"],
         "dvc-remote": [dvc, "remote", "add", "-d", "bench", str(remote_of(ws))],
     }.items():
         measure(argv, f"{name} in {ws}", ws, env, logs / name)
-    figures: dict[str, Any] = {"tracked": target.as_posix()}
+    figures: dict[str, Any] = {"tracked": targets}
     for command in ("add", "status", "push"):
         print(f"bench-scale: {size} images: dvc {command} ...", flush=True)
-        argv = [dvc, command, *([str(target)] if command == "add" else [])]
+        argv = [dvc, command, *(targets if command == "add" else [])]
         got = measure(argv, f"dvc {command} on {size} images", ws, env, logs / f"dvc-{command}")
         figures[command] = row(size, got)
     figures["objects"] = count_files(ws / ".dvc" / "cache" / "files" / "md5")
@@ -291,12 +303,17 @@ def run_dvc(ws: Path, size: int) -> dict[str, Any]:
 
 
 def bench_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
-    ws = workspace(Path(args.state).resolve(), size, args.side)
-    generated = ensure_dataset(ws, size, args.side, args.workers)
-    params = workspace_params(Path(args.params), ws, size)
+    state = Path(args.state).resolve()
+    tree = workspace(state, size, args.side)
+    generated = ensure_dataset(tree, size, args.side, args.workers)
+    ws = run_workspace(state, size, args.side, args.format)
+    if args.format == "shards":
+        ensure_archive(tree, ws)
+    params = workspace_params(Path(args.params), ws, size, args.format)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result: dict[str, Any] = {
         "images": size,
+        "format": args.format,
         "width": args.side * 9 // 8,
         "height": args.side,
         "counts": split_counts(size),
@@ -305,7 +322,7 @@ def bench_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         "stages": run_stages(ws, size, args),
     }
     if DVC in args.stages:
-        result["dvc"] = run_dvc(ws, size)
+        result["dvc"] = run_dvc(ws, size, args.format)
     return result
 
 
@@ -329,8 +346,25 @@ def table(results: list[dict[str, Any]]) -> str:
             )
     if any("dvc" in result for result in results):
         lines.append("objects: files in .dvc/cache/files/md5 after add, in the remote after push")
+    lines += fit_lines(results)
     lines += [data_line(result) for result in results]
     return "\n".join(lines)
+
+
+def fit_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Per stage with two sizes or more: the least-squares ``seconds = a + b x images``."""
+    import numpy as np
+
+    lines = []
+    for stage in STAGES:
+        points = [
+            (r["images"], r["stages"][stage]["seconds"]) for r in results if stage in r["stages"]
+        ]
+        if len({n for n, _ in points}) < 2:
+            continue
+        slope, start = np.polyfit(*zip(*points, strict=True), 1)
+        lines.append(f"fit {stage}: {start:.1f} s start-up + {slope * 1000:.2f} s per 1,000 images")
+    return lines
 
 
 def data_line(result: dict[str, Any]) -> str:
@@ -339,8 +373,8 @@ def data_line(result: dict[str, Any]) -> str:
     seconds = result["generated_seconds"]
     made = "reused" if seconds is None else f"generated in {seconds:.1f} s"
     return (
-        f"{result['images']}: {train} train + {validation} validation JPEGs of "
-        f"{result['width']}x{result['height']} px, {made}; in {result['workspace']}"
+        f"{result['images']} ({result['format']}): {train} train + {validation} validation "
+        f"JPEGs of {result['width']}x{result['height']} px, {made}; in {result['workspace']}"
     )
 
 
@@ -386,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--sizes", type=parse_sizes, default=DEFAULT_SIZES, help="images in total, e.g. 5000,50k")
     add("--side", type=int, default=64, help="image height in px (width: 9/8 of it)")
+    add("--format", choices=FORMATS, default="shards", help="datasets.<ds>.format of the runs")
     add(
         "--stages",
         type=parse_stages,

@@ -4,12 +4,15 @@ Two learnable classes: the first is warm with horizontal stripes, the second
 cool with vertical stripes; phase, stripe width and noise vary per image, so a
 model must learn the pattern, not memorise pixels.
 
-Used by ``make demo`` (``tasks.dev.demo``) and, through ``tests/datagen.py``, by the tests.
+Used by ``make demo`` (``tasks.dev.demo``), ``make bench-scale`` (:func:`generate_tree`,
+many images) and, through ``tests/datagen.py``, by the tests.
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +145,40 @@ def tiny_params(
     for key, value in sections.items():
         params[key] = {**params.get(key, {}), **value} if isinstance(value, dict) else value
     return params
+
+
+def _write_image(job: tuple[str, int, int, int, int]) -> None:
+    path, label_index, width, height, seed = job
+    image = make_image(label_index, width, seed=seed).crop((0, 0, width, height))
+    image.save(path, "JPEG", quality=90)
+
+
+def generate_tree(
+    raw: Path, dataset: str, counts: dict[str, dict[str, int]], side: int, workers: int
+) -> None:
+    """Many distinct JPEGs (``side`` px high, 9/8 of it wide) under ``raw``
+    (``<layout root>/<split folder>/<class>/*.jpg``), made by ``workers`` processes."""
+    layout = LAYOUTS[dataset]
+    jobs = []
+    for split, per_class in counts.items():
+        for index, (label, count) in enumerate(per_class.items()):
+            folder = raw / layout["root"] / layout[split] / label
+            folder.mkdir(parents=True, exist_ok=True)
+            seed = 1_000_000 * (2 * index + (split == "validation"))
+            jobs += [
+                (str(folder / f"{label}.{n}.jpg"), index, side * 9 // 8, side, seed + n)
+                for n in range(count)
+            ]
+    with ProcessPoolExecutor(workers) as pool:
+        for _ in pool.map(_write_image, jobs, chunksize=256):
+            pass
+
+
+def zip_tree(tree: Path, bundle: Path) -> None:
+    """Zip the files under ``tree`` into ``bundle``, stored (JPEGs do not compress)."""
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as out:
+        for folder, dirs, names in os.walk(tree):
+            dirs.sort()
+            for name in sorted(names):
+                path = Path(folder) / name
+                out.write(path, path.relative_to(tree).as_posix())

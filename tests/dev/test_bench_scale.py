@@ -10,8 +10,10 @@ import pytest
 
 from tasks.dev.bench_scale import (
     build_parser,
+    fit_lines,
     main,
     measure,
+    run_workspace,
     split_counts,
     stage_argv,
     workspace,
@@ -45,6 +47,21 @@ def test_the_cache_budget_goes_to_train_and_finetune_and_set_to_every_stage(tmp_
     assert plain.sizes == [5000, 50000, 200000]
 
 
+def test_the_fit_separates_the_start_up_from_the_cost_per_image():
+    results = [
+        {
+            "images": n,
+            "stages": {"train": {"seconds": 10 + n / 500}, "validate": {"seconds": 1 + n / 1000}},
+        }
+        for n in (5000, 50000, 200000)
+    ]
+    results[0]["stages"].pop("validate")
+    lines = fit_lines(results)
+    assert lines[0] == "fit validate: 1.0 s start-up + 1.00 s per 1,000 images"
+    assert lines[1] == "fit train: 10.0 s start-up + 2.00 s per 1,000 images"
+    assert fit_lines(results[:1]) == []
+
+
 def test_measure_reports_the_child_peak_rss_and_a_failure_in_one_line(tmp_path):
     grow = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"
     got = measure([sys.executable, "-c", grow], "grow", tmp_path, {}, tmp_path / "grow")
@@ -58,36 +75,43 @@ def test_measure_reports_the_child_peak_rss_and_a_failure_in_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_a_tiny_run_times_each_stage_and_dvc_caches_one_object_per_image(tmp_path, capsys):
+def test_a_tiny_run_times_each_stage_and_dvc_tracks_a_few_shards(tmp_path, capsys):
     state, out = tmp_path / "state", tmp_path / "reports" / "scale.json"
     argv = ["--sizes", "60", "--side", "40", "--state", str(state), "--out", str(out)]
-    assert main([*argv, "--params", str(REPO / "params.yaml")]) == 0
+    argv += ["--params", str(REPO / "params.yaml")]
+    assert main(argv) == 0
 
     report = json.loads(out.read_text())
     assert report["cpus"] >= 1 and report["ram_gb"] > 0 and report["commit"]
     assert report["options"]["sizes"] == [60] and report["options"]["cache_budget_mb"] is None
     (size,) = report["sizes"]
-    assert size["generated_seconds"] > 0
-    ws = workspace(state.resolve(), 60, 40)
-    images = sorted((ws / "data" / "raw" / "ants_vs_bees").rglob("*.jpg"))
+    assert size["generated_seconds"] > 0 and size["format"] == "shards"
+    images = sorted((workspace(state.resolve(), 60, 40) / "data" / "raw").rglob("*.jpg"))
     assert size["images"] == len(images) == 60
     assert size["counts"]["train"] == {"ants": 20, "bees": 20}
-    assert set(size["stages"]) == {"validate", "train", "finetune"}
+    assert set(size["stages"]) == {"download", "validate", "train", "finetune"}
     for figures in size["stages"].values():
         assert figures["images"] == 60
         assert figures["seconds"] > 0 and figures["peak_rss_mb"] > 0
-        assert figures["seconds_per_1000"] == pytest.approx(figures["seconds"] * 1000 / 60, 0.01)
+        # seconds are rounded to 0.01: that rounding, scaled
+        per_1000 = pytest.approx(figures["seconds"] * 1000 / 60, abs=0.005 * 1000 / 60)
+        assert figures["seconds_per_1000"] == per_1000
+    ws = run_workspace(state.resolve(), 60, 40, "shards")
+    assert [p.name for p in (ws / "data" / "raw" / "ants_vs_bees").iterdir()] == ["archive.zip"]
+    shards = sorted((ws / "data" / "shards" / "ants_vs_bees").glob("*.tfrecord"))
+    assert [p.name.split("-")[0] for p in shards] == ["test", "train", "validation"]
     dvc = size["dvc"]
-    assert dvc["tracked"] == "data/raw/ants_vs_bees"
+    assert dvc["tracked"] == ["data/raw/ants_vs_bees", "data/shards/ants_vs_bees"]
     assert all(dvc[c]["seconds"] > 0 for c in ("add", "status", "push"))
-    # one object per image and one .dir object (the directory's listing)
+    # the archive, the shards and their index, and one .dir object (listing) per folder
     dirs = list((ws / ".dvc" / "cache" / "files" / "md5").rglob("*.dir"))
-    assert len(dirs) == 1 and dvc["objects"] == len(images) + 1 == dvc["remote_objects"]
+    assert len(dirs) == 2 and dvc["objects"] == 1 + len(shards) + 1 + 2 == dvc["remote_objects"]
     printed = capsys.readouterr().out
-    assert "validate" in printed and "dvc push" in printed and str(out) in printed
+    assert "download" in printed and "dvc push" in printed and str(out) in printed
 
-    # a second run reuses the images and starts DVC afresh: the same figures, no generation
-    assert main([*argv, "--params", str(REPO / "params.yaml"), "--stages", "dvc"]) == 0
+    # files: the same images, reused, tracked as they are: one object per image
+    assert main([*argv, "--format", "files", "--stages", "dvc"]) == 0
     again = json.loads(out.read_text())["sizes"][0]
     assert again["generated_seconds"] is None and again["stages"] == {}
-    assert again["dvc"]["objects"] == 61 and (ws / ".generated.json").is_file()
+    assert again["dvc"]["tracked"] == ["data/raw/ants_vs_bees"]
+    assert again["dvc"]["objects"] == 61
