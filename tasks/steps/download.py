@@ -84,6 +84,7 @@ class DownloadResult:
     bytes: int
     skipped: bool
     seconds: float
+    stored_as: str = "files"
 
     def __str__(self) -> str:
         size = human_size(self.bytes)
@@ -94,7 +95,8 @@ class DownloadResult:
             )
         return (
             f"{self.dataset}: {size} from {self.source}, sha256 {self.sha256} verified, "
-            f"extracted to {self.path} in {self.seconds:.1f} s"
+            f"{'kept whole in' if self.stored_as == 'shards' else 'extracted to'} {self.path} "
+            f"in {self.seconds:.1f} s"
         )
 
 
@@ -202,9 +204,8 @@ def _install(
         log.warning(message)
     done = "kept whole (format: shards) in" if stored_as == "shards" else "extracted to"
     log.info("%s: %d files %s %s", ds.name, files, done, paths.raw)
-    return DownloadResult(
-        ds.name, source, paths.raw, sha, size, skipped=False, seconds=time.monotonic() - started
-    )
+    seconds = time.monotonic() - started
+    return DownloadResult(ds.name, source, paths.raw, sha, size, False, seconds, stored_as)
 
 
 # ----------------------------------------------------------------------------- hashes and records

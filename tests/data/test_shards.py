@@ -55,7 +55,11 @@ def prepared(root, archive, stored_as):
     paths.archive.parent.mkdir(parents=True)
     shutil.copyfile(archive, paths.archive)
     cfg = config(stored_as)
-    download.run(cfg, paths, offline=True)
+    said = str(download.run(cfg, paths, offline=True))
+    assert ("kept whole in" in said, "extracted to" in said) == (
+        stored_as == "shards",
+        stored_as == "files",
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         validate.run(cfg, paths)
