@@ -91,9 +91,13 @@ def lineage_tags(cfg: Config, paths: DatasetPaths) -> dict[str, str]:
     }
     if paths.manifest.exists():
         tags["data.manifest_md5"] = file_md5(paths.manifest)
-    raw = locked_hash(paths.root, f"download@{ds}", f"data/raw/{ds}")
-    if raw:
-        tags["data.raw_dvc_hash"] = raw
+    for tag, stage, out in (
+        ("data.raw_dvc_hash", "download", f"data/raw/{ds}"),
+        ("data.shards_dvc_hash", "validate", f"data/shards/{ds}"),
+    ):
+        locked = locked_hash(paths.root, f"{stage}@{ds}", out)
+        if locked:
+            tags[tag] = locked
     for env, tag in AIRFLOW_ENV_TAGS.items():
         if os.environ.get(env):
             tags[tag] = os.environ[env]
