@@ -157,7 +157,11 @@ def decoded_batches(
         ds = tf.data.Dataset.zip(files, facts)
         if shuffle:
             ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(lambda path, facts: (tf.io.read_file(path), facts))
+        ds = ds.map(
+            lambda path, facts: (tf.io.read_file(path), facts),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
 
     def load(contents: tf.Tensor, facts: Any) -> Any:
         label, use_pillow = facts
