@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import shutil
 import stat
+import struct
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from tasks.config import DatasetConfig
 from tasks.errors import SourceFailed, StageError
@@ -209,10 +211,10 @@ def _check_space(target: Path, needed: int) -> None:
         )
 
 
-def check_layout(names: Iterable[str], ds: DatasetConfig) -> None:
-    """Refuse an archive (its files' relative paths) without ``<layout.root>/<train>/`` and
-    ``<validation>/``, before anything is extracted."""
-    folders = {"/".join(name.split("/")[:2]) for name in names if name.count("/") >= 2}
+def check_layout(folders: set[str], ds: DatasetConfig) -> None:
+    """Refuse an archive whose files sit in no ``<layout.root>/<train>/`` or
+    ``<validation>/`` (``folders``: the ``<top>/<sub>`` folders its files are in), before
+    anything is extracted."""
     wanted = [f"{ds.layout.root}/{folder}" for folder in (ds.layout.train, ds.layout.validation)]
     missing = [f"{folder}/" for folder in wanted if folder not in folders]
     if missing:
@@ -221,3 +223,72 @@ def check_layout(names: Iterable[str], ds: DatasetConfig) -> None:
             f"{', '.join(sorted(folders)[:10]) or 'nothing'}); fix datasets.{ds.name}.layout "
             "in params.yaml or use the right archive"
         )
+
+
+# ----------------------------------------------------------------------------- a summary, streamed
+
+_EOCD, _EOCD64, _LOCATOR64, _ENTRY = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07", b"PK\x01\x02"
+
+
+def archive_summary(archive: Path) -> tuple[int, set[str]]:
+    """The files ``archive`` would extract and the ``<top>/<sub>`` folders they are in, with
+    :func:`extract_archive`'s checks on every entry, reading the zip's directory one entry
+    at a time: the memory does not grow with the number of files (``zipfile`` holds an
+    object per entry)."""
+    files, folders = 0, set()
+    try:
+        for name, attributes in _central_directory(archive):
+            relative = member_target(name)
+            if relative is None or name.endswith("/"):
+                continue
+            if stat.S_ISLNK(attributes >> 16):
+                raise SourceFailed(f"unsafe archive entry {name!r}: a symlink; refusing to extract")
+            files += 1
+            if len(relative.parts) >= 3:
+                folders.add("/".join(relative.parts[:2]))
+    except SourceFailed as failure:
+        raise StageError(f"{archive}: {failure.reason}; nothing was extracted") from None
+    except (OSError, struct.error, ValueError) as error:
+        raise StageError(
+            f"{archive}: not a readable zip archive ({error}); delete it and download again"
+        ) from None
+    return files, folders
+
+
+def _central_directory(archive: Path) -> Iterator[tuple[str, int]]:
+    """(name, external attributes) of each entry of the zip's central directory."""
+    with open(archive, "rb", buffering=1 << 20) as handle:
+        count, offset = _directory_start(handle)
+        handle.seek(offset)
+        for _ in range(count):
+            head = handle.read(46)
+            if head[:4] != _ENTRY:
+                raise ValueError("the central directory is damaged")
+            (flags,) = struct.unpack_from("<H", head, 8)
+            name_len, extra_len, comment_len = struct.unpack_from("<HHH", head, 28)
+            (attributes,) = struct.unpack_from("<I", head, 38)
+            name = handle.read(name_len)
+            handle.seek(extra_len + comment_len, 1)
+            yield name.decode("utf-8" if flags & 0x800 else "cp437"), attributes
+
+
+def _directory_start(handle: Any) -> tuple[int, int]:
+    """(entries, offset) of the central directory, from the end record (zip64 too)."""
+    size = handle.seek(0, 2)
+    handle.seek(max(0, size - (1 << 16) - 22))
+    tail = handle.read()
+    at = tail.rfind(_EOCD)
+    if at < 0:
+        raise ValueError("no end of central directory record")
+    (count,) = struct.unpack_from("<H", tail, at + 10)
+    (offset,) = struct.unpack_from("<I", tail, at + 16)
+    locator = tail.rfind(_LOCATOR64, 0, at)
+    if locator >= 0 and (count == 0xFFFF or offset == 0xFFFFFFFF):
+        (where,) = struct.unpack_from("<Q", tail, locator + 8)
+        handle.seek(where)
+        record = handle.read(56)
+        if record[:4] != _EOCD64:
+            raise ValueError("the zip64 end record is damaged")
+        (count,) = struct.unpack_from("<Q", record, 32)
+        (offset,) = struct.unpack_from("<Q", record, 48)
+    return count, offset

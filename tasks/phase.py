@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 LABELS = {"train": "phase 1", "finetune": "phase 2"}
 SPLITS = ("train", "validation")
 HEADLINE_PREFIX = {"train": "frozen", "finetune": "finetuned"}
+CACHED_STEPS_PER_EXECUTION = 16
+"""Batches per call into the compiled step on cached activations: the same updates, with
+half the wall time of a head's epoch on the CPU (where Python's per-batch cost dominates)."""
 
 
 @dataclass
@@ -335,7 +338,7 @@ class Phase:
             if trainee is not None:
                 compile_model(
                     trainee, s.optimizer, self.rate, n_outputs(trainee),
-                    self.policy.jit_compile, s.momentum,
+                    self.policy.jit_compile, s.momentum, CACHED_STEPS_PER_EXECUTION,
                 )  # fmt: skip
                 model = trainee
             model.fit(

@@ -30,9 +30,9 @@ For each size (images in total; ``50k``, ``1m`` work too) it:
    and ``dvc push`` to a local remote, and counts the objects in the DVC cache and the
    remote.
 
-With two sizes or more, the table ends with a least-squares line per stage,
-``seconds = start-up + slope x images``: the slope is the cost per 1,000 images that
-the fixed start-up (imports, building the model) hides at the small sizes.
+With two sizes or more, ``marginal`` is each stage's seconds per 1,000 images beyond
+its time at the next smaller size: the cost per image that the fixed start-up
+(imports, building the model) hides at the small sizes.
 
 Each command's wall seconds and peak RSS (``ru_maxrss`` from ``os.wait4``: the largest
 of the process and the worker processes it waited for, not their sum) go into one
@@ -328,7 +328,7 @@ def bench_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'images':>8}  {'stage':<10} {'wall s':>8} {'s/1k img':>9} "
+        f"{'images':>8}  {'stage':<10} {'wall s':>8} {'s/1k img':>9} {'marginal':>9} "
         f"{'peak RSS MB':>12} {'objects':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -339,32 +339,32 @@ def table(results: list[dict[str, Any]]) -> str:
             counted = {"add": dvc["objects"], "push": dvc["remote_objects"]}
             rows += [(f"dvc {c}", dvc[c], counted.get(c, "")) for c in ("add", "status", "push")]
         for name, figures, objects in rows:
+            marginal = figures.get("marginal_seconds_per_1000")
             lines.append(
                 f"{result['images']:>8}  {name:<10} {figures['seconds']:>8.1f} "
-                f"{figures['seconds_per_1000']:>9.2f} {figures['peak_rss_mb']:>12.0f} "
-                f"{objects:>8}"
+                f"{figures['seconds_per_1000']:>9.2f} "
+                f"{'' if marginal is None else f'{marginal:.2f}':>9} "
+                f"{figures['peak_rss_mb']:>12.0f} {objects:>8}"
             )
     if any("dvc" in result for result in results):
         lines.append("objects: files in .dvc/cache/files/md5 after add, in the remote after push")
-    lines += fit_lines(results)
+    if len(results) > 1:
+        lines.append("marginal: seconds per 1,000 images beyond the next smaller size's time")
     lines += [data_line(result) for result in results]
     return "\n".join(lines)
 
 
-def fit_lines(results: list[dict[str, Any]]) -> list[str]:
-    """Per stage with two sizes or more: the least-squares ``seconds = a + b x images``."""
-    import numpy as np
-
-    lines = []
-    for stage in STAGES:
-        points = [
-            (r["images"], r["stages"][stage]["seconds"]) for r in results if stage in r["stages"]
-        ]
-        if len({n for n, _ in points}) < 2:
-            continue
-        slope, start = np.polyfit(*zip(*points, strict=True), 1)
-        lines.append(f"fit {stage}: {start:.1f} s start-up + {slope * 1000:.2f} s per 1,000 images")
-    return lines
+def add_marginal(results: list[dict[str, Any]]) -> None:
+    """Each stage's ``marginal_seconds_per_1000``: the seconds per 1,000 images it took
+    beyond its time at the next smaller size (what the fixed start-up does not hide)."""
+    ordered = sorted(results, key=lambda r: r["images"])
+    for smaller, larger in zip(ordered, ordered[1:], strict=False):
+        added = larger["images"] - smaller["images"]
+        for stage, figures in larger["stages"].items():
+            before = smaller["stages"].get(stage)
+            if before and added > 0:
+                extra = figures["seconds"] - before["seconds"]
+                figures["marginal_seconds_per_1000"] = round(extra * 1000 / added, 3)
 
 
 def data_line(result: dict[str, Any]) -> str:
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    add_marginal(results)
     report = {**machine(), "options": vars(args), "sizes": results}
     print(table(results))
     print(f"report: {write_json(args.out, report)}")

@@ -44,7 +44,7 @@ from typing import Any
 import requests
 
 from tasks.archives import (
-    archive_files,
+    archive_summary,
     check_layout,
     check_zip_content_type,
     check_zip_file,
@@ -169,14 +169,13 @@ def _install(
     """Extract the verified archive (or, stored as shards, place it whole) into a temporary
     folder and rename it onto ``paths.raw``."""
     archive = paths.archive
-    names = archive_files(archive)
-    check_layout(names, ds)
-    stored_as = ds.stored_as(len(names))
+    files, folders = archive_summary(archive)
+    check_layout(folders, ds)
+    stored_as = ds.stored_as(files)
     with atomic_path(paths.raw) as tmp:
         tmp.mkdir()
         if stored_as == "shards":
             link_or_copy(archive, tmp / paths.raw_archive.name)
-            files = len(names)
         else:
             files = extract_archive(archive, tmp, final=paths.raw)
         elapsed = time.monotonic() - started

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from tasks.dev.bench_scale import (
+    add_marginal,
     build_parser,
-    fit_lines,
     main,
     measure,
     run_workspace,
@@ -47,19 +47,19 @@ def test_the_cache_budget_goes_to_train_and_finetune_and_set_to_every_stage(tmp_
     assert plain.sizes == [5000, 50000, 200000]
 
 
-def test_the_fit_separates_the_start_up_from_the_cost_per_image():
+def test_the_marginal_cost_leaves_out_the_start_up():
     results = [
-        {
-            "images": n,
-            "stages": {"train": {"seconds": 10 + n / 500}, "validate": {"seconds": 1 + n / 1000}},
-        }
-        for n in (5000, 50000, 200000)
+        {"images": n, "stages": {"train": {"seconds": 10 + n / 500}, "validate": {"seconds": 1}}}
+        for n in (50000, 5000, 200000)
     ]
-    results[0]["stages"].pop("validate")
-    lines = fit_lines(results)
-    assert lines[0] == "fit validate: 1.0 s start-up + 1.00 s per 1,000 images"
-    assert lines[1] == "fit train: 10.0 s start-up + 2.00 s per 1,000 images"
-    assert fit_lines(results[:1]) == []
+    results[1]["stages"].pop("validate")
+    add_marginal(results)
+    small, medium, large = results[1], results[0], results[2]
+    assert "marginal_seconds_per_1000" not in small["stages"]["train"]
+    assert medium["stages"]["train"]["marginal_seconds_per_1000"] == 2.0
+    assert large["stages"]["train"]["marginal_seconds_per_1000"] == 2.0
+    assert "marginal_seconds_per_1000" not in medium["stages"]["validate"]  # nothing before it
+    assert large["stages"]["validate"]["marginal_seconds_per_1000"] == 0.0
 
 
 def test_measure_reports_the_child_peak_rss_and_a_failure_in_one_line(tmp_path):

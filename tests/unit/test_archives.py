@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tasks.archives import extract_archive, member_target
+from tasks.archives import archive_files, archive_summary, extract_archive, member_target
 from tasks.errors import SourceFailed, StageError
 from tests.datagen import make_archive
 
@@ -100,3 +100,36 @@ def test_a_corrupt_zip_is_a_clear_error(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(StageError, match="not a readable zip archive.*download again"):
         extract_archive(archive, tmp_path / "out")
+
+
+def test_the_streamed_summary_counts_what_extraction_would_write_even_past_zip64(tmp_path):
+    """Over 65,535 entries a zip needs the zip64 end record; names may be UTF-8."""
+    bundle = tmp_path / "many.zip"
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as out:
+        out.writestr("root/", b"")
+        out.writestr("root/train/", b"")
+        for n in range(66_000):
+            out.writestr(f"root/train/{'ab'[n % 2]}/{n}.jpg", b"x")
+        out.writestr("root/val/b/bée.jpg", b"x")
+        out.writestr("root/README", b"x")
+        out.writestr("__MACOSX/root/._x.jpg", b"x")
+        out.writestr("root/val/.DS_Store", b"x")
+    files, folders = archive_summary(bundle)
+    assert files == len(archive_files(bundle)) == 66_002
+    assert folders == {"root/train", "root/val"}
+
+
+@pytest.mark.parametrize("bad", ["../evil.jpg", "link"])
+def test_the_streamed_summary_refuses_an_unsafe_archive_and_a_non_zip(tmp_path, bad):
+    bundle = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bundle, "w") as out:
+        out.writestr("root/train/a/1.jpg", b"x")
+        entry = zipfile.ZipInfo(bad)
+        if bad == "link":
+            entry.external_attr = 0o120777 << 16  # a symlink
+        out.writestr(entry, b"target")
+    with pytest.raises(StageError, match="unsafe archive entry .*nothing was extracted"):
+        archive_summary(bundle)
+    (tmp_path / "page.zip").write_text("<html>not a zip</html>")
+    with pytest.raises(StageError, match="not a readable zip archive"):
+        archive_summary(tmp_path / "page.zip")

@@ -23,12 +23,12 @@ def _dataset(**layout):
 
 
 def test_check_layout_names_the_missing_folders():
-    names = ["cats_and_dogs_filtered/train/cats/1.jpg", "cats_and_dogs_filtered/README"]
-    check_layout(names, _dataset(validation="train"))
+    folders = {"cats_and_dogs_filtered/train"}
+    check_layout(folders, _dataset(validation="train"))
     with pytest.raises(StageError, match="no cats_and_dogs_filtered/validation/ .*found: "):
-        check_layout(names, _dataset())
+        check_layout(folders, _dataset())
     with pytest.raises(StageError, match="no other/train/ or other/validation/ .*cats_and_dogs"):
-        check_layout(names, _dataset(root="other"))
+        check_layout(folders, _dataset(root="other"))
 
 
 def test_known_hash_record_is_read_and_a_malformed_one_is_named(tmp_path):
