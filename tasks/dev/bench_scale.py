@@ -5,30 +5,25 @@
         [--cache-budget-mb N] [--set KEY=VALUE ...] [--workers N] [--state .bench/scale]
         [--out reports/bench/scale.json]
 
-(from the project root: the workspaces' params start from its params.yaml;
-``make bench-scale SIZES=5000 BENCH_SCALE_ARGS='--cache-budget-mb 256'``).
+(from the project root, whose params.yaml is the base; ``make bench-scale SIZES=5000``).
 
 For each size (images in total; ``50k``, ``1m`` work too) it:
 
-1. generates that many distinct small JPEGs (``--side`` px high, 9/8 of that wide: 72x64
-   by default) in the real ants_vs_bees layout, 2/3 train and 1/3 validation, in
-   parallel, once: ``<state>/ants_vs_bees-<size>-<side>px/data/raw/`` is reused by later
-   runs (``.generated.json`` marks a finished tree);
-2. with ``--format shards`` (the default), zips that tree once (stored, like a JPEG
-   archive) and runs in a second workspace, ``...-shards``, whose
-   ``data/archives/`` holds the zip: ``download`` keeps it whole in ``data/raw`` and
-   ``validate`` writes the shards. With ``--format files`` validate reads the
-   generated tree in ``data/raw/<ds>/`` directly and download does not run;
+1. generates that many distinct JPEGs (``--side`` px high, 9/8 of that wide) in the
+   ants_vs_bees layout, 2/3 train and 1/3 validation, once: ``<state>/ants_vs_bees-<size>-
+   <side>px/data/raw/`` is reused (``.generated.json`` marks a finished tree);
+2. ``--format shards`` (the default): zips that tree once (stored) and runs in a second
+   workspace, ``...-shards``, whose ``data/archives/`` holds the zip (download runs
+   afresh each time); ``--format files``: validate reads the tree, download does not run;
 3. writes the workspace's params.yaml (the project's, with the dataset's counts and
    format, mobilenet_v2 at 64 px, ``train.weights: none``, epochs 1 + 1
    (``cached_epochs: null``), batch 32, an SQLite MLflow store in the workspace) and
    runs each stage as its own process, ``python -m tasks <stage> ants_vs_bees``. The
    MLflow store is created before the clocks start; ``--cache-budget-mb`` adds
    ``--set train.cache_budget_mb=N`` to train and finetune, ``--set`` goes to every stage;
-4. ``git init`` + ``dvc init`` in the workspace (afresh each run), then times
-   ``dvc add`` of :func:`tracked_dirs` (the data a DVC pipeline tracks), ``dvc status``
-   and ``dvc push`` to a local remote, and counts the objects in the DVC cache and the
-   remote.
+4. ``git init`` + ``dvc init`` in the workspace (afresh each run), then times ``dvc add``
+   of :func:`tracked_dirs`, ``dvc status`` and ``dvc push`` to a local remote, and
+   counts the objects in the DVC cache and the remote.
 
 With two sizes or more, ``marginal`` is each stage's seconds per 1,000 images beyond
 its time at the next smaller size: the cost per image that the fixed start-up
@@ -149,6 +144,13 @@ def ensure_dataset(ws: Path, size: int, side: int, workers: int) -> float | None
     seconds = time.perf_counter() - started
     write_json(marker, {"counts": counts, "side": side, "seconds": seconds})
     return seconds
+
+
+def forget_download(paths: DatasetPaths) -> None:
+    """What an earlier download left (the placed archive, its record, the trusted hash)."""
+    shutil.rmtree(paths.raw, ignore_errors=True)
+    paths.download_record.unlink(missing_ok=True)
+    paths.known_hashes.unlink(missing_ok=True)
 
 
 def workspace_params(
@@ -309,6 +311,8 @@ def bench_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     ws = run_workspace(state, size, args.side, args.format)
     if args.format == "shards":
         ensure_archive(tree, ws)
+        if "download" in args.stages:  # its real work, not "already verified"
+            forget_download(DatasetPaths.of(DATASET, ws))
     params = workspace_params(Path(args.params), ws, size, args.format)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result: dict[str, Any] = {
