@@ -1,9 +1,7 @@
 """``make bench-scale``: how validate, train, finetune and DVC scale with the image count.
 
-    python -m tasks.dev.bench_scale [--sizes 5000,50000,200000] [--side 64]
-        [--format shards|files] [--stages download,validate,train,finetune,dvc]
-        [--cache-budget-mb N] [--set KEY=VALUE ...] [--workers N] [--state .bench/scale]
-        [--out reports/bench/scale.json]
+    python -m tasks.dev.bench_scale [--sizes 5000,50000,200000] [--side 64] [--format shards]
+        [--stages download,validate,train,finetune,dvc] [--cache-budget-mb N] [--set K=V]
 
 (from the project root, whose params.yaml is the base; ``make bench-scale SIZES=5000``).
 
