@@ -59,12 +59,17 @@ def row_labels(rows: pd.DataFrame, classes: Sequence[str]) -> list[int]:
     return [index[label] for label in rows["label"]]
 
 
-def needs_pillow(row: dict[str, Any]) -> bool:
-    """True where TensorFlow would fail or differ from Pillow (by manifest format and mode)."""
-    fmt, mode = row.get("format"), row.get("mode")
-    if isinstance(fmt, str) and fmt and fmt.upper() not in _TF_FORMATS:
-        return True
-    return isinstance(mode, str) and bool(mode) and mode not in _TF_MODES
+def needs_pillow(rows: pd.DataFrame) -> list[bool]:
+    """Per row: True where TensorFlow would fail or differ from Pillow (by the manifest's
+    format and mode; a missing or empty one says nothing). Column-wise: no object per row."""
+    import pandas as pd
+
+    empty = pd.Series("", index=rows.index, dtype="string")
+    fmt = rows["format"].astype("string") if "format" in rows else empty
+    mode = rows["mode"].astype("string") if "mode" in rows else empty
+    odd_format = fmt.fillna("").ne("") & ~fmt.fillna("").str.upper().isin(_TF_FORMATS)
+    odd_mode = mode.fillna("").ne("") & ~mode.fillna("").isin(_TF_MODES)
+    return (odd_format | odd_mode).astype(bool).tolist()
 
 
 def _pillow_decode(contents: bytes) -> Any:
@@ -145,7 +150,7 @@ def decoded_batches(
     import tensorflow as tf
 
     rows = usable_rows(manifest_df, split, classes)
-    labels, pillow = row_labels(rows, classes), [needs_pillow(r) for r in rows.to_dict("records")]
+    labels, pillow = row_labels(rows, classes), needs_pillow(rows)
     facts = tf.data.Dataset.from_tensor_slices((tf.constant(labels, tf.int32), tf.constant(pillow)))
     if is_sharded(rows):
         ds = tf.data.Dataset.zip(shard_records(root, rows), facts)
