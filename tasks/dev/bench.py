@@ -96,7 +96,6 @@ def make_data(state: Path, train_images: int, val_images: int, side: int) -> Dat
 def bench_config(args: argparse.Namespace, weights: Path, counts: dict[str, int]) -> Config:
     from tasks.dev.synthetic import tiny_params
 
-    patience = max(args.epochs, args.finetune_epochs)
     params = tiny_params(
         {DATASET: "file:///unused.zip"},
         counts,
@@ -106,11 +105,13 @@ def bench_config(args: argparse.Namespace, weights: Path, counts: dict[str, int]
             "weights": str(weights),
             "batch_size": args.batch_size,
             "epochs": args.epochs,
-            # the pipeline's own: the head on cached features trains until it converges
+            # the pipeline's own: the head on cached features trains until early stopping
+            # (with the pipeline's patience) finds it converged; the only phase that
+            # stops early, the others run all their epochs, as the tutorial's do
             "cached_epochs": TrainConfig().cached_epochs,
-            "early_stopping_patience": patience,
+            "early_stopping_patience": TrainConfig().early_stopping_patience,
         },
-        finetune={"epochs": args.finetune_epochs, "early_stopping_patience": patience},
+        finetune={"epochs": args.finetune_epochs, "early_stopping_patience": args.finetune_epochs},
         tracking={"experiment_prefix": "bench-"},
     )
     return parse_config(params)
