@@ -338,7 +338,7 @@ class Phase:
             if trainee is not None:
                 compile_model(
                     trainee, s.optimizer, self.rate, n_outputs(trainee),
-                    self.policy.jit_compile, s.momentum, CACHED_STEPS_PER_EXECUTION,
+                    self.policy.jit_compile, s.momentum, self.steps_per_execution,
                 )  # fmt: skip
                 model = trainee
             model.fit(
@@ -346,6 +346,12 @@ class Phase:
                 callbacks=callbacks,
                 verbose=0, shuffle=False,
             )  # fmt: skip
+
+    @property
+    def steps_per_execution(self) -> int:
+        """Batches per call on cached activations: several on one device; one across
+        replicas (Keras 3's multi-step loop under MirroredStrategy fails to build)."""
+        return CACHED_STEPS_PER_EXECUTION if self.policy.replicas == 1 else 1
 
     def save(self, model: keras.Model, path: Path, checkpoint: PhaseCheckpoint) -> None:
         """Save the model in float32 (any policy); the checkpoint is then done with."""
