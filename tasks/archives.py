@@ -144,22 +144,6 @@ def extract_archive(archive: Path, target: Path, *, final: Path | None = None) -
         raise StageError(f"{archive}: extracting to {target} failed: {error}") from None
 
 
-def archive_files(archive: Path) -> dict[str, str]:
-    """The files ``archive`` would extract: relative POSIX path (junk skipped) -> the
-    entry's name in the zip. The same checks as :func:`extract_archive`: an unsafe
-    archive is refused whole."""
-    try:
-        with zipfile.ZipFile(archive) as bundle:
-            plan, _ = _plan(bundle)
-    except SourceFailed as failure:
-        raise StageError(f"{archive}: {failure.reason} (use a trusted source)") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as error:
-        raise StageError(
-            f"{archive}: not a readable zip archive ({error}); delete it and download again"
-        ) from None
-    return {relative.as_posix(): info.filename for info, relative in plan if not info.is_dir()}
-
-
 def _plan(bundle: zipfile.ZipFile) -> tuple[_Plan, int]:
     """The entries to write with their relative paths, and their uncompressed bytes.
 
@@ -230,12 +214,28 @@ def check_layout(folders: set[str], ds: DatasetConfig) -> None:
 _EOCD, _EOCD64, _LOCATOR64, _ENTRY = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07", b"PK\x01\x02"
 
 
+def archive_files(archive: Path) -> dict[str, str]:
+    """The files ``archive`` would extract: relative POSIX path (junk skipped) -> the
+    entry's name in the zip, with :func:`extract_archive`'s checks (an unsafe archive is
+    refused whole)."""
+    return {relative.as_posix(): name for name, relative in _checked_files(archive)}
+
+
 def archive_summary(archive: Path) -> tuple[int, set[str]]:
-    """The files ``archive`` would extract and the ``<top>/<sub>`` folders they are in, with
-    :func:`extract_archive`'s checks on every entry, reading the zip's directory one entry
-    at a time: the memory does not grow with the number of files (``zipfile`` holds an
-    object per entry)."""
+    """How many files ``archive`` would extract and the ``<top>/<sub>`` folders they are
+    in, with the same checks, holding nothing per file."""
     files, folders = 0, set()
+    for _, relative in _checked_files(archive):
+        files += 1
+        if len(relative.parts) >= 3:
+            folders.add("/".join(relative.parts[:2]))
+    return files, folders
+
+
+def _checked_files(archive: Path) -> Iterator[tuple[str, PurePosixPath]]:
+    """(entry name, relative path) of each file entry, read from the zip's directory one
+    entry at a time (``zipfile`` holds an object per entry); a StageError for an unsafe
+    entry or an unreadable zip."""
     try:
         for name, attributes in _central_directory(archive):
             relative = member_target(name)
@@ -243,16 +243,13 @@ def archive_summary(archive: Path) -> tuple[int, set[str]]:
                 continue
             if stat.S_ISLNK(attributes >> 16):
                 raise SourceFailed(f"unsafe archive entry {name!r}: a symlink; refusing to extract")
-            files += 1
-            if len(relative.parts) >= 3:
-                folders.add("/".join(relative.parts[:2]))
+            yield name, relative
     except SourceFailed as failure:
         raise StageError(f"{archive}: {failure.reason}; nothing was extracted") from None
     except (OSError, struct.error, ValueError) as error:
         raise StageError(
             f"{archive}: not a readable zip archive ({error}); delete it and download again"
         ) from None
-    return files, folders
 
 
 def _central_directory(archive: Path) -> Iterator[tuple[str, int]]:
