@@ -287,7 +287,10 @@ class TrainConfig(_Optimized):
     seed: int = 42
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     jit_compile: Literal["auto", "true", "false"] = "auto"
-    distribute: Literal["auto", "none", "mirrored"] = "auto"
+    distribute: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
+    workers: PositiveInt = 1
+    """Machines training together under ``distribute: multi_worker`` (a launcher starts
+    one worker process per machine: ``tasks.cluster``)."""
 
     @field_validator("feature_cache", mode="before")
     @classmethod
@@ -331,6 +334,15 @@ class TrainConfig(_Optimized):
         """The backbone's short name: the registry name, or the model file's stem (for run
         and model names; the params keep the path)."""
         return Path(self.backbone).stem if self.backbone_is_file else self.backbone
+
+    @model_validator(mode="after")
+    def _workers(self) -> Any:
+        if self.workers > 1 and self.distribute != "multi_worker":
+            raise ValueError(
+                f"workers={self.workers} trains across machines, which needs "
+                "distribute=multi_worker; set distribute to multi_worker, or workers to 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _file_settings(self) -> Any:
