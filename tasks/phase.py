@@ -4,7 +4,8 @@ Each stage says what is special about its phase: the model it starts from, which
 layers train, what it records afterwards. :class:`Phase` does the rest the same
 way for both:
 
-- the device policy (precision, XLA, MirroredStrategy) and the seed;
+- the device policy (precision, XLA, MirroredStrategy, or MultiWorkerMirroredStrategy
+  across machines: ``tasks.cluster``) and the seed;
 - the data: whether the layers that do not train run once (the feature cache),
   the augmentation, the global batch and the scaled learning rate;
 - the checkpoint that lets a killed attempt resume (its fingerprint names what
@@ -13,10 +14,17 @@ way for both:
   callback, and the headline copied onto the pipeline's parent run;
 - the fit (on images, or the trainable part on cached activations) and saving
   the model in float32.
+
+Across machines (``train.distribute: multi_worker``) every worker runs the stage the
+same way up to the end of the fit, each on its own part of the data (:attr:`Phase.part`);
+worker 0, the chief, then writes the model, the reports, the checkpoint and the MLflow
+run, and the others stop there (:meth:`Phase.followed`).
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.artifacts import image_root, read_manifest, save_model
+from tasks.cluster import Cluster, cluster_from_env
 from tasks.config import Config, FinetuneConfig, TrainConfig
 from tasks.io import file_md5
 from tasks.paths import DatasetPaths
@@ -37,7 +46,7 @@ if TYPE_CHECKING:
     from tasks.ml.arrays import ArrayStore, Budget
     from tasks.ml.devices import DevicePolicy
     from tasks.ml.model import Split
-    from tasks.ml.training import PhaseCheckpoint, TrainResult
+    from tasks.ml.training import PhaseCheckpoint, TrainResult, WorkerResult
     from tasks.tracking.callback import EpochLogger
 
 LABELS = {"train": "phase 1", "finetune": "phase 2"}
@@ -60,6 +69,7 @@ class Phase:
     policy: DevicePolicy
     devices: Any
     started: float
+    cluster: Cluster = field(default_factory=Cluster)
     _temporary: list[ArrayStore] = field(default_factory=list)
     """The per-image caches to remove once the phase's model is saved."""
 
@@ -72,13 +82,36 @@ class Phase:
 
         started = time.perf_counter()
         train = cfg.train
-        policy = device_policy(train.precision, train.jit_compile, train.distribute)
+        across = train.distribute == "multi_worker"
+        cluster = cluster_from_env(train.workers) if across else Cluster()
+        policy = device_policy(
+            train.precision, train.jit_compile, train.distribute, cluster.workers
+        )
+        devices = strategy(policy, cluster)  # before anything else starts TensorFlow's runtime
         settings = train if name == "train" else cfg.finetune
         phase = cls(
-            name, cfg, paths, settings, read_manifest(paths), policy, strategy(policy), started
+            name, cfg, paths, settings, read_manifest(paths), policy, devices, started, cluster
         )
-        keras.utils.set_random_seed(train.seed)
+        keras.utils.set_random_seed(train.seed)  # the same on every worker
         return phase
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process writes the phase's outputs (always, on one machine)."""
+        return self.cluster.chief
+
+    @property
+    def across(self) -> bool:
+        """Whether several workers train this phase together."""
+        return self.cluster.workers > 1
+
+    @cached_property
+    def part(self) -> Any:
+        """The manifest rows this worker reads: all of them on one machine; across
+        machines, its own run of each split (``tasks.ml.inputs.worker_rows``)."""
+        from tasks.ml.inputs import worker_rows
+
+        return worker_rows(self.manifest, self.cluster.index, self.cluster.workers)
 
     @cached_property
     def root(self) -> Path:
@@ -98,6 +131,12 @@ class Phase:
     def batch(self) -> int:
         """The global batch: ``train.batch_size`` per replica."""
         return self.policy.global_batch(self.cfg.train.batch_size)
+
+    @property
+    def input_batch(self) -> int:
+        """Images per batch the input pipeline makes: the global batch, or across machines
+        one replica's (each worker's pipeline feeds its own replicas)."""
+        return self.cfg.train.batch_size if self.across else self.batch
 
     @property
     def rate(self) -> float:
@@ -130,9 +169,14 @@ class Phase:
         from disk), training batches shuffled and augmented if the phase augments."""
         from tasks.ml.inputs import training_batches
 
-        train, val = self._store_data([self._image_store(split, size) for split in SPLITS])
+        stores = [self._image_store(split, size) for split in SPLITS]
+        train, val = (self._hold(store) for store in stores)
         augment = self.cfg.augmentation if self.settings.augment else None
-        return training_batches(train, augment, self.cfg.train.seed), training_batches(val, None, 0)
+        seed = self.cfg.train.seed
+        return (
+            self._distributed(training_batches(self._batches(train, True), augment, seed), "train"),
+            self._distributed(training_batches(self._batches(val, False), None, 0), "validation"),
+        )
 
     def feature_data(self, model: keras.Model, boundary: str | None) -> tuple[Any, Any]:
         """Phase 1's backbone features of the training and validation images, computed once.
@@ -149,11 +193,11 @@ class Phase:
         stores = []
         for name in SPLITS:
             features = self._key(name, "features", extractor)
-            chain = [(extractor, self.paths.array_cache(f"features/{name}"), features)]
+            chain = [(extractor, self._cache_dir(f"features/{name}"), features)]
             if split is not None:
                 below = self._key(name, "boundary", split.lower)
                 chain[:1] = [
-                    (split.lower, self.paths.array_cache(f"boundary/{name}"), below),
+                    (split.lower, self._cache_dir(f"boundary/{name}"), below),
                     (split.above, chain[0][1], features),
                 ]
             stores.append(self._stores(name, model.input_shape[1], chain)[-1])
@@ -163,10 +207,14 @@ class Phase:
         """Phase 2's activations at the boundary (phase 1's, when it kept them for us)."""
         stores = []
         for name in SPLITS:
-            directory = self.paths.array_cache(f"boundary/{name}")
+            directory = self._cache_dir(f"boundary/{name}")
             chain = [(split.lower, directory, self._key(name, "boundary", split.lower))]
             stores.append(self._stores(name, split.lower.input_shape[1], chain)[-1])
         return self._store_data(stores)
+
+    def _cache_dir(self, name: str) -> Path:
+        """Where this worker keeps a cache: across machines each worker has its own."""
+        return self.paths.array_cache(f"{self.cluster.part}/{name}" if self.across else name)
 
     def _key(self, split: str, what: str, model: keras.Model) -> dict[str, Any]:
         """What a cache of ``model``'s outputs for ``split`` depends on."""
@@ -188,7 +236,7 @@ class Phase:
         found = [ArrayStore.open(directory, key) for _, directory, key in chain]
         if found[-1] is None:
             images = decoded_batches(
-                self.manifest, self.root, split, self.classes, size, self.batch
+                self.part, self.root, split, self.classes, size, self.input_batch
             )
             with self.devices.scope():
                 found = list(extract_stores(training_batches(images, None, 0), chain))
@@ -200,13 +248,13 @@ class Phase:
         from tasks.ml.arrays import ArrayStore
         from tasks.ml.inputs import decoded_batches
 
-        directory = self.paths.array_cache(f"images/{split}")
+        directory = self._cache_dir(f"images/{split}")
         key = {"what": "images", "split": split, "size": size,
                "manifest": file_md5(self.paths.manifest)}  # fmt: skip
         store = ArrayStore.open(directory, key)
         if store is None:
             batches = decoded_batches(
-                self.manifest, self.root, split, self.classes, size, self.batch
+                self.part, self.root, split, self.classes, size, self.input_batch
             )
             store = ArrayStore.write(directory, ((x.numpy(), y.numpy()) for x, y in batches), key)
         self._temporary.append(store)
@@ -216,13 +264,30 @@ class Phase:
         store.hold(self.budget)
         return store
 
+    def _batches(self, store: ArrayStore, shuffle: bool) -> Any:
+        return store.dataset(self.input_batch, shuffle=shuffle, seed=self.cfg.train.seed)
+
     def _store_data(self, stores: list[ArrayStore]) -> tuple[Any, Any]:
         """Shuffled training batches and ordered validation batches of two stores."""
         train, val = (self._hold(store) for store in stores)
         return (
-            train.dataset(self.batch, shuffle=True, seed=self.cfg.train.seed),
-            val.dataset(self.batch, shuffle=False, seed=0),
+            self._distributed(self._batches(train, True), "train"),
+            self._distributed(self._batches(val, False), "validation"),
         )
+
+    def _distributed(self, batches: Any, split: str) -> Any:
+        """Across machines, this worker's batches as the strategy's input, the same number
+        of steps on every worker: TensorFlow's collective ops need each to take part in
+        every step, so a worker whose part is a batch short starts it over for that batch
+        (at most a batch per worker and split counts twice in an epoch). On one machine,
+        ``batches`` as they are (Keras distributes them)."""
+        if not self.across:
+            return batches
+        local = len(self.policy.devices)
+        most = math.ceil(self.images(split) / self.cluster.workers)
+        steps = math.ceil(math.ceil(most / self.input_batch) / local)
+        even = batches.repeat().take(steps * local)
+        return self.devices.distribute_datasets_from_function(lambda _: even)
 
     def epochs(self, cached: bool) -> int:
         """The phase's epochs. Phase 1's head on cached features (an epoch costs next to
@@ -271,7 +336,8 @@ class Phase:
             "policy": self.policy.params(),
             **inputs,
         }
-        return PhaseCheckpoint(self.paths.checkpoint(self.name), fingerprint)
+        scratch = None if self.chief else self._cache_dir(f"scratch/{self.name}")
+        return PhaseCheckpoint(self.paths.checkpoint(self.name), fingerprint, scratch)
 
     def params(self, model: keras.Model, size: int, cached: bool, **own: Any) -> dict[str, Any]:
         """The phase's MLflow params: the same names for every backbone and both phases."""
@@ -305,12 +371,21 @@ class Phase:
         offset: int = 0,
         new_parent: bool = False,
     ) -> Iterator[tuple[mlflow.ActiveRun, EpochLogger, list[Any]]]:
-        """The phase's MLflow child run, its epoch logger and the fit's callbacks."""
+        """The phase's MLflow child run, its epoch logger and the fit's callbacks (a worker
+        other than the chief: no run, and an epoch logger that logs no metrics)."""
         import mlflow
 
         from tasks.tracking.callback import EpochLogger
         from tasks.tracking.runs import log_resume, phase_run
 
+        patience = self.settings.early_stopping_patience
+        if not self.chief:
+            logger = EpochLogger(
+                self.name, offset=offset, images=self.images("train"), track=False,
+                restored=checkpoint.finished,
+            )  # fmt: skip
+            yield None, logger, [*checkpoint.callbacks(patience), logger]  # type: ignore[misc]
+            return
         with phase_run(self.cfg, self.paths, self.name, new_parent=new_parent) as run:
             mlflow.log_params(params)
             mlflow.set_tags(tags)
@@ -318,7 +393,6 @@ class Phase:
             logger = EpochLogger(
                 self.name, offset=offset, images=self.images("train"), restored=checkpoint.finished
             )
-            patience = self.settings.early_stopping_patience
             yield run, logger, [*checkpoint.callbacks(patience), logger]
 
     def fit(
@@ -354,13 +428,28 @@ class Phase:
         return CACHED_STEPS_PER_EXECUTION if self.policy.replicas == 1 else 1
 
     def save(self, model: keras.Model, path: Path, checkpoint: PhaseCheckpoint) -> None:
-        """Save the model in float32 (any policy); the checkpoint is then done with."""
+        """Save the model in float32 (any policy); the checkpoint is then done with.
+
+        A worker other than the chief saves too (saving takes part in the workers'
+        collective ops), into its scratch folder, which :meth:`followed` removes."""
         from tasks.ml.model import with_precision
 
+        if not self.chief:
+            path = self._cache_dir(f"scratch/{path.name}")
         save_model(with_precision(model, "float32"), path)
         checkpoint.remove()
         for store in self._temporary:
             store.remove()
+
+    def followed(self) -> WorkerResult:
+        """A worker other than the chief, once the model is saved: its caches and scratch
+        copies go, and nothing else is written (the chief writes the phase's outputs)."""
+        from tasks.ml.training import WorkerResult
+
+        for store in self._temporary:
+            store.remove()
+        shutil.rmtree(self._cache_dir("scratch"), ignore_errors=True)
+        return WorkerResult(self.name, self.paths.dataset, self.cluster.part, self.seconds)
 
     def headline(
         self,

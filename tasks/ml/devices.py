@@ -16,6 +16,10 @@
   ``batch_size x replicas`` and the learning rate is multiplied by the replica
   count (the linear scaling rule of Goyal et al., 2017, "Accurate, Large
   Minibatch SGD"), so each replica sees the batch and step size of one device.
+- distribute ``multi_worker`` (never chosen by ``auto``): TensorFlow's
+  ``MultiWorkerMirroredStrategy`` across ``train.workers`` machines, each with
+  its visible GPUs (or its CPU); the replicas are all of them, and the batch
+  and learning rate scale with them as under ``mirrored``.
 
 The output layer always computes in float32 (``tasks.ml.model``), and saved
 models are float32 whatever the policy, so evaluation and serving on a CPU
@@ -29,6 +33,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tasks.cluster import Cluster
 from tasks.errors import StageError
 
 if TYPE_CHECKING:
@@ -63,6 +68,8 @@ class DevicePolicy:
     distribute: str
     replicas: int
     devices: tuple[str, ...]
+    """This machine's devices (under ``multi_worker``, each worker has its own)."""
+    workers: int = 1
 
     def global_batch(self, batch_size: int) -> int:
         """Images per optimizer step: ``batch_size`` per replica."""
@@ -72,6 +79,10 @@ class DevicePolicy:
         """The linear scaling rule: the rate grows with the replica count."""
         return learning_rate * self.replicas
 
+    @property
+    def gpu(self) -> bool:
+        return self.devices[0].startswith("GPU")
+
     def params(self) -> dict[str, Any]:
         """What MLflow records (the same names on every device)."""
         return {
@@ -80,19 +91,30 @@ class DevicePolicy:
             "distribute": self.distribute,
             "replicas": self.replicas,
             "devices": ", ".join(self.devices),
+            "workers": self.workers,
         }
 
     def __str__(self) -> str:
+        across = f" on each of {self.workers} workers" if self.workers > 1 else ""
         return (
             f"{self.precision}, XLA {'on' if self.jit_compile else 'off'}, "
-            f"{self.distribute} x{self.replicas} on {', '.join(self.devices)}"
+            f"{self.distribute} x{self.replicas} on {', '.join(self.devices)}{across}"
         )
 
 
+DISTRIBUTE = ("none", "mirrored", "multi_worker")
+
+
 def resolve_policy(
-    precision: str, jit_compile: str, distribute: str, gpus: list[Gpu], cpus: int = 1
+    precision: str,
+    jit_compile: str,
+    distribute: str,
+    gpus: list[Gpu],
+    cpus: int = 1,
+    workers: int = 1,
 ) -> DevicePolicy:
-    """The concrete policy for ``gpus`` (empty: CPU, with ``cpus`` logical devices).
+    """The concrete policy for ``gpus`` (empty: CPU, with ``cpus`` logical devices) on
+    each of ``workers`` machines.
 
     Explicit values are honoured, except those the devices cannot do, which
     raise a one-line :class:`StageError` naming the fix.
@@ -111,11 +133,12 @@ def resolve_policy(
     devices = tuple(gpu.name for gpu in gpus) or tuple(f"CPU:{i}" for i in range(max(cpus, 1)))
     if distribute == "auto":
         distribute = "mirrored" if len(gpus) > 1 else "none"
-    if distribute not in ("none", "mirrored"):
-        raise StageError(f"train.distribute={distribute!r}; use auto, none or mirrored")
-    if distribute == "none":
-        devices = devices[:1]
-    return DevicePolicy(precision, jit, distribute, len(devices), devices)
+    if distribute not in DISTRIBUTE:
+        raise StageError(f"train.distribute={distribute!r}; use auto or one of {DISTRIBUTE}")
+    if distribute == "none" or (distribute == "multi_worker" and not gpus):
+        devices = devices[:1]  # a worker without GPUs is one CPU replica
+    workers = workers if distribute == "multi_worker" else 1
+    return DevicePolicy(precision, jit, distribute, len(devices) * workers, devices, workers)
 
 
 def _auto_precision(gpus: list[Gpu]) -> str:
@@ -161,23 +184,65 @@ def visible_gpus() -> list[Gpu]:
     return gpus
 
 
-def device_policy(precision: str, jit_compile: str, distribute: str) -> DevicePolicy:
-    """Resolve the policy for this process's devices and apply its precision globally."""
+def device_policy(
+    precision: str, jit_compile: str, distribute: str, workers: int = 1
+) -> DevicePolicy:
+    """Resolve the policy for this process's devices and apply its precision globally.
+
+    Under ``multi_worker`` the runtime is left uninitialised (no logical devices are
+    listed): TensorFlow configures collective ops only before its first use.
+    """
     import keras
     import tensorflow as tf
 
     gpus = visible_gpus()
-    cpus = len(tf.config.list_logical_devices("CPU"))
-    policy = resolve_policy(precision, jit_compile, distribute, gpus, cpus)
+    cpus = 1 if distribute == "multi_worker" else len(tf.config.list_logical_devices("CPU"))
+    policy = resolve_policy(precision, jit_compile, distribute, gpus, cpus, workers)
     keras.mixed_precision.set_global_policy(policy.precision)
     log.info("device policy: %s", policy)
     return policy
 
 
-def strategy(policy: DevicePolicy) -> tf.distribute.Strategy:
-    """``MirroredStrategy`` over the policy's devices, or the default (one device) strategy."""
+def strategy(policy: DevicePolicy, cluster: Cluster | None = None) -> tf.distribute.Strategy:
+    """``MirroredStrategy`` over the policy's devices, ``MultiWorkerMirroredStrategy`` over
+    ``cluster``'s workers, or the default (one device) strategy."""
     import tensorflow as tf
 
+    if policy.distribute == "multi_worker":
+        return multi_worker_strategy(cluster or Cluster(), gpus=len(policy.devices) * policy.gpu)
     if policy.distribute != "mirrored":
         return tf.distribute.get_strategy()
     return tf.distribute.MirroredStrategy(devices=[f"/{name}" for name in policy.devices])
+
+
+def multi_worker_strategy(cluster: Cluster, gpus: int = 0) -> tf.distribute.Strategy:
+    """TensorFlow's collective all-reduce across ``cluster`` (this worker: ``gpus`` GPUs, or
+    its CPU), wearing two fixes Keras 3's ``fit`` needs under it (keras-team/keras#20585).
+
+    Keras 3 asks the strategy to ``reduce`` two things that
+    ``MultiWorkerMirroredStrategy`` refuses: the first input batch, a nest of per-replica
+    tensors, which Keras reduces only to learn its shapes (``MirroredStrategy`` hands
+    such a nest back as it is; here each replica's local value comes back, with no
+    collective op); and each step's logs, scalars that Keras reduces along axis 0
+    (here reduced across the replicas as they are).
+    """
+    import tensorflow as tf
+
+    class KerasMultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op: Any, value: Any, axis: int | None = None) -> Any:
+            if isinstance(value, tuple | list | dict):
+                return tf.nest.map_structure(lambda v: self.experimental_local_results(v)[0], value)
+            if axis is not None and self.experimental_local_results(value)[0].shape.rank == 0:
+                axis = None
+            return super().reduce(reduce_op, value, axis)
+
+    if not cluster.hosts:  # one worker: this machine alone
+        return KerasMultiWorker()
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": list(cluster.hosts)}),
+        task_type="worker",
+        task_id=cluster.index,
+        num_accelerators={"GPU": gpus} if gpus else None,
+        rpc_layer="grpc",
+    )
+    return KerasMultiWorker(cluster_resolver=resolver)

@@ -53,6 +53,33 @@ def usable_rows(manifest: pd.DataFrame, split: str, classes: Sequence[str]) -> p
     return rows
 
 
+def worker_rows(manifest: pd.DataFrame, index: int, workers: int) -> pd.DataFrame:
+    """Worker ``index`` of ``workers``'s part of ``manifest``: of each split's ``ok`` rows,
+    in manifest order, the ``index``-th of ``workers`` runs as equal as can be (their
+    sizes differ by one at most). The runs follow manifest order, so with shards each
+    worker reads its own shards (and at most one it shares with a neighbour).
+
+    One worker: ``manifest`` itself. A split with fewer rows than workers is an error.
+    """
+    import numpy as np
+
+    if workers == 1:
+        return manifest
+    ok = (manifest["status"] == "ok").to_numpy()
+    splits = manifest["split"].to_numpy()
+    keep = np.zeros(len(manifest), dtype=bool)
+    for split in dict.fromkeys(splits[ok]):
+        where = np.flatnonzero(ok & (splits == split))
+        n = len(where)
+        if n < workers:
+            raise StageError(
+                f"the {split!r} split has {n} usable image(s) for {workers} workers; "
+                "each worker needs one at least: lower train.workers or add images"
+            )
+        keep[where[index * n // workers : (index + 1) * n // workers]] = True
+    return manifest[keep]
+
+
 def row_labels(rows: pd.DataFrame, classes: Sequence[str]) -> list[int]:
     """The class index of each row's label."""
     index = {name: i for i, name in enumerate(classes)}

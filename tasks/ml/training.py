@@ -82,6 +82,23 @@ class TrainResult:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class WorkerResult:
+    """What a worker other than the chief did: trained its part of the phase."""
+
+    phase: str
+    dataset: str
+    worker: str
+    seconds: float
+
+    def __str__(self) -> str:
+        label = {"train": "phase 1 (frozen base)", "finetune": "phase 2 (fine-tuning)"}
+        return (
+            f"{self.dataset}: {label.get(self.phase, self.phase)} trained as {self.worker} in "
+            f"{self.seconds:.1f} s; worker 0 wrote the model, the reports and the MLflow run"
+        )
+
+
 def use_feature_cache(
     section: TrainConfig | FinetuneConfig,
     feature_bytes: int,
@@ -160,10 +177,19 @@ class PhaseCheckpoint:
     names what the phase trains (params, inputs); a checkpoint of another
     fingerprint is discarded rather than resumed. :meth:`remove` deletes it
     once the phase's model is saved.
+
+    With a ``scratch`` folder (a worker other than the chief, under ``multi_worker``)
+    it resumes from the chief's checkpoint in the shared ``directory``, as the chief
+    does, but never writes or removes it: it saves its weights into ``scratch``
+    when the chief saves, since saving takes part in the workers' collective ops.
     """
 
-    def __init__(self, directory: Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: Path, fingerprint: dict[str, Any], scratch: Path | None = None
+    ) -> None:
         self.directory = Path(directory)
+        self.scratch = scratch
+        self.writes = scratch is None
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         state = _read_json(self.directory / _STATE)
         if state is not None and state.get("fingerprint") != self.fingerprint:
@@ -203,6 +229,10 @@ class PhaseCheckpoint:
             def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
                 values = {k: float(v) for k, v in (logs or {}).items() if k in METRICS}
                 checkpoint.finished.append({"epoch": epoch, **values})
+                if checkpoint.scratch is not None:  # the chief's save, matched
+                    checkpoint.scratch.mkdir(parents=True, exist_ok=True)
+                    self.model.save_weights(checkpoint.scratch / _WEIGHTS, overwrite=True)
+                    return
                 super().on_epoch_end(epoch, logs)
                 best = stopping.best_weights
                 if best is not None and stopping.best_epoch == epoch:
@@ -244,10 +274,12 @@ class PhaseCheckpoint:
                 callback.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.writes:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 _STATE = "state.json"
+_WEIGHTS = "latest.weights.h5"
 _BEST = "best_weights.npz"
 
 

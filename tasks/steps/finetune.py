@@ -35,12 +35,12 @@ from tasks.phase import Phase
 if TYPE_CHECKING:
     import keras
 
-    from tasks.ml.training import TrainResult
+    from tasks.ml.training import TrainResult, WorkerResult
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
+def run(cfg: Config, paths: DatasetPaths) -> TrainResult | WorkerResult:
     """Phase 2: unfreeze the top blocks, train at a low rate; write the candidate record."""
     from tasks.ml.model import backbone_name, split_at, with_precision
     from tasks.ml.training import best_epoch, validation_scores
@@ -84,6 +84,8 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
             with phase.devices.scope():
                 finetuned_scores = validation_scores(scorer, data[1])
         phase.save(model, paths.finetuned_model, checkpoint)
+        if not phase.chief:  # across machines: worker 0 writes
+            return phase.followed()
         record = _write_candidate(paths, frozen_scores, finetuned_scores)
         _record_phase(paths, previous.to_dict("records") + logger.rows, record)
         final = finetuned_scores or frozen_scores

@@ -33,10 +33,10 @@ from tasks.phase import Phase
 if TYPE_CHECKING:
     import keras
 
-    from tasks.ml.training import TrainResult
+    from tasks.ml.training import TrainResult, WorkerResult
 
 
-def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
+def run(cfg: Config, paths: DatasetPaths) -> TrainResult | WorkerResult:
     """Phase 1: train the head on the frozen backbone; write ``frozen.keras``."""
     from tasks.ml.backbone_file import backbone_entry
     from tasks.ml.backbones import resolve_weights
@@ -73,6 +73,8 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult:
     with phase.tracked(params, tags, checkpoint, new_parent=True) as (run, logger, callbacks):
         phase.fit(model, data, callbacks, model.get_layer("head") if cached else None)
         phase.save(model, paths.frozen_model, checkpoint)
+        if not phase.chief:  # across machines: worker 0 writes
+            return phase.followed()
         best = _record_phase(model, paths, logger.rows, cached)
         phase.headline(
             best["val_accuracy"],

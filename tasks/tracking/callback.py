@@ -28,7 +28,8 @@ class EpochLogger(keras.callbacks.Callback):
     (``stream`` a TTY, standard output by default) a Keras progress bar runs through
     each epoch's batches first, and logs and pipes get the lines only. ``restored``:
     the epochs a killed attempt finished (``PhaseCheckpoint.finished``), logged
-    again to this attempt's run so its history is whole.
+    again to this attempt's run so its history is whole. ``track`` false (a worker other
+    than the chief, under ``multi_worker``): the lines only, nothing logged to MLflow.
 
     Our own callback, not ``mlflow.tensorflow.autolog`` (which needs TensorBoard
     and logs different names per setup).
@@ -41,9 +42,11 @@ class EpochLogger(keras.callbacks.Callback):
         images: int = 0,
         restored: list[dict[str, Any]] | None = None,
         stream: Any = None,
+        track: bool = True,
     ) -> None:
         super().__init__()
         self.phase, self.offset, self.images = phase, offset, images
+        self.track = track
         self.out = sys.stdout if stream is None else stream
         self.terminal = bool(getattr(self.out, "isatty", lambda: False)())
         self.rows: list[dict[str, Any]] = []
@@ -93,5 +96,6 @@ class EpochLogger(keras.callbacks.Callback):
         step = self.offset + epoch + 1
         values = {name: float(logs[name]) for name in METRICS if name in logs}
         self.rows.append({"phase": self.phase, "epoch": step, **values})
-        mlflow.log_metrics(values, step=step)
+        if self.track:
+            mlflow.log_metrics(values, step=step)
         return values

@@ -80,7 +80,21 @@ def test_mlflow_sees_the_same_param_names_on_every_device():
         "distribute": "mirrored",
         "replicas": 2,
         "devices": "GPU:0, GPU:0",
+        "workers": 1,
     }
+    across = resolve_policy("auto", "auto", "multi_worker", [H200, H200], workers=3)
+    assert across.params().keys() == cpu.params().keys()
+
+
+def test_multi_worker_replicas_are_every_workers_devices_and_scale_batch_and_rate():
+    gpus = resolve_policy("auto", "auto", "multi_worker", [A100] * 4, workers=2)
+    assert (gpus.replicas, gpus.devices, gpus.workers) == (8, ("GPU:0",) * 4, 2)
+    assert (gpus.global_batch(32), gpus.learning_rate(1e-5)) == (256, pytest.approx(8e-5))
+    cpu = resolve_policy("auto", "auto", "multi_worker", [], cpus=2, workers=3)
+    assert (cpu.replicas, cpu.devices, cpu.workers) == (3, ("CPU:0",), 3)  # one CPU replica each
+    assert str(cpu) == "float32, XLA off, multi_worker x3 on CPU:0 on each of 3 workers"
+    # the worker count means nothing to one machine's strategies
+    assert resolve_policy("auto", "auto", "mirrored", [A100] * 2, workers=3).replicas == 2
 
 
 def test_params_accept_yaml_booleans_and_refuse_unknown_values():
