@@ -18,7 +18,7 @@ from typing import Any
 
 from tasks.config import Config, load_config, load_stage_config
 from tasks.contract import PARAMS_ENV, PARENT_ENV, ROOT_ENV
-from tasks.errors import ConfigError, StageError
+from tasks.errors import ConfigError, StageError, WorkerLost
 from tasks.io import storage_error
 from tasks.paths import DatasetPaths
 from tasks.tf_logging import quiet_tensorflow_startup
@@ -359,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; previous outputs were left in place", file=sys.stderr)
         return 130
+    except WorkerLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:
         from tasks.tracking.store import access_error
 

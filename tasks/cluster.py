@@ -64,8 +64,9 @@ class Cluster:
         }
 
 
-def cluster_from_env(workers: int, environ: Mapping[str, str] | None = None) -> Cluster:
-    """The cluster this process belongs to, checked against ``train.workers``.
+def cluster_from_env(workers: int | None, environ: Mapping[str, str] | None = None) -> Cluster:
+    """The cluster this process belongs to, checked against ``train.workers`` (None: as
+    the environment says; none there is one worker).
 
     One worker needs no environment. Anything missing or inconsistent raises a
     one-line :class:`ConfigError` naming the variable and the fix.
@@ -75,7 +76,7 @@ def cluster_from_env(workers: int, environ: Mapping[str, str] | None = None) -> 
         cluster = _from_tf_config(env[TF_CONFIG_ENV])
     elif env.get(WORKER_HOSTS_ENV):
         cluster = _from_hosts(env)
-    elif workers == 1:
+    elif workers is None or workers == 1:
         return Cluster()
     else:
         raise ConfigError(
@@ -83,7 +84,7 @@ def cluster_from_env(workers: int, environ: Mapping[str, str] | None = None) -> 
             f"host:port,... and {WORKER_INDEX_ENV} (an Indexed Job sets {JOB_INDEX_ENV}), or "
             f"{TF_CONFIG_ENV}; or set train.workers to 1"
         )
-    if cluster.workers != workers:
+    if workers is not None and cluster.workers != workers:
         raise ConfigError(
             f"the launcher names {cluster.workers} worker(s) but train.workers={workers}; "
             "start one worker per train.workers, or set train.workers to match"

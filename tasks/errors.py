@@ -32,6 +32,12 @@ class StageFailed(StageError):
         self.retryable = retryable
 
 
+class WorkerLost(RuntimeError):
+    """Across machines, another worker stopped during the phase: TensorFlow's collective
+    ops failed. One line, but exit 1 rather than 2: starting the workers again resumes
+    the phase from the chief's checkpoint."""
+
+
 class SourceFailed(Exception):
     """One download source gave no good archive (the next source is tried).
 

@@ -27,10 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.cluster import cluster_from_env
 from tasks.errors import ConfigError, StageFailed
 from tasks.orchestration.project import Project
 from tasks.orchestration.records import read_workspace_record, stage_env, write_workspace_record
 from tasks.orchestration.stage_graph import read_stage_graph
+from tasks.orchestration.workers import chief_done, follow_stage
 from tasks.orchestration.workspace import default_remote
 
 log = logging.getLogger(__name__)
@@ -221,6 +223,8 @@ def stage_command(
     ``result_json`` writes the XCom value there (KubernetesPodOperator reads
     ``/airflow/xcom/return.json``); ``-`` prints it as the last line instead.
     ``lane`` (``<sweep>/<combination>``): the stage of that sweep lane's workspace.
+    Across machines (``TASKS_WORKER_HOSTS``), worker 0 runs ``dvc repro`` and the
+    others the stage's command (:mod:`tasks.orchestration.workers`).
     """
     project = Project.from_env()
     if lane is not None:
@@ -231,13 +235,31 @@ def stage_command(
                 "manual__2026-01-05/cats_vs_dogs--mobilenet_v2"
             )
         project = project.for_lane(sweep, key)
-    result = run_stage(project, dataset, stage)
-    payload = json.dumps(result.xcom(), sort_keys=True)
+    result = _stage_as_worker(project, dataset, stage)
+    payload = json.dumps(result if isinstance(result, dict) else result.xcom(), sort_keys=True)
     if result_json == "-":
         return payload
     if result_json:
         Path(result_json).parent.mkdir(parents=True, exist_ok=True)
         Path(result_json).write_text(payload)
+    return payload if isinstance(result, dict) else result
+
+
+def _stage_as_worker(project: Project, dataset: str, stage: str) -> StageResult | dict[str, Any]:
+    """The stage as this process's worker runs it: ``dvc repro`` on one machine and on the
+    chief; the stage's command on the other workers (``tasks.orchestration.workers``)."""
+    cluster = cluster_from_env(None)
+    if cluster.workers == 1:
+        return run_stage(project, dataset, stage)
+    ws = project.workspace(dataset)
+    if not cluster.chief:
+        return follow_stage(ws, dataset, stage, cluster)
+    ran = None
+    try:
+        result = run_stage(project, dataset, stage)
+        ran = result.ran
+    finally:
+        chief_done(ws, stage, cluster, ran)
     return result
 
 

@@ -49,13 +49,12 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult | WorkerResult:
     phase = Phase.start("finetune", cfg, paths)
     with phase.devices.scope():
         model = with_precision(_frozen_model(paths, len(phase.classes)), phase.policy.precision)
+        boundary = phase.boundary(model)
+        split = split_at(model, boundary)
     backbone = backbone_name(model, default=cfg.train.backbone)
     size = int(model.input_shape[1])
-    boundary = phase.boundary(model)
 
     # The layers below the boundary run once (phase 1 kept their activations) unless augmenting
-    with phase.devices.scope():
-        split = split_at(model, boundary)
     cached = split is not None and phase.use_cache(split.lower, layer=None)
     data = phase.boundary_data(split) if cached and split else phase.datasets(size)
     scorer = split.upper if cached and split else model  # the model as the data reaches it
@@ -83,8 +82,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult | WorkerResult:
             phase.fit(model, data, callbacks, scorer if cached else None)
             with phase.devices.scope():
                 finetuned_scores = validation_scores(scorer, data[1])
-        phase.save(model, paths.finetuned_model, checkpoint)
-        if not phase.chief:  # across machines: worker 0 writes
+        if not phase.save(model, paths.finetuned_model, checkpoint):  # not the chief
             return phase.followed()
         record = _write_candidate(paths, frozen_scores, finetuned_scores)
         _record_phase(paths, previous.to_dict("records") + logger.rows, record)

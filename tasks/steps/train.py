@@ -72,8 +72,7 @@ def run(cfg: Config, paths: DatasetPaths) -> TrainResult | WorkerResult:
     # Fit (resuming a killed attempt), save, record
     with phase.tracked(params, tags, checkpoint, new_parent=True) as (run, logger, callbacks):
         phase.fit(model, data, callbacks, model.get_layer("head") if cached else None)
-        phase.save(model, paths.frozen_model, checkpoint)
-        if not phase.chief:  # across machines: worker 0 writes
+        if not phase.save(model, paths.frozen_model, checkpoint):  # not the chief
             return phase.followed()
         best = _record_phase(model, paths, logger.rows, cached)
         phase.headline(

@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -125,7 +128,7 @@ def test_mirrored_training_matches_one_device(setup, single):
 # ------------------------------------------------------------------ across machines
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for sock in sockets:
         sock.bind(("127.0.0.1", 0))
@@ -137,7 +140,7 @@ def _free_ports(n: int) -> list[int]:
 
 def _start_pair(setup, root: Path, stage: str, logs: Path, *args: str) -> list[subprocess.Popen]:
     """Both workers of ``stage``, each logging to ``logs/<stage>-<i>.log``."""
-    hosts = ",".join(f"127.0.0.1:{port}" for port in _free_ports(2))
+    hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for index in (0, 1):
@@ -174,8 +177,6 @@ def _wait(procs: list[subprocess.Popen], logs: Path, stage: str, timeout: float 
 
 
 def _ok_rows(paths, split: str) -> int:
-    import pandas as pd
-
     manifest = pd.read_parquet(paths.manifest)
     return int(((manifest["split"] == split) & (manifest["status"] == "ok")).sum())
 
@@ -213,3 +214,65 @@ def test_two_workers_train_both_phases_like_one_process(setup, single):
     print(f"val accuracy: one process {single['finetune']['val_accuracy']:.4f}, two workers "
           f"{results['finetune']['val_accuracy']:.4f}")  # fmt: skip
     _assert_close(single, results)
+
+
+def _finished(state: Path) -> int:
+    """Epochs the chief's checkpoint has committed."""
+    try:
+        return len(json.loads(state.read_text())["finished"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+RESUMED = re.compile(r"phase 1 resumes after epoch (\d+)")
+
+
+def test_a_pair_that_lost_a_worker_resumes_from_the_chiefs_checkpoint(setup):
+    from mlflow.tracking import MlflowClient
+
+    paths = make_workspace(setup.tmp / "killed", {"train": 24, "validation": 12})
+    logs = setup.tmp / "killed-logs"
+    epochs = 6  # end to end on the images (no feature cache): epochs long enough to hit one
+    args = ["--set", "train.feature_cache=off", "--set", f"train.epochs={epochs}",
+            "--set", f"train.early_stopping_patience={epochs}"]  # fmt: skip
+    state = paths.checkpoint("train") / "state.json"
+
+    first = _start_pair(setup, paths.root, "train", logs, *args)
+    deadline = time.monotonic() + 300
+    while _finished(state) < 2:
+        assert all(proc.poll() is None for proc in first), (logs / "train-0.log").read_text()[
+            -2000:
+        ]
+        assert time.monotonic() < deadline, "the pair committed no second epoch in 300 s"
+        time.sleep(0.05)
+    os.killpg(first[1].pid, signal.SIGKILL)  # worker 1, mid-epoch 3 (or later)
+    killed = time.monotonic()
+    try:  # TensorFlow's health check fails the chief's collective ops when a peer is gone
+        first[0].wait(timeout=180)
+        detected = f"the chief exited {first[0].returncode} after {time.monotonic() - killed:.1f} s"
+    except subprocess.TimeoutExpired:
+        os.killpg(first[0].pid, signal.SIGKILL)
+        first[0].wait()
+        detected = "the chief was still waiting after 180 s and was killed"
+    print(f"worker 1 killed after {_finished(state)} committed epochs; {detected}")
+    assert first[0].returncode != 0
+
+    # the pair starts again, as the Indexed Job replaces its failed pods
+    _wait(_start_pair(setup, paths.root, "train", logs, *args), logs, "train")
+    chief, follower = ((logs / f"train-{i}.log").read_text() for i in (0, 1))
+    (after,) = [int(n) for n in RESUMED.findall(chief)]
+    assert 2 <= after < epochs
+    assert f"phase 1 resumes after epoch {after} on worker-1-of-2" in follower
+    history = pd.read_csv(paths.phase_history("train"))
+    assert list(history["epoch"]) == list(range(1, epochs + 1))  # each epoch once
+    assert not paths.checkpoint("train").exists()  # done with once the model is saved
+    client = MlflowClient(setup.store)
+    experiment = client.get_experiment_by_name(DATASET)
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.phase = 'train' and params.feature_cache = 'False'"
+    )
+    resumed = [run for run in runs if run.data.tags.get("resumed_after_epoch") == str(after)]
+    assert len(resumed) == 1 and resumed[0].info.status == "FINISHED"
+    candidate = json.loads(paths.candidate.read_text()) if paths.candidate.exists() else None
+    assert candidate is None  # phase 1 only: the fine-tune never ran here
+    assert paths.frozen_model.is_file()

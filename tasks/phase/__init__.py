@@ -2,7 +2,7 @@
 
 Each stage says what is special about its phase: the model it starts from, which
 layers train, what it records afterwards. :class:`Phase` does the rest the same
-way for both:
+way for both (the data it trains on comes from :mod:`tasks.phase.inputs`):
 
 - the device policy (precision, XLA, MirroredStrategy, or MultiWorkerMirroredStrategy
   across machines: ``tasks.cluster``) and the seed;
@@ -23,34 +23,35 @@ run, and the others stop there (:meth:`Phase.followed`).
 
 from __future__ import annotations
 
-import math
+import logging
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.artifacts import image_root, read_manifest, save_model
+from tasks.artifacts import read_manifest, save_model
 from tasks.cluster import Cluster, cluster_from_env
 from tasks.config import Config, FinetuneConfig, TrainConfig
+from tasks.errors import WorkerLost
 from tasks.io import file_md5
 from tasks.paths import DatasetPaths
+from tasks.phase.inputs import PhaseInputs
 
 if TYPE_CHECKING:
     import keras
     import mlflow
 
-    from tasks.ml.arrays import ArrayStore, Budget
+    from tasks.ml.arrays import ArrayStore
     from tasks.ml.devices import DevicePolicy
-    from tasks.ml.model import Split
     from tasks.ml.training import PhaseCheckpoint, TrainResult, WorkerResult
     from tasks.tracking.callback import EpochLogger
 
+log = logging.getLogger(__name__)
+
 LABELS = {"train": "phase 1", "finetune": "phase 2"}
-SPLITS = ("train", "validation")
 HEADLINE_PREFIX = {"train": "frozen", "finetune": "finetuned"}
 CACHED_STEPS_PER_EXECUTION = 16
 """Batches per call into the compiled step on cached activations: the same updates, with
@@ -58,7 +59,7 @@ half the wall time of a head's epoch on the CPU (where Python's per-batch cost d
 
 
 @dataclass
-class Phase:
+class Phase(PhaseInputs):
     """One training phase as a stage runs it: settings, data, device policy, timing."""
 
     name: str
@@ -105,19 +106,6 @@ class Phase:
         """Whether several workers train this phase together."""
         return self.cluster.workers > 1
 
-    @cached_property
-    def part(self) -> Any:
-        """The manifest rows this worker reads: all of them on one machine; across
-        machines, its own run of each split (``tasks.ml.inputs.worker_rows``)."""
-        from tasks.ml.inputs import worker_rows
-
-        return worker_rows(self.manifest, self.cluster.index, self.cluster.workers)
-
-    @cached_property
-    def root(self) -> Path:
-        """Where the manifest's images are: the extracted files, or the shards."""
-        return image_root(self.paths, self.manifest)
-
     @property
     def classes(self) -> list[str]:
         return self.cfg.dataset(self.paths.dataset).classes
@@ -133,12 +121,6 @@ class Phase:
         return self.policy.global_batch(self.cfg.train.batch_size)
 
     @property
-    def input_batch(self) -> int:
-        """Images per batch the input pipeline makes: the global batch, or across machines
-        one replica's (each worker's pipeline feeds its own replicas)."""
-        return self.cfg.train.batch_size if self.across else self.batch
-
-    @property
     def rate(self) -> float:
         """The phase's learning rate, scaled with the number of replicas."""
         return self.policy.learning_rate(self.settings.learning_rate)
@@ -146,148 +128,6 @@ class Phase:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
-
-    def use_cache(self, below: keras.Model, layer: str | None = "backbone") -> bool:
-        """Whether the layers that do not train (``below``) run once over the images."""
-        from tasks.ml.arrays import free_bytes
-        from tasks.ml.training import feature_bytes, use_feature_cache
-
-        images = self.images(*SPLITS)
-        needed = feature_bytes(below, images, layer=layer)
-        free = free_bytes(self.paths.array_cache(""))
-        return use_feature_cache(self.settings, needed, self.name, free)
-
-    @cached_property
-    def budget(self) -> Budget:
-        """The RAM this phase's per-image caches may hold (``train.cache_budget_mb``)."""
-        from tasks.ml.arrays import Budget, budget_bytes
-
-        return Budget(budget_bytes(self.cfg.train.cache_budget_mb))
-
-    def datasets(self, size: int) -> tuple[Any, Any]:
-        """Training and validation images, decoded once (held within the budget, else read
-        from disk), training batches shuffled and augmented if the phase augments."""
-        from tasks.ml.inputs import training_batches
-
-        stores = [self._image_store(split, size) for split in SPLITS]
-        train, val = (self._hold(store) for store in stores)
-        augment = self.cfg.augmentation if self.settings.augment else None
-        seed = self.cfg.train.seed
-        return (
-            self._distributed(training_batches(self._batches(train, True), augment, seed), "train"),
-            self._distributed(training_batches(self._batches(val, False), None, 0), "validation"),
-        )
-
-    def feature_data(self, model: keras.Model, boundary: str | None) -> tuple[Any, Any]:
-        """Phase 1's backbone features of the training and validation images, computed once.
-
-        With ``boundary`` (phase 2 will train on cached activations), the images pass
-        the layers below it and then the rest of the backbone: the activations at the
-        boundary are kept for phase 2, so the lower backbone runs once for both phases.
-        """
-        from tasks.ml.model import feature_extractor, split_at
-
-        with self.devices.scope():
-            split = split_at(model, boundary) if boundary else None
-            extractor = feature_extractor(model)
-        stores = []
-        for name in SPLITS:
-            features = self._key(name, "features", extractor)
-            chain = [(extractor, self._cache_dir(f"features/{name}"), features)]
-            if split is not None:
-                below = self._key(name, "boundary", split.lower)
-                chain[:1] = [
-                    (split.lower, self._cache_dir(f"boundary/{name}"), below),
-                    (split.above, chain[0][1], features),
-                ]
-            stores.append(self._stores(name, model.input_shape[1], chain)[-1])
-        return self._store_data(stores)
-
-    def boundary_data(self, split: Split) -> tuple[Any, Any]:
-        """Phase 2's activations at the boundary (phase 1's, when it kept them for us)."""
-        stores = []
-        for name in SPLITS:
-            directory = self._cache_dir(f"boundary/{name}")
-            chain = [(split.lower, directory, self._key(name, "boundary", split.lower))]
-            stores.append(self._stores(name, split.lower.input_shape[1], chain)[-1])
-        return self._store_data(stores)
-
-    def _cache_dir(self, name: str) -> Path:
-        """Where this worker keeps a cache: across machines each worker has its own."""
-        return self.paths.array_cache(f"{self.cluster.part}/{name}" if self.across else name)
-
-    def _key(self, split: str, what: str, model: keras.Model) -> dict[str, Any]:
-        """What a cache of ``model``'s outputs for ``split`` depends on."""
-        from tasks.ml.training import weights_digest
-
-        return {
-            "what": what, "split": split, "manifest": file_md5(self.paths.manifest),
-            "input": list(model.input_shape[1:]), "weights": weights_digest(model),
-            "precision": self.policy.precision,
-        }  # fmt: skip
-
-    def _stores(self, split: str, size: int, chain: list[Any]) -> list[ArrayStore]:
-        """The chain's stores, read back if made from the same inputs, else computed in one
-        pass over the split's images; the last one is this phase's to remove."""
-        from tasks.ml.arrays import ArrayStore
-        from tasks.ml.inputs import decoded_batches, training_batches
-        from tasks.ml.training import extract_stores
-
-        found = [ArrayStore.open(directory, key) for _, directory, key in chain]
-        if found[-1] is None:
-            images = decoded_batches(
-                self.part, self.root, split, self.classes, size, self.input_batch
-            )
-            with self.devices.scope():
-                found = list(extract_stores(training_batches(images, None, 0), chain))
-        self._temporary.append(found[-1])
-        return [store for store in found if store is not None]
-
-    def _image_store(self, split: str, size: int) -> ArrayStore:
-        """The split's images decoded once, as uint8 at ``size`` px."""
-        from tasks.ml.arrays import ArrayStore
-        from tasks.ml.inputs import decoded_batches
-
-        directory = self._cache_dir(f"images/{split}")
-        key = {"what": "images", "split": split, "size": size,
-               "manifest": file_md5(self.paths.manifest)}  # fmt: skip
-        store = ArrayStore.open(directory, key)
-        if store is None:
-            batches = decoded_batches(
-                self.part, self.root, split, self.classes, size, self.input_batch
-            )
-            store = ArrayStore.write(directory, ((x.numpy(), y.numpy()) for x, y in batches), key)
-        self._temporary.append(store)
-        return store
-
-    def _hold(self, store: ArrayStore) -> ArrayStore:
-        store.hold(self.budget)
-        return store
-
-    def _batches(self, store: ArrayStore, shuffle: bool) -> Any:
-        return store.dataset(self.input_batch, shuffle=shuffle, seed=self.cfg.train.seed)
-
-    def _store_data(self, stores: list[ArrayStore]) -> tuple[Any, Any]:
-        """Shuffled training batches and ordered validation batches of two stores."""
-        train, val = (self._hold(store) for store in stores)
-        return (
-            self._distributed(self._batches(train, True), "train"),
-            self._distributed(self._batches(val, False), "validation"),
-        )
-
-    def _distributed(self, batches: Any, split: str) -> Any:
-        """Across machines, this worker's batches as the strategy's input, the same number
-        of steps on every worker: TensorFlow's collective ops need each to take part in
-        every step, so a worker whose part is a batch short starts it over for that batch
-        (at most a batch per worker and split counts twice in an epoch). On one machine,
-        ``batches`` as they are (Keras distributes them)."""
-        if not self.across:
-            return batches
-        local = len(self.policy.devices)
-        most = math.ceil(self.images(split) / self.cluster.workers)
-        steps = math.ceil(math.ceil(most / self.input_batch) / local)
-        even = batches.repeat().take(steps * local)
-        return self.devices.distribute_datasets_from_function(lambda _: even)
 
     def epochs(self, cached: bool) -> int:
         """The phase's epochs. Phase 1's head on cached features (an epoch costs next to
@@ -380,6 +220,12 @@ class Phase:
 
         patience = self.settings.early_stopping_patience
         if not self.chief:
+            if checkpoint.resumed_epochs:
+                log.info(
+                    "%s resumes after epoch %d on %s (the chief's checkpoint in %s)",
+                    LABELS[self.name], checkpoint.resumed_epochs, self.cluster.part,
+                    checkpoint.directory,
+                )  # fmt: skip
             logger = EpochLogger(
                 self.name, offset=offset, images=self.images("train"), track=False,
                 restored=checkpoint.finished,
@@ -405,6 +251,8 @@ class Phase:
         """Fit the compiled ``model`` on ``data``; or, with ``trainee`` (the part of it that
         trains: the head, or the layers above the boundary), fit that part on ``data``'s
         cached activations with the phase's optimizer."""
+        import tensorflow as tf
+
         from tasks.ml.model import compile_model, n_outputs
 
         s = self.settings
@@ -415,11 +263,27 @@ class Phase:
                     self.policy.jit_compile, s.momentum, self.steps_per_execution,
                 )  # fmt: skip
                 model = trainee
-            model.fit(
-                data[0], validation_data=data[1], epochs=self.epochs(trainee is not None),
-                callbacks=callbacks,
-                verbose=0, shuffle=False,
-            )  # fmt: skip
+            try:
+                model.fit(
+                    data[0], validation_data=data[1], epochs=self.epochs(trainee is not None),
+                    callbacks=callbacks,
+                    verbose=0, shuffle=False,
+                )  # fmt: skip
+            except (tf.errors.UnavailableError, tf.errors.InternalError) as error:
+                if not self.across:
+                    raise
+                raise WorkerLost(self._lost(error)) from None
+
+    def _lost(self, error: Exception) -> str:
+        """One line: which worker saw which peer stop, and how the phase goes on."""
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        said = next((line for line in lines if "unhealthy" in line or "aborted" in line), "")
+        said = said.split("aborted by: ")[-1].rstrip(":")
+        return (
+            f"{LABELS[self.name]} on {self.cluster.part}: another worker stopped during the fit "
+            f"({said or type(error).__name__}); start all {self.cluster.workers} workers again "
+            "and the phase resumes from the chief's last checkpoint"
+        )
 
     @property
     def steps_per_execution(self) -> int:
@@ -427,8 +291,9 @@ class Phase:
         replicas (Keras 3's multi-step loop under MirroredStrategy fails to build)."""
         return CACHED_STEPS_PER_EXECUTION if self.policy.replicas == 1 else 1
 
-    def save(self, model: keras.Model, path: Path, checkpoint: PhaseCheckpoint) -> None:
+    def save(self, model: keras.Model, path: Path, checkpoint: PhaseCheckpoint) -> bool:
         """Save the model in float32 (any policy); the checkpoint is then done with.
+        Returns whether this process goes on to write the phase's records (the chief).
 
         A worker other than the chief saves too (saving takes part in the workers'
         collective ops), into its scratch folder, which :meth:`followed` removes."""
@@ -440,6 +305,7 @@ class Phase:
         checkpoint.remove()
         for store in self._temporary:
             store.remove()
+        return self.chief
 
     def followed(self) -> WorkerResult:
         """A worker other than the chief, once the model is saved: its caches and scratch
