@@ -32,6 +32,7 @@ from tasks.orchestration.dag_tasks import (
     START,
     TAG,
     fails_fast,
+    indexed_workers,
     model_asset,
     retry_args,
     stage_operator,
@@ -45,7 +46,7 @@ xcom_task = partial(task, multiple_outputs=False)
 def stage_task(project: Project, cfg: Config, dataset: str, stage: str, backend: Backend) -> Any:
     """The task running one DVC stage: on the worker, or as a pod/container."""
     args = task_args(cfg, backend, stage)
-    operator = stage_operator(project, dataset, stage, backend, **args)
+    operator = stage_operator(project, cfg, dataset, stage, backend, **args)
     if operator is not None:
         return operator
 
@@ -106,6 +107,7 @@ def build_dataset_dag(
     backend = backend or Backend.from_env()
     cfg.dataset(dataset)
     graph = project.stage_graph(dataset)
+    jobs = max(indexed_workers(cfg, backend, stage) for stage in graph.names)
     with DAG(
         dag_id=f"{DAG_PREFIX}{dataset}",
         description=f"Transfer learning on {dataset}: download, validate, train, register",
@@ -114,7 +116,7 @@ def build_dataset_dag(
         catchup=False,
         max_active_runs=1,
         tags=[TAG, dataset],
-        doc_md=dataset_doc(project, dataset, graph.names, backend),
+        doc_md=dataset_doc(project, dataset, graph.names, backend, jobs),
         default_args={"owner": cfg.schedule.owner, **retry_args(cfg, "default")},
     ) as dag:
 

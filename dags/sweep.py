@@ -26,6 +26,7 @@ from tasks.orchestration.dag_tasks import (
     START,
     TAG,
     fails_fast,
+    indexed_workers,
     retry_args,
     stage_operator,
     task_args,
@@ -41,7 +42,7 @@ def lane_stage_task(
 ) -> Any:
     """A combination's stage: a task mapped over the plan, or a pod/container per lane."""
     args = task_args(cfg, backend, stage)
-    operator = stage_operator(project, "sweep", stage, backend, lane=True, **args)
+    operator = stage_operator(project, cfg, "sweep", stage, backend, lane=True, **args)
     if operator is not None:
         return operator
 
@@ -109,6 +110,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
     combination (a mapped task group), then a comparison, then the gate for the best."""
     backend = backend or Backend.from_env()
     stages = [s for s in project.stage_graph(next(iter(cfg.datasets))).names if s != "register"]
+    jobs = max(indexed_workers(cfg, backend, stage) for stage in stages)
     with DAG(
         dag_id=SWEEP_DAG_ID,
         description="Compare backbones (and learning rates) on datasets: one pipeline each",
@@ -117,7 +119,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
         catchup=False,
         max_active_runs=1,  # one sweep at a time; its combinations run in parallel
         tags=[TAG, "sweep"],
-        doc_md=sweep_doc(project, GROUP, stages, backend),
+        doc_md=sweep_doc(project, GROUP, stages, backend, jobs),
         default_args={"owner": cfg.schedule.owner, **retry_args(cfg, "default")},
     ) as dag:
 

@@ -4,8 +4,10 @@
 (``TASKS_GPU_BACKEND`` = ``local`` | ``kubernetes`` | ``docker``, and the knobs
 below); :func:`kubernetes_stage` and :func:`docker_stage` build the operator
 that runs ``python -m tasks dvc-stage <stage> <dataset>`` in the trainer image
-with the GPUs requested. The kubernetes and docker providers are imported only
-when their backend is chosen.
+with the GPUs requested. Under ``train.distribute: multi_worker`` with several
+``train.workers``, train and finetune are a Kubernetes Indexed Job instead, one pod
+per worker (:mod:`tasks.orchestration.k8s_job`). The kubernetes and docker providers
+are imported only when their backend is chosen.
 
 The container must see the project (``TASKS_PROJECT``) and the run state
 (``TASKS_STATE_DIR``: the workspaces, the DVC cache, the embedded MLflow store)
@@ -55,6 +57,9 @@ class Backend:
     docker_url: str = "unix://var/run/docker.sock"
     mlflow_secret: str | None = None
     """The Kubernetes Secret holding the pods' MLflow login (``MLFLOW_TRACKING_*`` keys)."""
+    worker_restarts: int = 3
+    """How often each worker of a multi-worker Job may fail and be replaced (its
+    ``backoffLimitPerIndex``); a worker evicted or on a lost node does not count."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Backend:
@@ -76,18 +81,11 @@ class Backend:
             namespace=env.get("TASKS_K8S_NAMESPACE", cls.namespace),
             pvc=env.get("TASKS_K8S_PVC", cls.pvc),
             state_pvc=env.get("TASKS_K8S_STATE_PVC") or None,
-            node_selector=_json_env(
-                env, "TASKS_K8S_NODE_SELECTOR", {"nvidia.com/gpu.present": "true"}
-            ),
-            tolerations=tuple(
-                _json_env(
-                    env,
-                    "TASKS_K8S_TOLERATIONS",
-                    [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                )
-            ),
+            node_selector=_node_selector(env),
+            tolerations=_tolerations(env),
             docker_url=env.get("TASKS_DOCKER_URL", cls.docker_url),
             mlflow_secret=env.get("TASKS_K8S_MLFLOW_LOGIN") or None,
+            worker_restarts=_count_env(env, "TASKS_K8S_WORKER_RESTARTS", cls.worker_restarts),
         )
 
 
@@ -99,6 +97,61 @@ def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         raise ConfigError(f"{name}: is not valid JSON (got {text!r})") from None
+
+
+def _node_selector(env: Mapping[str, str]) -> dict[str, str]:
+    """``TASKS_K8S_NODE_SELECTOR``: node labels, values as strings (``"true"``, ``"8"``)."""
+    name = "TASKS_K8S_NODE_SELECTOR"
+    value = _json_env(env, name, {"nvidia.com/gpu.present": "true"})
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(
+            f"{name}: must be a JSON object of label: string, e.g. "
+            f'{{"nvidia.com/gpu.present": "true"}} (got {json.dumps(value)})'
+        )
+    return value
+
+
+TOLERATION_FIELDS = {"key": str, "operator": str, "value": str, "effect": str}
+TOLERATION_FIELDS |= {"tolerationSeconds": int}
+"""A toleration as Kubernetes writes it, and each field's JSON type."""
+
+
+def _tolerations(env: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
+    """``TASKS_K8S_TOLERATIONS``: a JSON list of tolerations in Kubernetes' spelling."""
+    name = "TASKS_K8S_TOLERATIONS"
+    default = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    items = _json_env(env, name, default)
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ConfigError(f"{name}: must be a JSON list of tolerations (got {json.dumps(items)})")
+    for item in items:
+        for field, value in item.items():
+            kind = TOLERATION_FIELDS.get(field)
+            if kind is None:
+                raise ConfigError(
+                    f"{name}: unknown field {field!r}; a toleration has "
+                    f"{', '.join(TOLERATION_FIELDS)}"
+                )
+            if not isinstance(value, kind) or isinstance(value, bool):
+                word = "a whole number" if kind is int else "a string"
+                raise ConfigError(f"{name}: {field} must be {word} (got {json.dumps(value)})")
+    return tuple(items)
+
+
+def toleration(item: Mapping[str, Any]) -> Any:
+    """A toleration of :data:`TOLERATION_FIELDS` as the client's model."""
+    from kubernetes.client import models as k8s
+
+    fields = {json_name: attr for attr, json_name in k8s.V1Toleration.attribute_map.items()}
+    return k8s.V1Toleration(**{fields[field]: value for field, value in item.items()})
+
+
+def _count_env(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise ConfigError(f"{name}: must be a whole number of 0 or more (got {text!r})")
+    return int(text)
 
 
 def pod_env(project: Project) -> dict[str, str]:
@@ -181,6 +234,41 @@ def stage_argv(stage: str, dataset: str, lane: SweepLane | None) -> list[str]:
     return [*argv, "--lane", lane.lane] if lane else argv
 
 
+def pod_args(
+    project: Project, dataset: str, stage: str, backend: Backend, lane: SweepLane | None
+) -> dict[str, Any]:
+    """What every trainer pod of a stage shares, one pod or an Indexed Job's: the image,
+    the stage command, the environment and MLflow login Secret, the GPUs, the placement,
+    the volumes and the labels."""
+    from kubernetes.client import models as k8s
+
+    gpus = str(backend.gpus_per_task)
+    volumes, volume_mounts = _pod_volumes(project, backend)
+    labels = {"app": "transfer-learning", "stage": stage}
+    labels |= {"sweep": "true"} if lane else {"dataset": dataset}
+    secret = backend.mlflow_secret
+    return {
+        "name": f"{dataset}-{stage}".replace("_", "-"),
+        "namespace": backend.namespace,
+        "image": backend.image,
+        "cmds": stage_argv(stage, dataset, lane),
+        "env_vars": pod_env(project),
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))]
+        if secret
+        else None,
+        "container_resources": k8s.V1ResourceRequirements(
+            limits={"nvidia.com/gpu": gpus}, requests={"nvidia.com/gpu": gpus}
+        ),
+        "node_selector": dict(backend.node_selector or {}),
+        "tolerations": [toleration(item) for item in backend.tolerations],
+        "volumes": volumes,
+        "volume_mounts": volume_mounts,
+        "labels": labels,
+        "get_logs": True,
+        "on_finish_action": "delete_pod",
+    }
+
+
 def kubernetes_stage(
     project: Project,
     dataset: str,
@@ -191,34 +279,12 @@ def kubernetes_stage(
 ) -> Any:
     """One GPU stage as a pod; ``lane``: of a sweep lane (``dataset`` then names the pods)."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from kubernetes.client import models as k8s
 
-    gpus = str(backend.gpus_per_task)
-    volumes, volume_mounts = _pod_volumes(project, backend)
-    labels = {"app": "transfer-learning", "stage": stage}
-    labels |= {"sweep": "true"} if lane else {"dataset": dataset}
     return KubernetesPodOperator(
         task_id=stage,
-        name=f"{dataset}-{stage}".replace("_", "-"),
-        namespace=backend.namespace,
-        image=backend.image,
-        cmds=stage_argv(stage, dataset, lane),
         arguments=["--result-json", "/airflow/xcom/return.json"],
-        env_vars=pod_env(project),
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=backend.mlflow_secret))]
-        if backend.mlflow_secret
-        else None,
-        container_resources=k8s.V1ResourceRequirements(
-            limits={"nvidia.com/gpu": gpus}, requests={"nvidia.com/gpu": gpus}
-        ),
-        node_selector=dict(backend.node_selector or {}),
-        tolerations=[k8s.V1Toleration(**item) for item in backend.tolerations],
-        volumes=volumes,
-        volume_mounts=volume_mounts,
-        labels=labels,
         do_xcom_push=True,
-        get_logs=True,
-        on_finish_action="delete_pod",
+        **pod_args(project, dataset, stage, backend, lane),
         **task_args,
     )
 

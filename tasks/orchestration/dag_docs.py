@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tasks.orchestration.backends import Backend
+from tasks.orchestration.k8s_job import MULTI_WORKER_STAGES
 from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, Project
 from tasks.orchestration.runconf import CONF_KEYS
 
@@ -11,7 +12,21 @@ def _chain(stages: list[str]) -> str:
     return " → ".join(f"`{s}`" for s in stages)
 
 
-def dataset_doc(project: Project, dataset: str, stages: list[str], backend: Backend) -> str:
+def _workers_note(backend: Backend, workers: int) -> str:
+    """What a multi-worker stage runs as (nothing when every stage is one pod or process)."""
+    if workers <= 1:
+        return ""
+    names = ", ".join(sorted(MULTI_WORKER_STAGES & backend.gpu_stages))
+    return (
+        f"\nUnder `train.distribute: multi_worker`, {names} run as a Kubernetes Indexed Job of "
+        f"{workers} worker pods (worker 0 the chief) that find each other through a headless "
+        f"Service; such a task takes {workers} slots of pool `{backend.pool}`."
+    )
+
+
+def dataset_doc(
+    project: Project, dataset: str, stages: list[str], backend: Backend, workers: int = 1
+) -> str:
     conf_keys = "\n".join(f"| `{key}` | `{dotted}` |" for key, dotted in CONF_KEYS.items())
     ws = project.workspace(dataset)
     paths = project.dataset_paths(dataset)
@@ -29,7 +44,7 @@ and MLflow store. `record` saves the run as the DVC experiment
 `{DAG_PREFIX}{dataset}.model` asset, which triggers `{SUMMARY_DAG_ID}`. `finish`
 ends the run's MLflow parent run with the outcome.
 GPU stages ({", ".join(sorted(backend.gpu_stages))}) run on the `{backend.kind}`
-backend in pool `{backend.pool}`.
+backend in pool `{backend.pool}`.{_workers_note(backend, workers)}
 
 **Per-run overrides** (trigger with conf), validated like params.yaml; the
 checked-in params.yaml is not modified and MLflow records them (`overrides` tag):
@@ -56,7 +71,10 @@ Triggered by any dataset DAG's model asset. Writes
 """
 
 
-def sweep_doc(project: Project, group: str, stages: list[str], backend: Backend) -> str:
+def sweep_doc(
+    project: Project, group: str, stages: list[str], backend: Backend, workers: int = 1
+) -> str:
+    note = _workers_note(backend, workers)
     return f"""\
 ### Transfer learning: sweep
 
@@ -72,7 +90,7 @@ run of its dataset's DAG (DVC experiment, MLflow parent run tagged `sweep.id`). 
 stages ({", ".join(sorted(backend.gpu_stages))}) take a slot of pool `{backend.pool}`
 (and the GPU queue under Celery), so combinations spread over the GPU workers; they run
 on the `{backend.kind}` backend (kubernetes, docker: a pod or container per lane and stage,
-`python -m tasks dvc-stage <stage> <dataset> --lane <sweep>/<combination>`).
+`python -m tasks dvc-stage <stage> <dataset> --lane <sweep>/<combination>`).{note}
 `compare` writes `{project.reports / "sweep"}/<sweep>/` (comparison.md/.csv and a
 test accuracy × training seconds plot with the Pareto front, also on an MLflow run in
 experiment `sweeps`); `gate` runs `register` (the registry gate) for the best

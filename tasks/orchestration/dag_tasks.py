@@ -6,12 +6,14 @@ way, so each DAG file is a list of ``@task`` functions:
 - :func:`retry_args`: deterministic stages never retry; network, tracking and
   training stages back off exponentially (``schedule.retries``);
 - :func:`placement`: a GPU stage takes a slot of the GPU pool (and the Celery GPU
-  queue on the local backend), which is what spreads them over GPU workers;
+  queue on the local backend), which is what spreads them over GPU workers; a
+  multi-worker stage takes one slot per worker pod;
 - :func:`fails_fast`: our errors become Airflow's decision: a user-fixable error
   fails the task at once with its one line, a failure a retry could help is raised
   for Airflow to retry;
 - :func:`stage_operator`: a GPU stage as a pod or container on the kubernetes and
-  docker backends.
+  docker backends, or as an Indexed Job of ``train.workers`` pods
+  (``train.distribute: multi_worker`` on kubernetes: :mod:`.k8s_job`).
 
 Airflow is imported inside the functions: the CLI imports orchestration without it.
 """
@@ -28,6 +30,7 @@ from tasks.config import Config
 from tasks.errors import ConfigError, StageFailed
 from tasks.orchestration.backends import Backend, SweepLane, docker_stage, kubernetes_stage
 from tasks.orchestration.dvc import NO_RETRY_STAGES, should_retry
+from tasks.orchestration.k8s_job import indexed_workers, kubernetes_job_stage
 from tasks.orchestration.project import Project
 
 TAG = "transfer-learning"
@@ -57,11 +60,12 @@ def retry_args(cfg: Config, stage: str) -> dict[str, Any]:
     }
 
 
-def placement(backend: Backend, stage: str) -> dict[str, Any]:
-    """A GPU stage's pool slot (and Celery queue on the local backend); nothing otherwise."""
+def placement(backend: Backend, stage: str, pods: int = 1) -> dict[str, Any]:
+    """A GPU stage's pool slots, one per pod (and the Celery queue on the local backend);
+    nothing otherwise."""
     if stage not in backend.gpu_stages:
         return {}
-    args: dict[str, Any] = {"pool": backend.pool, "pool_slots": 1}
+    args: dict[str, Any] = {"pool": backend.pool, "pool_slots": pods}
     if backend.queue and backend.kind == "local":
         args["queue"] = backend.queue
     return args
@@ -69,7 +73,7 @@ def placement(backend: Backend, stage: str) -> dict[str, Any]:
 
 def task_args(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
     """Retries and placement of the task running ``stage``."""
-    return retry_args(cfg, stage) | placement(backend, stage)
+    return retry_args(cfg, stage) | placement(backend, stage, indexed_workers(cfg, backend, stage))
 
 
 def fails_fast(stage: str | None = None, *, also: tuple[type[Exception], ...] = ()) -> Callable:
@@ -99,13 +103,24 @@ def fails_fast(stage: str | None = None, *, also: tuple[type[Exception], ...] = 
 
 
 def stage_operator(
-    project: Project, dataset: str, stage: str, backend: Backend, *, lane: bool = False, **args: Any
+    project: Project,
+    cfg: Config,
+    dataset: str,
+    stage: str,
+    backend: Backend,
+    *,
+    lane: bool = False,
+    **args: Any,
 ) -> Any | None:
-    """The pod or container running ``stage`` on the kubernetes or docker backend; None
-    when the stage runs on the worker. ``lane``: a sweep lane's stage, whose dataset and
-    workspace are rendered from the ``plan`` task's combination (``dataset`` names pods)."""
+    """The pod, Indexed Job or container running ``stage`` on the kubernetes or docker
+    backend; None when the stage runs on the worker. ``lane``: a sweep lane's stage, whose
+    dataset and workspace are rendered from the ``plan`` task's combination (``dataset``
+    names the pods)."""
     if stage not in backend.gpu_stages or backend.kind == "local":
         return None
-    make = kubernetes_stage if backend.kind == "kubernetes" else docker_stage
     sweep_lane = SweepLane(plan_task="plan") if lane else None
+    workers = indexed_workers(cfg, backend, stage)
+    if workers > 1:
+        return kubernetes_job_stage(project, dataset, stage, backend, workers, sweep_lane, **args)
+    make = kubernetes_stage if backend.kind == "kubernetes" else docker_stage
     return make(project, dataset, stage, backend, lane=sweep_lane, **args)
