@@ -256,6 +256,14 @@ def test_a_pair_that_lost_a_worker_resumes_from_the_chiefs_checkpoint(setup):
         detected = "the chief was still waiting after 180 s and was killed"
     print(f"worker 1 killed after {_finished(state)} committed epochs; {detected}")
     assert first[0].returncode != 0
+    said = [
+        line
+        for line in (logs / "train-0.log").read_text().splitlines()
+        if line.startswith("error:")
+    ]
+    if first[0].returncode == 1:  # it saw the peer go: one line saying how the phase goes on
+        assert len(said) == 1 and "another worker stopped during the fit" in said[0], said
+        assert "start all 2 workers again and the phase resumes" in said[0]
 
     # the pair starts again, as the Indexed Job replaces its failed pods
     _wait(_start_pair(setup, paths.root, "train", logs, *args), logs, "train")
