@@ -17,7 +17,6 @@ ARG TF_GROUP=cpu
 
 USER 0
 # DVC needs git; the stage commands need nothing else from the system.
-# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && apt-get clean \

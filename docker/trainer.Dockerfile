@@ -15,7 +15,6 @@ FROM python:3.11.14-slim-bookworm
 # locked CUDA libraries) or `cpu` (tensorflow-cpu).
 ARG TF_GROUP=gpu
 
-# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && apt-get clean \

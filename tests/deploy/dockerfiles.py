@@ -1,18 +1,43 @@
-"""Small readers for the deployment files: Dockerfiles, compose interpolation, uv.lock.
+"""Readers for the deployment files: Dockerfiles, uv.lock, and the compose files as a
+real compose implementation resolves them.
 
-Used by the static deployment tests; no Docker engine needed.
+The compose files are read by Debian 12's ``docker-compose`` (1.29; installed by
+tests/deploy/install_stack_deps.sh): ``docker-compose config`` interpolates the
+variables, merges anchors and override files, validates and prints the resolved
+configuration, with no Docker daemon (the runner points it at a socket that does not
+exist). 1.29 predates the Compose specification's top-level ``name``, which the
+stack sets: the runner hands it the file without that one line and passes the
+same name as ``--project-name`` (``test_compose_config.py`` checks that this line is
+all 1.29 refuses). The Dockerfiles are linted by hadolint (test_dockerfile_lint.py).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+import yaml
+
+from tests.deploy.stack import install_failure
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+CONSOLE = DOCKER / "compose.console.yaml"  # the MinIO console, on request
+ENV_EXAMPLE = DOCKER / ".env.example"
+# A socket that does not exist: any call `docker-compose config` made to a daemon fails.
+NO_DAEMON = "unix:///nonexistent/docker.sock"
+# Setting names that hold secrets (or keys): never a default, never a literal.
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|CREDENTIAL|PRIVATE|FERNET|ACCESS_KEY|API_KEY", re.I)
+TOP_LEVEL_NAME = re.compile(r"^name:[ \t]*(\S+)[ \t]*\n", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -107,35 +132,6 @@ _VAR = re.compile(
 )
 
 
-def interpolate(value: Any, env: dict[str, str], missing: set[str] | None = None) -> Any:
-    """Compose's variable interpolation (``${X}``, ``${X:-d}``, ``${X:?e}``, ``$$``) on values."""
-    if isinstance(value, dict):
-        return {key: interpolate(item, env, missing) for key, item in value.items()}
-    if isinstance(value, list):
-        return [interpolate(item, env, missing) for item in value]
-    if not isinstance(value, str):
-        return value
-
-    def replace(match: re.Match) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1) or match.group(4)
-        op, arg = match.group(2), match.group(3) or ""
-        current = env.get(name)
-        empty = current is None or (current == "" and op and op.startswith(":"))
-        if op and op.endswith("-"):
-            return arg if empty else current
-        if op and op.endswith("?"):
-            if empty:
-                raise KeyError(f"{name}: {arg}")
-            return current
-        if current is None and missing is not None:
-            missing.add(name)
-        return current or ""
-
-    return _VAR.sub(replace, value)
-
-
 def variables(text: str) -> set[str]:
     """Every variable a compose file reads (``$$`` escapes are the container's, not ours)."""
     text = text.replace("$$", "")
@@ -150,3 +146,89 @@ def read_env_file(path: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             values[key.strip()] = value.strip()
     return values
+
+
+def env_text(drop: Sequence[str] = (), **values: str) -> str:
+    """docker/.env.example's text with the ``drop`` lines removed and ``values`` set."""
+    lines, seen = [], set()
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        key = line.partition("=")[0].strip() if not line.lstrip().startswith("#") else ""
+        if key in drop:
+            continue
+        if key in values:
+            line = f"{key}={values[key]}"
+            seen.add(key)
+        lines.append(line)
+    lines += [f"{key}={value}" for key, value in values.items() if key not in seen]
+    return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def compose_bin() -> str:
+    """Debian 12's ``docker-compose`` 1.29, or a RuntimeError saying why it is missing."""
+    found = shutil.which("docker-compose")
+    if not found:
+        failed = install_failure()
+        reason = (
+            f"the install failed: {failed}"
+            if failed
+            else "run `bash tests/deploy/install_stack_deps.sh` (installs Debian's docker-compose)"
+        )
+        raise RuntimeError(f"docker-compose not found; {reason}")
+    version = subprocess.run(
+        [found, "version", "--short"], capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+    if not version.startswith("1.29."):
+        raise RuntimeError(
+            f"{found} is docker-compose {version!r}; tests/deploy reads its `config` output "
+            "in the format of Debian 12's docker-compose 1.29 (install_stack_deps.sh)"
+        )
+    return found
+
+
+def compose_run(
+    *args: str,
+    env: str | None = None,
+    overrides: Sequence[Path] = (),
+    text: str | None = None,
+    keep_name: bool = False,
+) -> subprocess.CompletedProcess:
+    """``docker-compose <args>`` on docker/compose.yaml (or ``text`` in its place) plus
+    ``overrides``, with docker/.env.example (or ``env``, an env file's text), relative
+    paths resolved from docker/ as for the real file, and no daemon to talk to."""
+    text = COMPOSE.read_text() if text is None else text
+    found = TOP_LEVEL_NAME.search(text)
+    with tempfile.TemporaryDirectory(prefix="compose-") as tmp:
+        base = Path(tmp) / "compose.yaml"
+        base.write_text(text if keep_name else TOP_LEVEL_NAME.sub("", text, count=1))
+        env_file = ENV_EXAMPLE
+        if env is not None:
+            env_file = Path(tmp) / "env"
+            env_file.write_text(env)
+        command = [compose_bin(), "--env-file", str(env_file), "--project-directory", str(DOCKER)]
+        command += ["--project-name", found.group(1) if found else "unnamed", "--file", str(base)]
+        for path in overrides:
+            command += ["--file", str(path)]
+        # Nothing from the caller's environment: a shell's variable would win over the file.
+        isolated = {"PATH": os.environ["PATH"], "HOME": tmp, "DOCKER_HOST": NO_DAEMON}
+        return subprocess.run(
+            [*command, *args], cwd=tmp, env=isolated, capture_output=True, text=True, timeout=120
+        )
+
+
+@functools.cache
+def _config(env: str | None, overrides: tuple[Path, ...]) -> subprocess.CompletedProcess:
+    return compose_run("config", env=env, overrides=overrides)
+
+
+def resolved(env: str | None = None, overrides: Sequence[Path] = ()) -> dict:
+    """The configuration ``docker-compose config`` resolves (a fresh copy on each call).
+    1.29 prints ``$$`` escapes as written (``$$VAR``): the container sees ``$VAR``."""
+    done = _config(env, tuple(overrides))
+    assert done.returncode == 0, f"docker-compose config failed: {done.stderr}"
+    return yaml.safe_load(done.stdout)
+
+
+def config_warnings(env: str | None = None, overrides: Sequence[Path] = ()) -> str:
+    """What ``docker-compose config`` printed besides the configuration (e.g. unset variables)."""
+    return _config(env, tuple(overrides)).stderr
