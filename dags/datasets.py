@@ -146,7 +146,7 @@ def build_dataset_dag(
             context["outlet_events"][model_asset(project, dataset)].extra = headline
             return {**result, "headline": headline}
 
-        @xcom_task(trigger_rule="all_done", retries=0)
+        @xcom_task(trigger_rule="all_done", **retry_args(cfg, "finish"))
         @fails_fast()
         def finish() -> dict[str, Any]:
             from tasks.orchestration import parent_run

@@ -78,7 +78,7 @@ def lane_group(project: Project, cfg: Config, backend: Backend, stages: list[str
         combo = sweep.Combination.from_xcom(combination)
         return experiments.record_experiment(combo.project(project), combo.dataset, stages).xcom()
 
-    @xcom_task(task_id="finish", trigger_rule="all_done", retries=0)
+    @xcom_task(task_id="finish", trigger_rule="all_done", **retry_args(cfg, "finish"))
     @fails_fast()
     def finish_lane(combination: dict[str, Any]) -> dict[str, Any]:
         from tasks.orchestration import parent_run, sweep
@@ -123,7 +123,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
         default_args={"owner": cfg.schedule.owner, **retry_args(cfg, "default")},
     ) as dag:
 
-        @xcom_task(retries=0)
+        @xcom_task()  # the DAG's retries: for a task the executor could not send
         @fails_fast()
         def plan() -> list[dict[str, Any]]:
             from tasks.orchestration import sweep
@@ -134,7 +134,7 @@ def build_sweep_dag(project: Project, cfg: Config, backend: Backend | None = Non
 
         lanes = lane_group(project, cfg, backend, stages)
 
-        @xcom_task(trigger_rule="all_done", retries=0)
+        @xcom_task(trigger_rule="all_done")
         @fails_fast(also=(StageError,))
         def compare() -> dict[str, Any]:
             from tasks.orchestration import sweep

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from tasks.config import Config
 from tasks.errors import ConfigError, StageFailed
 from tasks.orchestration.backends import Backend, SweepLane, docker_stage, kubernetes_stage
-from tasks.orchestration.dvc import NO_RETRY_STAGES, should_retry
+from tasks.orchestration.dvc import should_retry
 from tasks.orchestration.k8s_job import indexed_workers, kubernetes_job_stage
 from tasks.orchestration.project import Project
 
@@ -48,9 +48,13 @@ def model_asset(project: Project, dataset: str) -> Any:
 
 
 def retry_args(cfg: Config, stage: str) -> dict[str, Any]:
-    """A task's retries: none for ``NO_RETRY_STAGES``, else exponential back-off."""
-    if stage in NO_RETRY_STAGES:
-        return {"retries": 0}
+    """A task's retries, with exponential back-off: for what the infrastructure loses (a
+    task the executor could not send while the broker was down, a worker lost mid-task).
+
+    Every task has them, ``NO_RETRY_STAGES`` too: a failure of the stage itself decides
+    retry-or-fail in :func:`fails_fast` (a failed validation fails at once, whatever the
+    retries), but a task that never reached a worker must be tried again.
+    """
     delay = float(os.environ.get(RETRY_DELAY_ENV, "60"))
     return {
         "retries": cfg.schedule.retries,
