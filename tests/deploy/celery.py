@@ -20,16 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.dev.httpserver import unused_port
-from tests.deploy.stack import BIN, REPO, Postgres, Process, base_env, http_ok, wait_until
+from tests.deploy.stack import BIN, DB, REPO, Postgres, Process, base_env, http_ok, wait_until
 
-DB = {
-    "AIRFLOW_DB_USER": "airflow",
-    "AIRFLOW_DB_PASSWORD": "airflow-test-pw",
-    "AIRFLOW_DB_NAME": "airflow",
-    "MLFLOW_DB_USER": "mlflow",
-    "MLFLOW_DB_PASSWORD": "mlflow-test-pw",
-    "MLFLOW_DB_NAME": "mlflow",
-}
 GPU_WORKERS = {"gpu-a": "0,1", "gpu-b": "2,3"}
 """Each GPU worker's fake device ids (``TASKS_GPUS``)."""
 HOSTNAME_ENV = "CELERY_TEST_HOSTNAME"

@@ -32,6 +32,16 @@ BIN = Path(sys.executable).parent
 INSTALL_HINT = "run `bash tests/deploy/install_stack_deps.sh` (installs Debian's postgresql)"
 
 
+# The same names as docker/.env.example; the values are throwaway test secrets.
+DB = {
+    "AIRFLOW_DB_USER": "airflow",
+    "AIRFLOW_DB_PASSWORD": "airflow-test-pw",
+    "AIRFLOW_DB_NAME": "airflow",
+    "MLFLOW_DB_USER": "mlflow",
+    "MLFLOW_DB_PASSWORD": "mlflow-test-pw",
+    "MLFLOW_DB_NAME": "mlflow",
+}
+
 # What moto_server (werkzeug) and mlflow server (uvicorn) print once they listen.
 LISTENING = re.compile(r"running on https?://127\.0\.0\.1:(\d+)", re.IGNORECASE)
 

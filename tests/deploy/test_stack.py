@@ -36,6 +36,7 @@ from tests.conftest import git_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 from tests.deploy.stack import (
     BIN,
+    DB,
     REPO,
     Postgres,
     Process,
@@ -47,15 +48,6 @@ from tests.deploy.stack import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# The same names as docker/.env.example; the values are throwaway test secrets.
-DB = {
-    "AIRFLOW_DB_USER": "airflow",
-    "AIRFLOW_DB_PASSWORD": "airflow-test-pw",
-    "AIRFLOW_DB_NAME": "airflow",
-    "MLFLOW_DB_USER": "mlflow",
-    "MLFLOW_DB_PASSWORD": "mlflow-test-pw",
-    "MLFLOW_DB_NAME": "mlflow",
-}
 REGION = "us-east-1"
 # MLflow accounts (docker/.env.example's MLFLOW_ADMIN_*, MLFLOW_PIPELINE_*, MLFLOW_READERS)
 ADMIN = ("admin", "admin-test-password-1")
