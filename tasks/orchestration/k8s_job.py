@@ -229,6 +229,45 @@ def kubernetes_job_stage(
     )
 
 
+def replace_lost_workers(spec: Any, restarts: int) -> None:
+    """The Job's failure policy (module doc): each index may fail ``restarts`` times and
+    is replaced once its pod is gone; a disrupted pod does not count; any index out of
+    restarts fails the Job."""
+    from kubernetes.client import models as k8s
+
+    spec.backoff_limit_per_index = restarts
+    spec.max_failed_indexes = 0
+    spec.pod_replacement_policy = "Failed"
+    disrupted = k8s.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")
+    spec.pod_failure_policy = k8s.V1PodFailurePolicy(
+        rules=[k8s.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[disrupted])]
+    )
+
+
+def headless_service(job: str, namespace: str, labels: dict[str, str], owner: Any = None) -> Any:
+    """The headless Service (named ``job``) that gives the workers their addresses;
+    ``owner``: the created Job, whose deletion takes the Service with it."""
+    from kubernetes.client import models as k8s
+
+    refs = None
+    if owner is not None:
+        meta = owner.metadata
+        refs = [
+            k8s.V1OwnerReference(api_version="batch/v1", kind="Job", name=meta.name, uid=meta.uid)
+        ]
+    port = k8s.V1ServicePort(
+        name=PORT_NAME, port=WORKER_PORT, target_port=WORKER_PORT, protocol="TCP"
+    )
+    spec = k8s.V1ServiceSpec(
+        cluster_ip="None",
+        selector={WORKERS_LABEL: job},
+        ports=[port],
+        publish_not_ready_addresses=True,  # resolvable as soon as a pod has its IP
+    )
+    meta = k8s.V1ObjectMeta(name=job, namespace=namespace, labels=labels, owner_references=refs)
+    return k8s.V1Service(api_version="v1", kind="Service", metadata=meta, spec=spec)
+
+
 @functools.cache
 def _operator_class() -> type:
     """``IndexedJobOperator``, made on first use: the provider loads with the backend."""
@@ -276,41 +315,12 @@ def _operator_class() -> type:
             ti_labels = self._get_ti_pod_labels(context, include_try_number=False)
             ti_labels = {key: ti_labels[key] for key in TASK_INSTANCE_LABELS if key in ti_labels}
             job.metadata.labels = {**(job.metadata.labels or {}), **ti_labels}
-            job.spec.backoff_limit_per_index = self.restarts
-            job.spec.max_failed_indexes = 0
-            job.spec.pod_replacement_policy = "Failed"
-            disrupted = k8s.V1PodFailurePolicyOnPodConditionsPattern(
-                type="DisruptionTarget", status="True"
-            )
-            job.spec.pod_failure_policy = k8s.V1PodFailurePolicy(
-                rules=[k8s.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[disrupted])]
-            )
+            replace_lost_workers(job.spec, self.restarts)
             return job
 
         def worker_service(self, owner: Any = None) -> Any:
             """The headless Service naming the workers; ``owner``: the created Job."""
-            job = self.subdomain
-            refs = None
-            if owner is not None:
-                meta = owner.metadata
-                refs = [
-                    k8s.V1OwnerReference(
-                        api_version="batch/v1", kind="Job", name=meta.name, uid=meta.uid
-                    )
-                ]
-            port = k8s.V1ServicePort(
-                name=PORT_NAME, port=WORKER_PORT, target_port=WORKER_PORT, protocol="TCP"
-            )
-            spec = k8s.V1ServiceSpec(
-                cluster_ip="None",
-                selector={WORKERS_LABEL: job},
-                ports=[port],
-                publish_not_ready_addresses=True,  # resolvable as soon as a pod has its IP
-            )
-            meta = k8s.V1ObjectMeta(
-                name=job, namespace=self.namespace, labels=dict(self.labels), owner_references=refs
-            )
-            return k8s.V1Service(api_version="v1", kind="Service", metadata=meta, spec=spec)
+            return headless_service(self.subdomain, self.namespace, dict(self.labels), owner)
 
         def execute(self, context: Any) -> Any:
             request = self.build_job_request_obj(context)
