@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 CONF ?=
 AIRFLOW_PORT ?= 8080
 
-.PHONY: setup run test test-fast lint bench bench-scale bench-gpu clean airflow demo recipes stack-deps
+.PHONY: setup run test test-fast lint bench bench-scale bench-gpu bench-score clean airflow demo recipes stack-deps
 
 # GPU=1: TensorFlow with its CUDA libraries (uv.lock's `gpu` group, Linux) instead of
 # tensorflow-cpu; both are locked, `uv sync` alone gives the CPU build.
@@ -69,6 +69,13 @@ bench-scale: setup
 # reports/bench/gpu.json. QUICK=1: mobilenet_v2, 96 px, batch 8 and 16 (about a minute on CPU).
 bench-gpu: setup
 	$(PY) -m tasks.dev.bench_gpu $(if $(QUICK),--quick)
+
+# images/s of `python -m tasks score` (checks, embeddings, drift tests, MLflow, card) against
+# image_dataset_from_directory + model.predict, same folder, same registered model; a table
+# and reports/bench/score.json. BENCH_SCORE_ARGS='--images 500 --image-size 224'.
+BENCH_SCORE_ARGS ?=
+bench-score: setup
+	$(PY) -m tasks.dev.bench_score $(BENCH_SCORE_ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache

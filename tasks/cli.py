@@ -88,6 +88,36 @@ def predict(args: argparse.Namespace) -> Any:
     )
 
 
+def score(args: argparse.Namespace) -> Any:
+    """Score a drop of new images with the champion; test it for drift (docs/scoring.md)."""
+    from tasks.commands import score
+
+    cfg, paths = _dataset_args(args)
+    result = score.run(
+        cfg, paths, args.source, model=args.model, drop=args.drop, result_json=args.result_json
+    )
+    if args.result_json != "-":
+        return result
+    print(result, file=sys.stderr)  # stdout holds the JSON
+    return None
+
+
+def feedback(args: argparse.Namespace) -> Any:
+    """Add a labelled drop to the dataset as a new DVC-versioned data version."""
+    from tasks.commands import feedback
+
+    cfg, paths = _dataset_args(args)
+    return feedback.run(cfg, paths, args.drop)
+
+
+def card(args: argparse.Namespace) -> Any:
+    """A registered version's model card (markdown)."""
+    from tasks.commands import card
+
+    cfg, paths = _dataset_args(args)
+    return card.run(cfg, paths, version=args.version)
+
+
 def export(args: argparse.Namespace) -> Any:
     """The champion (or --model) as SavedModel / LiteRT / ONNX, each checked against Keras."""
     from tasks.commands import export
@@ -235,6 +265,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated class names for a .keras file (default: classes.json beside it)",
     )
     command.set_defaults(command_fn=predict)
+
+    command = sub.add_parser(
+        "score",
+        help="score a drop of new images with the champion and test it for drift",
+        description="Check, score and drift-test a drop of new images (a folder, a .zip, an "
+        "https:// URL of a zip, or an s3:// prefix) with the dataset's registered model; "
+        "writes reports/<dataset>/scoring/<drop>/ and an MLflow run. A drop already scored by "
+        "the same model version is not scored again.",
+    )
+    command.add_argument("dataset")
+    command.add_argument(
+        "source", help="folder | file.zip | https://.../drop.zip | s3://bucket/prefix"
+    )
+    _common(command)
+    command.add_argument(
+        "--model", help="registry alias or version (default: scoring.model, i.e. champion)"
+    )
+    command.add_argument("--drop", help="the drop's name (default: the source's last part)")
+    command.add_argument("--result-json", help="write the result here ('-': print it)")
+    command.set_defaults(command_fn=score)
+
+    command = sub.add_parser(
+        "feedback",
+        help="add a labelled drop (a folder per class) to the dataset for the next training run",
+    )
+    command.add_argument("dataset")
+    command.add_argument(
+        "drop", help="a drop's folder (or its name under scoring.inbox/<dataset>/)"
+    )
+    _common(command)
+    command.set_defaults(command_fn=feedback)
+
+    command = sub.add_parser("card", help="print a registered model version's model card")
+    command.add_argument("dataset")
+    _common(command)
+    command.add_argument("--version", help="the model version (default: the @champion)")
+    command.set_defaults(command_fn=card)
 
     command = sub.add_parser(
         "approve",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -451,6 +452,45 @@ class ScheduleConfig(_Section):
     owner: str = "mlops"
     retries: NonNegativeInt = 2
     gpus: PositiveInt = 1
+    retrain_on_drift: bool = False
+
+
+class DriftConfig(_Section):
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    domain_auc: float = Field(0.55, gt=0.5, lt=1)
+    permutations: int = Field(100, ge=20)
+    components: PositiveInt = 32
+    sample: int = Field(500, ge=20)
+    min_images: int = Field(20, ge=5)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _permutations_reach_alpha(self) -> DriftConfig:
+        needed = math.ceil(4 / self.alpha)
+        if self.permutations + 1 <= needed:
+            raise ValueError(
+                f"permutations {self.permutations} cannot give a p-value under alpha/4 = "
+                f"{self.alpha / 4:g}; use at least {needed} permutations"
+            )
+        return self
+
+
+class ScoringConfig(_Section):
+    inbox: str = "inbox"
+    cron: str | None = "@hourly"
+    model: str = "champion"
+    batch_size: PositiveInt = 32
+    reference_size: int = Field(1000, ge=20)
+    drift: DriftConfig = DriftConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _alias_or_version(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][\w-]*|\d+", value):
+            raise ValueError(
+                f"scoring.model {value!r} must be a registry alias (champion) or a version number"
+            )
+        return value
 
 
 class Config(_Section):
@@ -468,6 +508,7 @@ class Config(_Section):
     """The ``register:`` section: the registry gate (``register`` is taken by ABCMeta)."""
     tracking: TrackingConfig = TrackingConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    scoring: ScoringConfig = ScoringConfig()
     overrides: tuple[str, ...] = ()
     """The ``--set`` overrides applied on top of the file (recorded with every run)."""
 

@@ -204,17 +204,20 @@ def use_candidate(paths: DatasetPaths, model_file: Path, phase: str = "finetune"
     return target
 
 
-def register_champion(root: Path, model_file: Path, validation: int) -> DatasetPaths:
+def register_champion(
+    root: Path, model_file: Path, validation: int, train: int = 1
+) -> DatasetPaths:
     """A workspace at ``root`` whose registry holds ``model_file`` as ``@champion`` (v1).
 
     The store is ``sqlite:///<root>/mlflow.db`` (the caller's ``MLFLOW_TRACKING_URI`` must
-    say so), its artifacts under ``<root>/artifacts``; ``validation`` images per class.
+    say so), its artifacts under ``<root>/artifacts``; ``validation`` and ``train`` images
+    per class (the training images are the version's drift reference).
     """
     from tasks.config import parse_config
     from tasks.steps import register
     from tests.datagen import tiny_params
 
-    paths = make_workspace(root, counts={"train": 1, "validation": validation})
+    paths = make_workspace(root, counts={"train": train, "validation": validation})
     use_candidate(paths, model_file)
     cfg = parse_config(
         tiny_params({"cats_vs_dogs": "http://127.0.0.1:1/c.zip"}),

@@ -412,6 +412,8 @@ def _log_to_registry(
     report: Path,
 ) -> None:
     """The folders and this version's report on the version's run; its tags on the version."""
+    from tasks.tracking.card import refresh_card
+
     assert source.registered_model and source.version
     uri = tracking_uri(cfg, paths.root)
     formats = json.loads(report.read_text())["formats"]
@@ -442,3 +444,5 @@ def _log_to_registry(
                 {"dataset": paths.dataset, "formats": mine},
                 f"export/{REPORT}",
             )
+            # the model card's export parity table
+            refresh_card(client, source.registered_model, source.version)

@@ -425,3 +425,34 @@ def predict_rows(
 
     outputs = model.predict(image_batches(model, frame, root, classes, batch_size), verbose=0)
     return class_probabilities(outputs, len(classes))
+
+
+def embedding_model(model: keras.Model) -> keras.Model:
+    """Raw images -> ``[outputs, embedding]``: the model's own outputs (as
+    :func:`tasks.ml.metrics.class_probabilities` reads them) and the backbone's features
+    average-pooled to one vector per image, the embedding drift is measured on.
+
+    ``model`` is an end-to-end model of :func:`build_model`, or a wrapper around one
+    (the served :func:`probability_model`, as the registry holds it).
+    """
+    inner = _end_to_end(model)
+    if inner is None:
+        raise StageError(
+            f"model {model.name!r} has no 'backbone' layer, so it has no embeddings; "
+            "score with a model this pipeline trained"
+        )
+    image = keras.Input(inner.input_shape[1:], name="image")
+    features = inner.get_layer("backbone")(inner.get_layer("preprocess")(image), training=False)
+    pooled = (
+        features if len(features.shape) == 2 else keras.layers.GlobalAveragePooling2D()(features)
+    )
+    outputs = inner.get_layer("head")(features)
+    return keras.Model(image, [outputs, pooled], name="embedding")
+
+
+def _end_to_end(model: keras.Model) -> keras.Model | None:
+    names = {layer.name for layer in model.layers}
+    if {"preprocess", "backbone", "head"} <= names:
+        return model
+    nested = (layer for layer in model.layers if isinstance(layer, keras.Model))
+    return next(filter(None, map(_end_to_end, nested)), None)

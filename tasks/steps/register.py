@@ -41,6 +41,7 @@ from tasks.io import file_md5, write_json
 from tasks.ml.gate import Verdict, decide
 from tasks.ml.paired_test import Comparison, compare
 from tasks.paths import DatasetPaths
+from tasks.scoring.version import describe_version
 from tasks.tracking.lineage import current_experiment
 from tasks.tracking.registry import CHALLENGER, CHAMPION, PREVIOUS, registered_model_name
 from tasks.tracking.runs import log_headline
@@ -195,6 +196,11 @@ def run(cfg: Config, paths: DatasetPaths) -> GateDecision:
         _record_decision(client, decision, scored.source, scored.metrics)
         write_json(paths.gate, gate_report(decision))
         mlflow.log_artifact(str(paths.gate))
+
+        # Keep with the version what scoring and its model card need
+        describe_version(
+            cfg, paths, scored.model, scored.frame, scored.probabilities, gate_report(decision)
+        )
     return decision
 
 

@@ -209,6 +209,9 @@ def test_the_exports_are_logged_on_the_registered_versions_run(registry):
         )
         assert int(tags[f"export.{name}.size_bytes"]) == entry["size_bytes"]
         assert int(tags[f"export.{name}.images"]) == entry["images"]
+        # the model card's parity table (the version's description) has the format's row
+        row = f"| {name} | {tags[f'export.{name}.max_abs_diff']} | {entry['images']} |"
+        assert row in version.description
 
 
 @pytest.mark.slow
