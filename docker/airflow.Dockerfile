@@ -39,6 +39,7 @@ RUN uv export --frozen --no-default-groups --group "${TF_GROUP}" --no-emit-proje
 COPY --chown=airflow:0 tasks/ tasks/
 COPY --chown=airflow:0 dags/ dags/
 COPY --chown=airflow:0 dvc.yaml params.yaml .dvcignore ./
+COPY --chown=airflow:0 data/feedback/README.md data/feedback/
 COPY --chown=airflow:0 .dvc/config .dvc/.gitignore .dvc/
 COPY --chown=airflow:0 --chmod=0755 docker/dvc-remote.sh docker/airflow-entrypoint.sh /opt/airflow/bin/
 RUN uv pip install --no-cache --no-deps -e . \

@@ -36,6 +36,7 @@ RUN uv venv /opt/venv \
 
 COPY tasks/ tasks/
 COPY dvc.yaml params.yaml .dvcignore ./
+COPY data/feedback/README.md data/feedback/
 COPY .dvc/config .dvc/.gitignore .dvc/
 COPY --chmod=0755 docker/trainer-entrypoint.sh /usr/local/bin/trainer-entrypoint
 # Group 0 may write (the docker backend runs the container as the worker's uid:0).

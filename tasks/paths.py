@@ -53,6 +53,46 @@ class DatasetPaths:
         return self.root / "data" / "checksums" / f"{self.dataset}.sha256"
 
     @property
+    def feedback_root(self) -> Path:
+        """Labelled drops fed back, every dataset's (a dep of ``validate``, so it must exist:
+        its README.md is committed)."""
+        return self.root / "data" / "feedback"
+
+    @property
+    def feedback(self) -> Path:
+        """This dataset's fed-back drops, each a folder ``<drop>/<class>/<image>`` and, in a
+        DVC project, a data version of its own (``<drop>.dvc`` beside it)."""
+        return self.feedback_root / self.dataset
+
+    def feedback_drop(self, drop: str) -> Path:
+        return self.feedback / drop
+
+    def feedback_record(self, drop: str) -> Path:
+        """What ``python -m tasks feedback`` took from a drop and from where: inside the
+        drop's folder, so it is versioned (and removed) with its images."""
+        return self.feedback_drop(drop) / "feedback.json"
+
+    def feedback_drops(self) -> list[Path]:
+        """The drop folders fed back to this dataset, by name (hidden staging folders of a
+        feedback in progress left out)."""
+        if not self.feedback.is_dir():
+            return []
+        return sorted(
+            p for p in self.feedback.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def feedback_not_checked_out(self) -> list[str]:
+        """Drops recorded as DVC data versions (``<drop>.dvc``) whose folder is not here: a
+        clone or workspace that has not run ``dvc checkout`` (or ``dvc pull``) for them."""
+        if not self.feedback.is_dir():
+            return []
+        return sorted(
+            dvc.stem
+            for dvc in self.feedback.glob("*.dvc")
+            if not self.feedback_drop(dvc.stem).is_dir()
+        )
+
+    @property
     def manifest(self) -> Path:
         return self.root / "data" / "manifests" / f"{self.dataset}.parquet"
 

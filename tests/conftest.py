@@ -30,6 +30,7 @@ PIPELINE_FILES = (
     ".dvcignore",
     ".gitignore",
     "pyproject.toml",
+    "data/feedback/README.md",  # validate's data/feedback dep must exist
 )
 
 

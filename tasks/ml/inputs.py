@@ -14,6 +14,7 @@ seeded: the same seed gives the same batches, each epoch a fresh draw.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,7 +210,8 @@ def decoded_batches(
 def file_paths(rows: pd.DataFrame, root: Path) -> list[str]:
     """The rows' files under ``root``; an error naming the fix when some are missing."""
     base = str(Path(root))
-    full = [f"{base}/{name}" for name in rows["path"].astype(str)]
+    # lexically: a fed-back drop's rows start with ../ and data/raw may be a symlink
+    full = [os.path.normpath(f"{base}/{name}") for name in rows["path"].astype(str)]
     missing = [name for name in full[:1000] if not Path(name).is_file()]
     if missing:
         raise StageError(

@@ -14,6 +14,9 @@ width     pixels (null when the header cannot be read)
 height    pixels (null when the header cannot be read)
 status    ``ok`` or ``quarantined``
 reason    why a file is quarantined; "" when ok
+source    "" for the archive's files; for a fed-back drop (``python -m tasks
+          feedback``), the drop's name: its rows are ``train`` rows, their
+          ``path`` relative to ``data/raw/<ds>/`` too (``../../feedback/...``)
 ========  ==============================================================
 
 Policy: a file is ``ok`` when the input pipeline can use it, even if it needs
@@ -69,6 +72,7 @@ COLUMNS = (
     "height",
     "status",
     "reason",
+    "source",
 )
 OK = "ok"
 QUARANTINED = "quarantined"
@@ -98,6 +102,8 @@ class FoundFile:
     """Relative to the raw folder, POSIX separators."""
     split: str
     label: str
+    source: str = ""
+    """The fed-back drop the file came from; "" for the archive's files."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,46 @@ def _scan_archive(raw: Path, archive: Path, dataset: DatasetConfig) -> Scan:
         archive=archive,
         members=members,
     )
+
+
+@dataclass(frozen=True)
+class ClassTree:
+    """What a folder laid out ``<folder>/<class>/<image>`` holds (a labelled drop)."""
+
+    files: list[FoundFile]
+    """Every file in a class folder (at any depth), labelled with that folder's name."""
+    classes: list[str]
+    """The class folders found."""
+    loose: list[str]
+    """Files directly in the folder, in no class folder."""
+
+
+def scan_class_tree(
+    folder: Path, base: Path | None = None, split: str = "train", source: str = ""
+) -> ClassTree:
+    """List every non-junk file of ``folder/<class>/`` as a ``split`` file of that class;
+    paths relative to ``base`` (default ``folder``; ``..`` where ``base`` is elsewhere)."""
+    folder = Path(folder)
+    base = Path(base) if base is not None else folder
+    files: list[FoundFile] = []
+    classes: list[str] = []
+    loose: list[str] = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if is_junk(entry.name):
+            continue
+        if entry.is_dir():
+            classes.append(entry.name)
+            files += [
+                FoundFile(_relpath(path, base), split, entry.name, source)
+                for path in _walk_files(entry)
+            ]
+        elif entry.is_file():
+            loose.append(_relpath(entry, base))
+    return ClassTree(files=files, classes=classes, loose=loose)
+
+
+def _relpath(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path, base)).as_posix()
 
 
 def _walk_files(folder: Path) -> Iterable[Path]:
@@ -352,7 +398,13 @@ def build_manifest(scan: Scan, settings: ValidateConfig) -> pd.DataFrame:
             facts = pool.map(inspect, sources, chunksize=chunk)
         # column by column as the facts arrive: no list of row dicts (memory per image)
         for found, fact in zip(scan.files, facts, strict=True):
-            row = {"path": found.path, "split": found.split, "label": found.label, **fact}
+            row = {
+                "path": found.path,
+                "split": found.split,
+                "label": found.label,
+                "source": found.source,
+                **fact,
+            }
             if not found.label:
                 row.update(status=QUARANTINED, reason=f"{Reason.NO_CLASS} (directly in the split)")
             for name, values in columns.items():
@@ -371,6 +423,7 @@ def build_manifest(scan: Scan, settings: ValidateConfig) -> pd.DataFrame:
             "height": "Int64",
             "status": "string",
             "reason": "string",
+            "source": "string",
         }
     )
     return frame.sort_values("path", ignore_index=True)

@@ -107,6 +107,7 @@ def prepare_workspace(
     remote, baseline = checkout_deployed(project, ws)
     write_text(ws / "params.yaml", yaml.safe_dump(run_params(cfg, dataset), sort_keys=False))
     _write_dvc_config(project, ws)
+    _checkout_feedback(ws, dataset)
     _init_tracking_store(project)
     name = dvc_experiment_name(dataset, run_id)
     record = {
@@ -320,6 +321,24 @@ def _write_dvc_config(project: Project, ws: Path) -> None:
             local['remote "tasks"']["endpointurl"] = endpoint
     (ws / ".dvc").mkdir(exist_ok=True)
     write_text(ws / ".dvc" / "config.local", "\n".join(local.write()) + "\n")
+
+
+def _checkout_feedback(ws: Path, dataset: str) -> None:
+    """The dataset's fed-back drops (``python -m tasks feedback``): the clone has their
+    ``.dvc`` files, the shared cache (else the remote) their images; validate reads them."""
+    folder = Path("data") / "feedback" / dataset
+    if not any((ws / folder).glob("*.dvc")):
+        return
+    dvc = [sys.executable, "-m", "dvc"]
+    try:
+        run_checked([*dvc, "checkout", "-R", str(folder)], "dvc checkout", cwd=ws, env=stage_env())
+    except StageError:
+        run_checked(
+            [*dvc, "pull", "-R", str(folder)],
+            f"cannot restore the fed-back drops of {dataset} (dvc pull -R {folder})",
+            cwd=ws,
+            env=stage_env(),
+        )
 
 
 def _init_tracking_store(project: Project) -> None:

@@ -10,7 +10,10 @@ Outputs (see :class:`tasks.paths.DatasetPaths`):
   expectation passes; a failing run leaves the previous manifest untouched.
   Its ``split`` column holds ``train``, ``validation`` and the held-out
   ``test`` (the archive's test folder, or carved from validation by
-  ``evaluate.test_fraction``; see ``tasks.ml.manifest``).
+  ``evaluate.test_fraction``; see ``tasks.ml.manifest``). The labelled drops
+  fed back (``python -m tasks feedback``, ``data/feedback/<ds>/<drop>/``) are
+  ``train`` rows, never validation or test, their ``source`` the drop's name;
+  the expected counts grow by what they add.
 - ``reports/<ds>/validation/``: ``index.html``, our own self-contained page
   (opens offline), and ``data_docs/``, Great Expectations' Data Docs site.
   Data Docs pull Bootstrap, jQuery and Vega from CDNs: offline their result
@@ -49,11 +52,13 @@ from tasks.ml.expectations import (
     run_checkpoints,
 )
 from tasks.ml.manifest import (
+    OK,
     QUARANTINED,
     Scan,
     build_manifest,
     carve_test_split,
     read_source,
+    scan_class_tree,
     scan_raw,
 )
 from tasks.paths import DatasetPaths
@@ -98,6 +103,9 @@ class ValidationResult:
         for split, labels in self.counts["splits"].items():
             per_class = ", ".join(f"{label} {c['ok']}" for label, c in labels.items())
             lines.append(f"  {split} (ok): {per_class}")
+        for drop, labels in self.counts.get("feedback", {}).items():
+            per_class = ", ".join(f"{label} {n}" for label, n in labels.items())
+            lines.append(f"  fed back in train: {drop}: {per_class}")
         lines += [f"  {check.line()}" for check in self.failed]
         if self.passed:
             lines.append(f"manifest: {self.manifest}")
@@ -122,7 +130,8 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
     manifest = build_manifest(scan, settings)
     if dataset.test_carved:
         manifest = carve_test_split(manifest, cfg.evaluate.test_fraction)
-    expected = dataset.expected_counts(cfg.evaluate.test_fraction)
+    manifest = with_feedback(manifest, paths, settings)
+    expected = expected_counts(dataset, cfg.evaluate.test_fraction, manifest)
     timings = {"scan_decode": time.perf_counter() - start}
     frames = derive_frames(manifest, scan, dataset, settings, expected)
     timings["ge_import"] = import_great_expectations()
@@ -138,7 +147,10 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
         result = ValidationResult(
             dataset=dataset.name,
             manifest=paths.manifest,
-            counts=count_images(manifest, dataset, expected),
+            counts={
+                **count_images(manifest, dataset, expected),
+                "feedback": feedback_counts(manifest),
+            },
             passed=not failed,
             failed=failed,
             report=report,
@@ -160,6 +172,56 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
     write_json(paths.validation_summary, summary_metrics(result, settings))
     log.info("validation of %s %s in %.1f s", dataset.name, _verdict(result), seconds)
     return result
+
+
+def with_feedback(
+    manifest: pd.DataFrame, paths: DatasetPaths, settings: ValidateConfig
+) -> pd.DataFrame:
+    """``manifest`` and the images of every fed-back drop as ``train`` rows (``source``: the
+    drop), decoded and checked like the archive's; a StageError when a drop recorded as a
+    DVC data version is not checked out here."""
+    import pandas as pd
+
+    missing = paths.feedback_not_checked_out()
+    if missing:
+        folder = paths.feedback_root.relative_to(paths.root).as_posix()
+        raise StageError(
+            f"fed-back drop(s) {', '.join(missing)} of {paths.dataset} are recorded "
+            f"({paths.feedback}/<drop>.dvc) but their images are not here: run "
+            f"`dvc checkout -R {folder}` (or `dvc pull -R {folder}`) and rerun validate"
+        )
+    files = []
+    for drop in paths.feedback_drops():
+        files += scan_class_tree(drop, base=paths.raw, source=drop.name).files
+    if not files:
+        return manifest
+    fed_back = build_manifest(Scan(raw=paths.raw, files=files), settings)
+    return pd.concat([manifest, fed_back], ignore_index=True).sort_values("path", ignore_index=True)
+
+
+def expected_counts(
+    dataset: DatasetConfig, test_fraction: float, manifest: pd.DataFrame
+) -> dict[str, dict[str, int]]:
+    """``datasets.<ds>.counts`` per split and class, the train counts grown by the ok
+    images the fed-back drops add."""
+    expected = dataset.expected_counts(test_fraction)
+    for label, added in feedback_rows(manifest).groupby("label").size().items():
+        if label in expected["train"]:
+            expected["train"][label] += int(added)
+    return expected
+
+
+def feedback_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows that came from fed-back drops."""
+    return manifest[(manifest["source"] != "") & (manifest["status"] == OK)]
+
+
+def feedback_counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Drop -> class -> ok images it adds to the train split."""
+    counts: dict[str, dict[str, int]] = {}
+    for (drop, label), added in feedback_rows(manifest).groupby(["source", "label"]).size().items():
+        counts.setdefault(str(drop), {})[str(label)] = int(added)
+    return counts
 
 
 def _kept_archive(paths: DatasetPaths, dataset: DatasetConfig) -> Path | None:
@@ -188,7 +250,10 @@ def _write_images(
             return manifest
         manifest = write_shards(
             manifest,
-            lambda path: read_source(scan.source(path)),
+            # a fed-back drop's images are files (their paths relative to data/raw/<ds>)
+            lambda path: read_source(
+                scan.source(path) if path in scan.members else str(paths.raw / path)
+            ),
             staging,
             int(settings.shard_mb * 2**20),
             SPLITS,
@@ -250,6 +315,7 @@ def summary_metrics(result: ValidationResult, settings: ValidateConfig) -> dict[
         "quarantined_share": counts["quarantined"] / counts["files"] if counts["files"] else 0.0,
         "counts": counts["splits"],
         "quarantined_files": [{"path": p, "reason": r} for p, r in result.quarantined],
+        "feedback": counts.get("feedback", {}),
         "settings": settings.model_dump(),
         "report": str(result.report),
         "seconds": round(result.seconds, 3),

@@ -42,6 +42,8 @@ AIRFLOW_ENV_TAGS = {
 }
 """Environment the scheduler (or ``dvc exp run``) sets, and the run tag each becomes."""
 WORKSPACE_TAG = "tasks.workspace"
+FEEDBACK_TAG = "data.feedback_drops"
+"""The fed-back drops (``python -m tasks feedback``) the manifest trains on, comma-separated."""
 
 
 def current_experiment() -> str | None:
@@ -178,7 +180,8 @@ def manifest_dataset(cfg: Config, paths: DatasetPaths) -> mlflow.data.dataset.Da
 
 
 def log_manifest(cfg: Config, paths: DatasetPaths, run_id: str, context: str) -> None:
-    """Log the manifest as an input of ``run_id`` (what fills the UI's Dataset column)."""
+    """Log the manifest as an input of ``run_id`` (what fills the UI's Dataset column) and
+    tag the run with the fed-back drops it holds (:data:`FEEDBACK_TAG`)."""
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -188,4 +191,15 @@ def log_manifest(cfg: Config, paths: DatasetPaths, run_id: str, context: str) ->
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
         with quiet_datasets():
             entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends, for any run id
-        MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
+        client = MlflowClient()
+        client.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
+        client.set_tag(run_id, FEEDBACK_TAG, feedback_drops(dataset.df))
+
+
+def feedback_drops(manifest: Any) -> str:
+    """The drops whose images are the manifest's usable train rows besides the archive's,
+    comma-separated by name ("" for none)."""
+    if "source" not in manifest:
+        return ""
+    used = manifest[(manifest["split"] == "train") & (manifest["status"] == "ok")]
+    return ",".join(sorted(set(used["source"]) - {""}))

@@ -29,7 +29,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DATASET = "cats_vs_dogs"
 DAG_ID = f"transfer_learning__{DATASET}"
-PROJECT_FILES = ["tasks", "dags", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = [
+    "tasks",
+    "dags",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "data/feedback/README.md",  # validate's data/feedback dep must exist
+]
 GPU_STAGES = {"train", "finetune"}
 
 

@@ -28,7 +28,15 @@ from tests.deploy.stack import Process, base_env, http_ok, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PROJECT_FILES = ["tasks", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+PROJECT_FILES = [
+    "tasks",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+    "data/feedback/README.md",  # validate's data/feedback dep must exist
+]
 DATASETS = ("cats_vs_dogs", "ants_vs_bees")
 STAGES = ("download", "validate", "train", "finetune", "evaluate", "register")
 # The gate's floor, and what each model must score on its 2 test images: both right. A model

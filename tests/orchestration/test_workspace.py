@@ -505,3 +505,21 @@ def test_an_unchanged_scheduled_rerun_runs_no_stage(git_project):
     assert [r.ran for r in results] == [False, False]
     record = record_experiment(project, "cats_vs_dogs")
     assert record.pushed == 0  # the same outputs: nothing new for the remote
+
+
+def test_a_scheduled_run_gets_the_fed_back_drops_from_the_shared_cache(git_project):
+    """``feedback`` versions a drop with ``dvc add``; the workspace (a clone of HEAD) holds
+    only its .dvc file until prepare checks the images out of the shared cache."""
+    project = git_project
+    drop = project.root / "data" / "feedback" / "cats_vs_dogs" / "week1"
+    (drop / "cats").mkdir(parents=True)
+    (drop / "cats" / "c.jpg").write_bytes(b"a cat's bytes")
+    dvc(project.root, "add", str(drop.relative_to(project.root)))
+    sh(project.root, "git", "add", "-A")
+    sh(project.root, "git", "-c", "user.email=ci@example.com", "-c", "user.name=CI",
+       "commit", "-qm", "feedback: cats_vs_dogs week1 (1 images)")  # fmt: skip
+    ws = project.workspace("cats_vs_dogs")
+    prepare_workspace(project, "cats_vs_dogs", {}, run_id="manual__feedback")
+    copy = ws / "data" / "feedback" / "cats_vs_dogs" / "week1" / "cats" / "c.jpg"
+    assert copy.read_bytes() == b"a cat's bytes"
+    assert (ws / "data" / "feedback" / "cats_vs_dogs" / "week1.dvc").is_file()
