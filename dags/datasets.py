@@ -12,6 +12,8 @@ of the deployed commit) to that commit; each stage task runs its DVC stage there
 experiment and updates the dataset's model asset; ``finish`` ends the MLflow parent
 run with the outcome. With ``register.approval: human`` a candidate the gate passed
 waits for a person (``approve``). A new dataset in params.yaml is a new DAG.
+With ``schedule.retrain_on_drift`` a drift event of the dataset's scoring DAG (the asset
+``drift/<dataset>``, ``dags/scoring.py``) starts it too, after a running run.
 
 Wiring only: each task calls one function of ``tasks.orchestration``. Where the GPU
 stages run (``TASKS_GPU_BACKEND``) and the other parse-time settings:
@@ -37,6 +39,7 @@ from tasks.orchestration.dag_tasks import (
     retry_args,
     stage_operator,
     task_args,
+    training_schedule,
 )
 from tasks.orchestration.project import DAG_PREFIX, Project
 
@@ -111,7 +114,7 @@ def build_dataset_dag(
     with DAG(
         dag_id=f"{DAG_PREFIX}{dataset}",
         description=f"Transfer learning on {dataset}: download, validate, train, register",
-        schedule=cfg.schedule.cron,
+        schedule=training_schedule(cfg, dataset),  # or drift/<ds>: retrain_on_drift
         start_date=START,
         catchup=False,
         max_active_runs=1,

@@ -47,6 +47,28 @@ def model_asset(project: Project, dataset: str) -> Any:
     return Asset(name=project.asset_name(dataset), uri=project.asset_uri(dataset), group="model")
 
 
+def drift_asset(dataset: str) -> Any:
+    """``drift/<dataset>``: updated by the scoring DAG's ``drift_event`` when a drop drifted;
+    its event's ``extra`` says which drops, the model version and the tests that flagged."""
+    from airflow.sdk import Asset
+
+    return Asset(name=Project.drift_asset_name(dataset), group="drift")
+
+
+def training_schedule(cfg: Config, dataset: str) -> Any:
+    """The dataset DAG's schedule: ``schedule.cron``; with ``schedule.retrain_on_drift``,
+    that cron or the dataset's drift asset, whichever comes first (only the asset without
+    a cron). ``max_active_runs=1`` holds a drift-triggered run back while one is running."""
+    if not cfg.schedule.retrain_on_drift:
+        return cfg.schedule.cron
+    if cfg.schedule.cron is None:
+        return drift_asset(dataset)
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    cron = CronTriggerTimetable(cfg.schedule.cron, timezone="UTC")
+    return AssetOrTimeSchedule(timetable=cron, assets=drift_asset(dataset))
+
+
 def retry_args(cfg: Config, stage: str) -> dict[str, Any]:
     """A task's retries, with exponential back-off: for what the infrastructure loses (a
     task the executor could not send while the broker was down, a worker lost mid-task).

@@ -27,6 +27,10 @@ DAG_PREFIX = "transfer_learning__"
 """Airflow DAG ids: ``<prefix><dataset>`` per dataset, ``<prefix>summary`` for the report."""
 SUMMARY_DAG_ID = f"{DAG_PREFIX}summary"
 SWEEP_DAG_ID = f"{DAG_PREFIX}sweep"
+SCORING_DAG_PREFIX = "scoring__"
+"""The scoring DAGs: ``scoring__<dataset>`` (new drops scored and tested for drift)."""
+DRIFT_ASSET_PREFIX = "drift/"
+"""The drift asset of a dataset, ``drift/<dataset>``: updated when a scored drop drifted."""
 
 
 @dataclass(frozen=True)
@@ -109,3 +113,7 @@ class Project:
     @staticmethod
     def asset_name(dataset: str) -> str:
         return f"{DAG_PREFIX}{dataset}.model"
+
+    @staticmethod
+    def drift_asset_name(dataset: str) -> str:
+        return f"{DRIFT_ASSET_PREFIX}{dataset}"

@@ -11,7 +11,12 @@ import pytest
 import yaml
 
 from tasks.config import load_config
-from tasks.orchestration.project import DAG_PREFIX, SUMMARY_DAG_ID, SWEEP_DAG_ID
+from tasks.orchestration.project import (
+    DAG_PREFIX,
+    SCORING_DAG_PREFIX,
+    SUMMARY_DAG_ID,
+    SWEEP_DAG_ID,
+)
 from tasks.orchestration.runconf import CONF_KEYS
 from tests.conftest import REPO
 
@@ -29,7 +34,8 @@ def dagbag():
 
 def test_dagbag_has_no_import_errors_and_one_dag_per_dataset(dagbag):
     assert dagbag.import_errors == {}
-    assert set(dagbag.dag_ids) == {*DATASET_DAGS, SUMMARY_DAG_ID, SWEEP_DAG_ID}
+    scoring = {f"{SCORING_DAG_PREFIX}{ds}" for ds in CFG.datasets}
+    assert set(dagbag.dag_ids) == {*DATASET_DAGS, *scoring, SUMMARY_DAG_ID, SWEEP_DAG_ID}
 
 
 @pytest.mark.parametrize("dag_id", [*DATASET_DAGS, SUMMARY_DAG_ID, SWEEP_DAG_ID])

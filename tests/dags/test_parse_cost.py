@@ -46,7 +46,7 @@ def watch(event, args):
 
 sys.addaudithook(watch)
 bag = DagBag(sys.argv[1])
-import dags.datasets, dags.summary, dags.sweep  # as the tests import them
+import dags.datasets, dags.scoring, dags.summary, dags.sweep  # as the tests import them
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2].split(",")))
 print(json.dumps({
     "errors": {k: v[-300:] for k, v in bag.import_errors.items()},
@@ -82,7 +82,7 @@ def _probe(tmp_path, folder=REPO / "dags", **env: str) -> dict:
 def test_parsing_the_dag_folder_imports_nothing_heavy_and_starts_nothing(tmp_path, backend):
     result = _probe(tmp_path, TASKS_GPU_BACKEND=backend)
     assert result["errors"] == {}
-    assert len(result["dags"]) == 4  # one per dataset, the summary, the sweep
+    assert len(result["dags"]) == 6  # one per dataset, one scoring per dataset, summary, sweep
     assert result["heavy"] == []
     assert result["side_effects"] == []
 

@@ -31,6 +31,7 @@ import tasks.orchestration.dag_docs, tasks.orchestration.dag_tasks
 import tasks.orchestration.parent_run, tasks.orchestration.process, tasks.orchestration.project
 import tasks.orchestration.records, tasks.orchestration.review
 import tasks.orchestration.runconf, tasks.orchestration.stage_graph, tasks.orchestration.sweep
+import tasks.orchestration.scoring
 import tasks.orchestration.summary, tasks.orchestration.workspace
 print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 """
