@@ -96,18 +96,22 @@ def dvc_command(
 
 
 def workspace_command(
-    ws: Path, args: Sequence[str], record: Mapping[str, Any] | None = None
+    ws: Path,
+    args: Sequence[str],
+    record: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[int, list[str]]:
     """Run ``python -m <args>`` (``dvc ...``, ``tasks ...``) in ``ws`` with the run's
-    environment, echoing its output to the log; returns (exit code, output lines)."""
-    record = record or {}
+    environment (``env``, else the stage environment of ``record``), echoing its output to
+    the log; returns (exit code, output lines)."""
     cmd = [sys.executable, "-m", *args]
     log.info("$ %s  (in %s)", " ".join(args), ws)
     lines: list[str] = []
     with subprocess.Popen(
         cmd,
         cwd=ws,
-        env=stage_env(record),
+        env=dict(env) if env is not None else stage_env(record or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

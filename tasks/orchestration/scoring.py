@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 from tasks.config import Config
 from tasks.errors import StageFailed
+from tasks.orchestration.dvc import workspace_command
 from tasks.orchestration.project import SCORING_DAG_PREFIX, Project
 from tasks.orchestration.records import stage_env
 
@@ -171,7 +170,7 @@ def score_drop(
     with tempfile.TemporaryDirectory(prefix="score-") as tmp:
         out = Path(tmp) / "result.json"
         args = score_command(project, dataset, source, drop, out)
-        code, lines = _run(project.state, args, score_env(project, cfg))
+        code, lines = workspace_command(project.state, args, env=score_env(project, cfg))
         if code:
             raise score_failure(dataset, drop, code, lines)
         if not out.is_file():
@@ -189,27 +188,6 @@ def score_env(project: Project, cfg: Config) -> dict[str, str]:
     env = stage_env({"store_root": str(project.state)})
     env["MLFLOW_TRACKING_URI"] = tracking_uri(cfg, project.state)
     return env
-
-
-def _run(cwd: Path, args: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """``python -m <args>`` in ``cwd``, its output echoed to the task log line by line."""
-    log.info("$ %s  (in %s)", " ".join(args), cwd)
-    lines: list[str] = []
-    with subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            log.info("%s", lines[-1])
-        code = proc.wait()
-    return code, lines
 
 
 def score_failure(dataset: str, drop: str, code: int, lines: list[str]) -> StageFailed:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import git_project
+from tests.conftest import PIPELINE_FILES, git_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 from tests.deploy.celery import GPU_WORKERS, start_topology
 
@@ -29,15 +29,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DATASET = "cats_vs_dogs"
 DAG_ID = f"transfer_learning__{DATASET}"
-PROJECT_FILES = [
-    "tasks",
-    "dags",
-    "dvc.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "data/feedback/README.md",  # validate's data/feedback dep must exist
-]
+# What a DAG run needs of the project (the e2e copies), less pyproject.toml: not needed here
+PROJECT_FILES = [item for item in PIPELINE_FILES if item != "pyproject.toml"]
 GPU_STAGES = {"train", "finetune"}
 
 

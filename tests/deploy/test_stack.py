@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import git_project
+from tests.conftest import PIPELINE_FILES, git_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 from tests.deploy.stack import (
     BIN,
@@ -58,15 +58,8 @@ MLFLOW_BUCKET = "mlflow"
 DVC_BUCKET = "dvc"
 DATASET = "cats_vs_dogs"
 DAG_ID = f"transfer_learning__{DATASET}"
-PROJECT_FILES = [
-    "tasks",
-    "dags",
-    "dvc.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "data/feedback/README.md",  # validate's data/feedback dep must exist
-]
+# What a DAG run needs of the project (the e2e copies), less pyproject.toml: not needed here
+PROJECT_FILES = [item for item in PIPELINE_FILES if item != "pyproject.toml"]
 TASKS = ["prepare", "download", "validate", "train", "finetune", "evaluate", "register"]
 # The gate's floor: the model must get both of its 2 test images right (a one-class model
 # scores 0.5). Measured like the e2e tests (tests/e2e/test_dvc_pipeline.py): with offline-made
