@@ -163,7 +163,7 @@ def pod_env(project: Project) -> dict[str, str]:
         "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
         "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
     }
-    for name in ("MLFLOW_TRACKING_URI", "KERAS_HOME"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "KERAS_HOME"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env

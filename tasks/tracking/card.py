@@ -38,7 +38,7 @@ def publish_card(client: MlflowClient, name: str, version: str, facts: dict[str,
         file = Path(tmp) / FACTS
         file.write_text(json.dumps(facts, indent=2, default=str))
         client.log_artifact(run_id, str(file), FOLDER)
-    return refresh_card(client, name, version)
+    return refresh_card(client, name, version, facts=facts)
 
 
 def read_facts(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
@@ -54,11 +54,18 @@ def read_facts(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
         return json.loads(Path(local).read_text())
 
 
-def refresh_card(client: MlflowClient, name: str, version: str, run_id: str | None = None) -> str:
-    """Render the card from the stored facts and MLflow's live records; make it the
-    version's description, and log it as ``card/model_card.md`` in ``run_id`` (the
-    version's own run when None). Returns the markdown."""
-    text = render_card(client, name, version)
+def refresh_card(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    run_id: str | None = None,
+    facts: dict[str, Any] | None = None,
+) -> str:
+    """Render the card from the stored facts (``facts``: those just stored, so nothing is
+    downloaded) and MLflow's live records; make it the version's description, and log it as
+    ``card/model_card.md`` in ``run_id`` (the version's own run when None). Returns the
+    markdown."""
+    text = render_card(client, name, version, facts)
     client.update_model_version(name, version, description=text)
     target = run_id or client.get_model_version(name, version).run_id
     with tempfile.TemporaryDirectory(prefix="tasks-card-") as tmp:
@@ -68,7 +75,9 @@ def refresh_card(client: MlflowClient, name: str, version: str, run_id: str | No
     return text
 
 
-def render_card(client: MlflowClient, name: str, version: str) -> str:
+def render_card(
+    client: MlflowClient, name: str, version: str, facts: dict[str, Any] | None = None
+) -> str:
     """The card as markdown (what ``python -m tasks card`` prints)."""
     from mlflow.exceptions import MlflowException
 
@@ -78,7 +87,7 @@ def render_card(client: MlflowClient, name: str, version: str) -> str:
         raise StageError(
             f"{name} has no version {version}; list them with `python -m tasks history`"
         ) from None
-    facts = read_facts(client, name, version)
+    facts = read_facts(client, name, version) if facts is None else facts
     aliases = ", ".join(f"@{a}" for a in model_version.aliases) or "no alias"
     lines = [f"# {name} v{version}", "", f"**Aliases:** {aliases}."]
     lines += _intended_use(facts)
