@@ -269,7 +269,8 @@ def test_a_version_without_a_drift_reference_is_scored_without_drift_tests(paths
     from tasks.artifacts import load_model
     from tasks.tracking.models import log_classifier
 
-    with mlflow.start_run():  # registered without the reference register keeps
+    experiment = mlflow.get_experiment_by_name("cats_vs_dogs")  # artifacts under tmp, not ./
+    with mlflow.start_run(experiment_id=experiment.experiment_id):  # no reference kept
         model = load_model(next(paths.models.glob("*.keras")))
         log_classifier(model, ["cats", "dogs"], np.zeros((1, 32, 32, 3), np.uint8), NAME)
     drop = write_drop(tmp_path / "friday", 25, 990_000)
