@@ -22,21 +22,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project
+from tests.conftest import PIPELINE_FILES, REPO, copy_project
 from tests.datagen import learnable_train, make_archive, tiny_params
 from tests.deploy.stack import Process, base_env, http_ok, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PROJECT_FILES = [
-    "tasks",
-    "dvc.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "pyproject.toml",
-    "data/feedback/README.md",  # validate's data/feedback dep must exist
-]
+# What dvc repro needs of the project (the DAG copies, less the DAGs)
+PROJECT_FILES = [item for item in PIPELINE_FILES if item != "dags"]
 DATASETS = ("cats_vs_dogs", "ants_vs_bees")
 STAGES = ("download", "validate", "train", "finetune", "evaluate", "register")
 # The gate's floor, and what each model must score on its 2 test images: both right. A model
