@@ -33,8 +33,15 @@ $(VENV)/.synced$(if $(GPU),-gpu): pyproject.toml uv.lock
 run: setup
 	$(PY) -m tasks.dev.airflow_local run $(if $(CONF),--conf '$(CONF)') $(SET_ARGS)
 
+# The whole suite on TEST_WORKERS pytest-xdist processes (a module's tests stay together,
+# so its fixtures are made once), measuring branch coverage of tasks/ and dags/ (the Python
+# processes the tests start included): `make test` fails under COVERAGE_FLOOR percent; the
+# report is reports/coverage/index.html.
+TEST_WORKERS ?= 2
+COVERAGE_FLOOR ?= 0
 test: setup stack-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --cov --cov-report=term \
+		--cov-report=html --cov-fail-under=$(COVERAGE_FLOOR) $(PYTEST_ARGS)
 
 # The edit-run loop: every test not marked slow (no training past a tiny head, no whole
 # pipeline, no server stack); pytest prints the slowest at the end. `make test` runs them all.

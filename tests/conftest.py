@@ -19,6 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 # Quiet, deterministic, offline defaults for every test process.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# No tool phones home from a test (the socket guard would refuse it and fail the test).
+for _name, _value in {
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
+    "GX_ANALYTICS_ENABLED": "False",
+}.items():
+    os.environ.setdefault(_name, _value)
 
 
 # What a DAG run needs of the project: the copies the end-to-end tests make.
@@ -68,8 +77,41 @@ def git_project(
 # Every process the session starts inherits this variable (unless given an environment
 # built from nothing); the session's end finds leftovers by it, orphans included.
 SESSION_MARK = "TESTS_SESSION_ID"
-# Temporary folders tests make outside pytest's tmp_path, each removed by its owner.
-OWN_TEMP_PREFIXES = ("stack-postgres-",)
+# Folders the session keeps in its temp folder on purpose (removed with it at the end).
+SESSION_FOLDERS: set[Path] = set()
+_NETWORK_LOG = ".network.log"
+_OWN_TMP = pytest.StashKey[Path]()
+# Repo-root entries tools make while the suite runs (coverage's data files, pytest's cache).
+_ROOT_TOOL_FILES = (".coverage", ".pytest_cache")
+
+
+def pytest_configure(config):
+    """Every process of this session writes its temp files in one folder of its own.
+
+    ``TMPDIR`` points there (the processes it starts inherit it, and xdist's workers make
+    theirs inside it); pytest's own ``tmp_path`` folders stay where they were. The socket
+    guard goes on here, for this process and, via ``PYTHONPATH``, the ones it starts.
+    """
+    from tests.netguard import netguard
+
+    root = os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    own = Path(tempfile.mkdtemp(prefix="tests-tmp-", dir=os.environ.get("TMPDIR") or root))
+    os.environ["TMPDIR"] = str(own)
+    tempfile.tempdir = None
+    config.stash[_OWN_TMP] = own
+    os.environ[netguard.LOG_VARIABLE] = str(own / _NETWORK_LOG)
+    guard = str(REPO / "tests/netguard")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [guard, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    )
+    netguard.install()
+
+
+def pytest_unconfigure(config):
+    own = config.stash.get(_OWN_TMP, None)
+    if own is not None:
+        if not os.environ.get("DEBUG_KEEP_TMP"):
+            shutil.rmtree(own, ignore_errors=True)
 
 
 def _session_processes(token: str) -> dict[int, str]:
@@ -91,24 +133,31 @@ def _session_processes(token: str) -> dict[int, str]:
     return found
 
 
-def _own_temp_dirs() -> set[str]:
-    return {
-        p.name
-        for p in Path(tempfile.gettempdir()).iterdir()
-        if p.name.startswith(OWN_TEMP_PREFIXES)
-    }
+# What libraries keep in TMPDIR until their process exits: TensorFlow's autograph sources
+# (removed at exit) and a session stamp its native code writes while converting a model.
+_LIBRARY_TEMP = ("__autograph_generated_file", ".ses")
+
+
+def _temp_left(own: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in own.iterdir()
+        if p.name != _NETWORK_LOG
+        and not p.name.startswith(_LIBRARY_TEMP)
+        and p.resolve() not in SESSION_FOLDERS
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
-def nothing_left_behind():
-    """At the session's end no process it started runs and no temp folder of ours is left.
+def nothing_left_behind(request):
+    """At the session's end no process it started runs and its temp folder is empty.
 
     A leftover fails the teardown of the last test (an error in the report, naming each
-    process and folder); the processes are then killed so that they do not outlive the run.
+    process and file); the processes are then killed so that they do not outlive the run,
+    and the folder goes with the session.
     """
     token = f"{os.getpid()}-{time.time_ns()}"
     os.environ[SESSION_MARK] = token
-    temp_before = _own_temp_dirs()
     yield
     # servers being stopped get a moment to exit
     deadline = time.monotonic() + float(os.environ.get("TESTS_LEFTOVER_GRACE_S", "10"))
@@ -119,11 +168,54 @@ def nothing_left_behind():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    temp_left = sorted(_own_temp_dirs() - temp_before)
     problems = [f"process {pid}: {command}" for pid, command in sorted(left.items())]
-    problems += [f"temp folder {Path(tempfile.gettempdir()) / name}" for name in temp_left]
+    problems += [
+        f"temp folder {p}"
+        + (f" (holding {', '.join(sorted(os.listdir(p))[:4])})" if p.is_dir() else "")
+        for p in _temp_left(request.config.stash[_OWN_TMP])
+    ]
     if problems:
         pytest.fail("the tests left behind (now killed / to remove):\n  " + "\n  ".join(problems))
+
+
+@pytest.fixture(scope="session")
+def _invariant_state(request, tmp_path_factory):
+    from tests.invariants import RunningRuns
+
+    own = request.config.stash[_OWN_TMP]
+    log = own / _NETWORK_LOG
+    log.touch()
+    roots = [RunningRuns(tmp_path_factory.getbasetemp()), RunningRuns(own)]
+    return {"roots": roots, "log": log, "offset": 0, "repo": set(os.listdir(REPO)), "seen": set()}
+
+
+@pytest.fixture(autouse=True)
+def leaves_things_as_it_found_them(_invariant_state):
+    """After every test: no MLflow run left RUNNING in any store under the session's temp
+    folders, none open in this process, no new entry in the project folder, and no
+    connection beyond loopback (tests/invariants.py, tests/netguard)."""
+    from tests.invariants import active_run
+
+    yield
+    state = _invariant_state
+    running = {run for root in state["roots"] for run in root.check()} - state["seen"]
+    state["seen"] |= running  # each reported once, by the test that left it
+    problems = [f"MLflow run left RUNNING: {run}" for run in sorted(running)]
+    if run_id := active_run():
+        problems.append(f"MLflow run {run_id} still active in the test process")
+    new = sorted(
+        name for name in set(os.listdir(REPO)) - state["repo"]
+        if not name.startswith(_ROOT_TOOL_FILES)
+    )  # fmt: skip
+    problems += [f"new entry in the project folder: {REPO / name}" for name in new]
+    with state["log"].open(encoding="utf-8") as log:
+        log.seek(state["offset"])
+        refused = log.read()
+        state["offset"] = log.tell()
+    problems += [f"connection beyond loopback: {line}" for line in refused.splitlines()]
+    if problems:
+        state["repo"] |= set(new)  # reported once, not again by every later test
+        pytest.fail("the test left behind:\n  " + "\n  ".join(problems), pytrace=False)
 
 
 @pytest.fixture

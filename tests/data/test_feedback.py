@@ -465,6 +465,8 @@ def test_a_training_run_records_the_drops_it_trains_on(project, drop, tmp_path, 
     assert client.get_run(trained).data.tags[FEEDBACK_TAG] == "drop0,drop1"
     (entry,) = client.get_run(trained).inputs.dataset_inputs
     assert entry.dataset.digest == hashlib.md5(paths.manifest.read_bytes()).hexdigest()
+    for run in (plain, trained):
+        client.set_terminated(run)
     mlflow.set_tracking_uri(None)
 
 

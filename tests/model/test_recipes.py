@@ -23,7 +23,7 @@ from tasks.ml.backbone_file import backbone_entry, default_boundary
 from tasks.ml.backbones import is_batch_norm, unfreeze_top_blocks
 from tasks.ml.inputs import augmentation_layers
 from tasks.ml.model import ModelSpec, build_model, compile_model
-from tests.conftest import REPO
+from tests.conftest import REPO, SESSION_FOLDERS
 
 TINY = {"inception_v3": 75, "vgg16": 32, "xception": 71, "mobilenet_v2": 32}
 """The smallest input each backbone builds at (its published size is asserted separately)."""
@@ -39,7 +39,9 @@ def place_model_files(root: Path) -> Path:
 
 @functools.cache
 def model_files() -> Path:
-    return place_model_files(Path(tempfile.mkdtemp(prefix="recipe-files-")))
+    root = Path(tempfile.mkdtemp(prefix="recipe-files-")).resolve()
+    SESSION_FOLDERS.add(root)  # made once, kept for the session (removed with its temp folder)
+    return place_model_files(root)
 
 
 def tiny_size(cfg) -> int:

@@ -1,8 +1,7 @@
 """The suite's own check: a session that leaves a process or a temp folder behind fails.
 
-A pytest session is run on one test that starts a server-like process and makes a
-``stack-postgres-*`` folder, then forgets both: the session must fail naming them, and
-the process must not outlive it.
+A pytest session is run on one test that starts a server-like process and makes a temp
+folder, then forgets both: the session must fail naming them, and neither may outlive it.
 """
 
 from __future__ import annotations
@@ -18,12 +17,11 @@ from tests.conftest import REPO
 
 FORGETFUL = """
 import pathlib, subprocess, tempfile
-from tests.conftest import nothing_left_behind  # noqa: F401  (the suite's autouse check)
 
 def test_forgets_its_server_and_folder():
     server = subprocess.Popen(["sleep", "300"], start_new_session=True)
     pathlib.Path("server.pid").write_text(str(server.pid))
-    tempfile.mkdtemp(prefix="stack-postgres-")
+    pathlib.Path("temp.txt").write_text(tempfile.mkdtemp(prefix="stack-postgres-"))
 """
 
 
@@ -36,10 +34,12 @@ def _running(pid: str) -> bool:
 
 
 def _session(folder: Path, test: str) -> subprocess.CompletedProcess:
-    """A pytest session of its own on ``test`` (a module's source), run in ``folder``."""
+    """A pytest session of its own on ``test`` (a module's source), run in ``folder`` with the
+    suite's conftest as a plugin (its hooks and autouse checks)."""
     (folder / "test_inner.py").write_text(textwrap.dedent(test))
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest"]
+        + [str(folder)],
         cwd=folder,
         env={**os.environ, "PYTHONPATH": str(REPO), "TESTS_LEFTOVER_GRACE_S": "1"},
         capture_output=True,
@@ -49,18 +49,17 @@ def _session(folder: Path, test: str) -> subprocess.CompletedProcess:
 
 
 def test_a_session_that_leaves_a_process_and_a_folder_fails_naming_them(tmp_path):
-    before = set(Path(tempfile.gettempdir()).glob("stack-postgres-*"))
     run = _session(tmp_path, FORGETFUL)
-    made = set(Path(tempfile.gettempdir()).glob("stack-postgres-*")) - before
-    for folder in made:
-        folder.rmdir()
     assert run.returncode == 1, run.stdout[-2000:]
     assert "1 passed, 1 error" in run.stdout
     assert "the tests left behind" in run.stdout
     pid = (tmp_path / "server.pid").read_text()
     assert f"process {pid}: sleep 300" in run.stdout
-    assert len(made) == 1 and f"temp folder {made.pop()}" in run.stdout
+    made = Path((tmp_path / "temp.txt").read_text())
+    assert f"temp folder {made}" in run.stdout
+    assert made.parent.parent == Path(tempfile.gettempdir())  # in the session's own folder
     assert not _running(pid)  # killed at the session's end
+    assert not made.parent.exists()  # the session's temp folder went with it
 
 
 def test_a_session_that_cleans_up_passes(tmp_path):
@@ -68,7 +67,6 @@ def test_a_session_that_cleans_up_passes(tmp_path):
         tmp_path,
         """
         import shutil, subprocess, tempfile
-        from tests.conftest import nothing_left_behind  # noqa: F401
 
         def test_stops_its_server_and_removes_its_folder():
             proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
@@ -79,3 +77,37 @@ def test_a_session_that_cleans_up_passes(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-2000:]
     assert "1 passed" in run.stdout and "left behind" not in run.stdout
+
+
+def test_a_test_that_leaves_a_run_running_or_reaches_beyond_loopback_fails_naming_it(tmp_path):
+    run = _session(
+        tmp_path,
+        """
+        import socket, subprocess, sys
+        import mlflow
+
+        def test_leaves_a_run_running(tmp_path):
+            mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+            client = mlflow.MlflowClient()
+            client.create_run(client.create_experiment("e"), run_name="forgotten")
+
+        def test_swallows_a_refused_connection_in_a_child_process():
+            code = (
+                "import socket\\ntry:\\n socket.create_connection(('192.0.2.1', 9), 1)\\n"
+                "except OSError as e:\\n print(e)"
+            )
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            assert "beyond loopback refused" in out.stdout
+
+        def test_connects_to_loopback_only():
+            with socket.socket() as server:
+                server.bind(("127.0.0.1", 0))
+                server.listen()
+                socket.create_connection(server.getsockname(), 1).close()
+        """,
+    )
+    assert run.returncode == 1, run.stdout[-2000:]
+    assert "3 passed" in run.stdout and "2 errors" in run.stdout, run.stdout[-2000:]
+    assert "MLflow run left RUNNING: " in run.stdout and "forgotten (" in run.stdout
+    assert "connection beyond loopback: pid " in run.stdout
+    assert "socket.connect ('192.0.2.1', 9)" in run.stdout

@@ -171,6 +171,7 @@ def test_recipe_rows_show_the_parent_runs_headline_and_what_the_walkthrough_repo
         "finetune.images_per_second": 45.6,
     }.items():
         client.log_metric(parent.info.run_id, key, value)
+    client.set_terminated(parent.info.run_id)
     row = _row(
         "cats_vs_dogs--xception_guide",
         "xception",
