@@ -125,7 +125,7 @@ def extract_archive(archive: Path, target: Path, *, final: Path | None = None) -
     try:
         with zipfile.ZipFile(archive) as bundle:
             plan, needed = _plan(bundle)
-            _check_space(target, needed)
+            _check_space(target, needed, archive, final)
             return _write(bundle, plan, target)
     except SourceFailed as failure:
         raise StageError(
@@ -186,12 +186,15 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def _check_space(target: Path, needed: int) -> None:
+def _check_space(target: Path, needed: int, archive: Path, final: Path) -> None:
+    """Refuse before the first byte when the tree cannot fit (``final``: where it goes)."""
     free = shutil.disk_usage(target).free
     if needed > free:
+        kept = "; the previous tree there is kept" if final != target and final.exists() else ""
         raise StageError(
-            f"extracting needs {human_size(needed)} but {target} has {human_size(free)} free; "
-            "free some space"
+            f"extracting {archive} to {final} needs {human_size(needed)} but its file system "
+            f"has {human_size(free)} free; free space on the file system of {final.parent}, "
+            f"then rerun{kept}"
         )
 
 

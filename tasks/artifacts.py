@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,16 +120,43 @@ def save_model(model: keras.Model, target: Path) -> Path:
     left as it was (the previous model, or nothing).
     """
     target = Path(target)
-    try:
-        with atomic_path(target, suffix=".keras") as tmp:
+    with kept_on_full_disk(target, "saving the model to", "model"):
+        with atomic_path(target, suffix=".keras") as tmp, _scratch_temp_dir():
             model.save(tmp)
+    return target
+
+
+@contextmanager
+def _scratch_temp_dir() -> Iterator[None]:
+    """Keras's temp files in a folder removed whatever happens: a save that fails (a full
+    disk) skips Keras's own clean-up and would leave its asset folder in $TMPDIR."""
+    import tempfile
+
+    before = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="tasks-save-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = before
+
+
+@contextmanager
+def kept_on_full_disk(target: Path, doing: str, what: str) -> Iterator[None]:
+    """A storage error (full disk, quota, file-size limit) while ``doing`` ``target`` (an
+    atomic write) as one StageError naming it and that the previous ``what`` is kept.
+
+    Libraries that write through their own I/O (pyarrow, h5py) raise it without a file
+    name; this names the file and the file system that is full.
+    """
+    try:
+        yield
     except OSError as error:
-        full = storage_error(error, f"saving the model to {target}", where=target.parent)
+        full = storage_error(error, f"{doing} {target}", where=target.parent)
         if full is None:
             raise
-        kept = "the previous model there is kept" if target.exists() else "nothing was saved"
+        kept = f"the previous {what} there is kept" if target.exists() else "nothing was saved"
         raise StageError(f"{full}; {kept}") from None
-    return target
 
 
 def relative(paths: DatasetPaths, file: Path) -> str:

@@ -171,9 +171,18 @@ def storage_error(
     folder = _existing_folder(Path(where or written or "."))
     free = f"{_size(shutil.disk_usage(folder).free)} free now" if folder else "free space unknown"
     fix = f"free space on the file system of {folder} ({free})"
+    if folder and found.errno == errno.ENOSPC and _no_inodes(folder):
+        reason = "no inodes (room for new files) left on the device"
+        fix = f"delete files on the file system of {folder} or give it more inodes ({free})"
     if found.errno == errno.EDQUOT:
         fix += " or raise the quota"
     return f"{reason} while {doing}; {fix}, then rerun"
+
+
+def _no_inodes(folder: Path) -> bool:
+    """Whether ``folder``'s file system is out of inodes (bytes may be free)."""
+    stats = os.statvfs(folder)
+    return stats.f_files > 0 and stats.f_favail == 0
 
 
 def _storage_oserror(error: BaseException | None) -> OSError | None:

@@ -134,8 +134,9 @@ def _session_processes(token: str) -> dict[int, str]:
 
 
 # What libraries keep in TMPDIR until their process exits: TensorFlow's autograph sources
-# (removed at exit) and a session stamp its native code writes while converting a model.
-_LIBRARY_TEMP = ("__autograph_generated_file", ".ses")
+# and their bytecode (removed at exit), a session stamp its native code writes while
+# converting a model.
+_LIBRARY_TEMP = ("__autograph_generated_file", "__pycache__", ".ses")
 
 
 def _temp_left(own: Path) -> list[Path]:

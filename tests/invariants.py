@@ -99,3 +99,18 @@ def active_run() -> str | None:
     mlflow = sys.modules.get("mlflow")
     run = mlflow.active_run() if mlflow is not None else None
     return run.info.run_id if run is not None else None
+
+
+def end_open_executions(uri: str) -> list[str]:
+    """End (KILLED) every pipeline execution still RUNNING in the store at ``uri``: what a
+    test leaves open on purpose when it runs ``train`` alone (``register``, the last stage,
+    would end it). Returns their run ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = "tags.`pipeline.parent` = 'true' and attributes.status = 'RUNNING'"
+    runs = client.search_runs(experiments, query) if experiments else []
+    for run in runs:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in runs]

@@ -107,7 +107,13 @@ def record_experiment(
     if remote:
         code, lines = dvc_command(ws, ["exp", "push", "--force", remote, name], record)
         if code:
-            raise failure("record", dataset, lines)
+            reason = str(failure("record", dataset, lines)).split(" failed: ", 1)[-1]
+            raise StageFailed(
+                f"record@{dataset}: the git remote {remote} refused experiment {name} "
+                f"({reason.removeprefix('ERROR: ')}); it stays saved in {ws}: let the pipeline "
+                "account push refs/exps there, then retry the task",
+                retryable=True,
+            )
     pushed = push_outputs(project, dataset).pushed
     result = ExperimentRecord(
         dataset=dataset,

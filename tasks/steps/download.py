@@ -346,7 +346,7 @@ def fetch_any(
                 sha, size = fetch_source(source, part, ds, dl, session=session)
                 _check_hash(sha, ds, expected)
             except OSError as error:
-                full = storage_error(error, f"downloading {source} to {part}")
+                full = storage_error(error, f"downloading {source} to {part}", part.parent)
                 if full is None:
                     raise
                 raise StageError(f"{ds.name}: {full} (the download resumes there)") from None

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.artifacts import kept_on_full_disk
 from tasks.config import SPLITS, Config, DatasetConfig, ValidateConfig
 from tasks.errors import StageError
 from tasks.io import atomic_path, write_json
@@ -164,8 +165,9 @@ def run_validation(cfg: Config, paths: DatasetPaths) -> ValidationResult:
     if result.passed:
         writing = time.perf_counter()
         manifest = _write_images(manifest, scan, paths, settings)
-        with atomic_path(paths.manifest) as tmp:
-            manifest.to_parquet(tmp, index=False)
+        with kept_on_full_disk(paths.manifest, "writing the manifest", "manifest"):
+            with atomic_path(paths.manifest) as tmp:
+                manifest.to_parquet(tmp, index=False)
         timings["write"] = time.perf_counter() - writing
     seconds = time.perf_counter() - start
     result = replace(result, seconds=seconds)

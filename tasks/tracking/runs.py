@@ -10,6 +10,7 @@ What each run is tagged with (its lineage) is :mod:`tasks.tracking.lineage`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -290,22 +291,31 @@ def phase_run(
         experiment_id = use_experiment(cfg, paths)
         scheduled = bool(os.environ.get(PARENT_ENV))
         parent = None if new_parent and not scheduled else _existing_parent(paths, experiment_id)
-        if parent is None:
+        opened = parent is None
+        if opened:
             parent = start_pipeline_run(cfg, paths)
         end_stale_runs(experiment_id, paths, f"a new attempt of {phase} started", phase=phase)
-        with mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=phase,
-            parent_run_id=parent,
-            tags={**lineage_tags(cfg, paths), "phase": phase},
-        ) as run:
-            mlflow.log_params(flat_params(cfg, paths.dataset))
-            if phase in INPUT_CONTEXTS:
-                log_manifest(cfg, paths, run.info.run_id, INPUT_CONTEXTS[phase])
-                # a scheduled parent opens before validate writes the manifest
-                if not mlflow.MlflowClient().get_run(parent).inputs.dataset_inputs:
-                    log_manifest(cfg, paths, parent, "pipeline")
-            yield run
+        try:
+            with mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=phase,
+                parent_run_id=parent,
+                tags={**lineage_tags(cfg, paths), "phase": phase},
+            ) as run:
+                mlflow.log_params(flat_params(cfg, paths.dataset))
+                if phase in INPUT_CONTEXTS:
+                    log_manifest(cfg, paths, run.info.run_id, INPUT_CONTEXTS[phase])
+                    # a scheduled parent opens before validate writes the manifest
+                    if not mlflow.MlflowClient().get_run(parent).inputs.dataset_inputs:
+                        log_manifest(cfg, paths, parent, "pipeline")
+                yield run
+        except BaseException:
+            # the execution this phase opened ends with it (a retry opens a new one), never
+            # left RUNNING; one opened by the scheduler or an earlier stage is its opener's
+            if opened:
+                with contextlib.suppress(Exception):  # the phase's own error is the one to tell
+                    end_pipeline_run(cfg, paths, parent, "FAILED")
+            raise
         record = RunRecord(phase, run.info.run_id, parent, experiment_id, mlflow.get_tracking_uri())
         record.write(paths.run_record(phase))
         if last and not scheduled:

@@ -80,6 +80,9 @@ def server_errors(uri: str, rerun: str) -> Iterator[None]:
         denied = access_error(error, uri)
         if denied:
             raise StageError(f"{denied}, then rerun `{rerun}`") from None
+        full = artifact_store_full(error)
+        if full:
+            raise StageError(f"{full} `{rerun}`") from None
         reason = unreachable_reason(error) if uri.startswith(("http://", "https://")) else None
         if reason is None:
             raise
@@ -87,6 +90,22 @@ def server_errors(uri: str, rerun: str) -> Iterator[None]:
             f"MLflow tracking server {uri} unreachable ({reason}); start it, or point "
             f"MLFLOW_TRACKING_URI (or tracking.uri) at a running one, then rerun `{rerun}`"
         ) from None
+
+
+def artifact_store_full(error: BaseException) -> str | None:
+    """The one line for a local MLflow artifact store that ran out of space (MLflow writes
+    through a temp file, so its ``OSError`` names no file), else None."""
+    from tasks.io import storage_error
+
+    store = None
+    trace = error.__traceback__
+    while trace is not None:
+        if "mlflow/store/artifact" in trace.tb_frame.f_code.co_filename.replace("\\", "/"):
+            store = getattr(trace.tb_frame.f_locals.get("self"), "artifact_dir", None) or store
+        trace = trace.tb_next
+    if store is None:
+        return None
+    return storage_error(error, f"logging artifacts to the MLflow artifact store {store}", store)
 
 
 def access_error(error: BaseException | None, uri: str | None = None) -> str | None:

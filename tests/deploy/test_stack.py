@@ -509,6 +509,8 @@ PERMISSIONS = {
 
 
 def test_mlflow_lets_each_account_do_what_it_may_and_nothing_more(stack, pipeline):
+    """Each call is judged by what it did, not only by its status: a write must show in the
+    store when allowed and must not when refused (each targets a visible change, undone)."""
     logins = {
         "nobody": None,
         "wrong password": (PIPELINE[0], "not-the-password"),
@@ -519,74 +521,148 @@ def test_mlflow_lets_each_account_do_what_it_may_and_nothing_more(stack, pipelin
     ((experiment_id,),) = stack.mlflow_sql(
         "SELECT experiment_id FROM experiments WHERE name = %s", (DATASET,)
     )
-    ((champion,),) = stack.mlflow_sql(
-        "SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'",
-        (MODEL,),
+    champion_sql = (
+        "SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'"
     )
+    ((champion,),) = stack.mlflow_sql(champion_sql, (MODEL,))
     evaluate_run = phase_run_id(stack, "evaluate")
+    # a second version, for @champion to move to where a call may move it (removed after)
+    ((source, source_run),) = stack.mlflow_sql(
+        "SELECT source, run_id FROM model_versions WHERE name = %s AND version = %s",
+        (MODEL, champion),
+    )
+    status, body = mlflow_api(
+        stack, ADMIN, "POST", "model-versions/create",
+        {"name": MODEL, "source": source, "run_id": source_run},
+    )  # fmt: skip
+    assert status == 200, body
+    other = int(body["model_version"]["version"])
 
-    def scratch_run() -> str:  # a run of the pipeline's experiment, made to be deleted
+    def scratch_run() -> str:  # a finished run of the pipeline's experiment, to be deleted
         status, body = mlflow_api(
             stack, PIPELINE, "POST", "runs/create", {"experiment_id": str(experiment_id)}
         )
         assert status == 200
-        return body["run"]["info"]["run_id"]
+        run_id = body["run"]["info"]["run_id"]
+        update = {"run_id": run_id, "status": "FINISHED", "end_time": int(time.time() * 1000)}
+        assert mlflow_api(stack, PIPELINE, "POST", "runs/update", update)[0] == 200
+        return run_id
 
-    alias = {"name": MODEL, "alias": "champion", "version": str(champion)}
-    actions = {
-        "search runs": lambda: ("POST", "runs/search", {"experiment_ids": [str(experiment_id)]}),
-        "read @champion": lambda: (
-            "GET",
-            f"registered-models/alias?name={MODEL}&alias=champion",
-            None,
-        ),
-        "set @champion": lambda: ("POST", "registered-models/alias", alias),
-        "delete a run": lambda: ("POST", "runs/delete", {"run_id": scratch_run()}),
-        "log to a pipeline run": lambda: (
-            "POST",
-            "runs/set-tag",
-            {"run_id": evaluate_run, "key": "reviewed", "value": "yes"},
-        ),
-        "manage accounts": lambda: ("GET", f"users/get?username={READER[0]}", None),
-    }
+    def deleted(run_id: str) -> bool:
+        return bool(stack.mlflow_sql(
+            "SELECT 1 FROM runs WHERE run_uuid = %s AND lifecycle_stage = 'deleted'", (run_id,)
+        ))  # fmt: skip
+
+    def tagged(key: str) -> bool:
+        return bool(stack.mlflow_sql(
+            "SELECT 1 FROM tags WHERE run_uuid = %s AND key = %s", (evaluate_run, key)
+        ))  # fmt: skip
+
+    def call(account: str, action: str) -> tuple[int, bool]:
+        """(status, whether the call did what it asks) for one cell, its change undone."""
+        login = logins[account]
+        if action == "search runs":
+            status, answer = mlflow_api(
+                stack, login, "POST", "runs/search", {"experiment_ids": [str(experiment_id)]}
+            )
+            return status, evaluate_run in {r["info"]["run_id"] for r in answer.get("runs", [])}
+        if action == "read @champion":
+            path = f"registered-models/alias?name={MODEL}&alias=champion"
+            status, answer = mlflow_api(stack, login, "GET", path)
+            return status, answer.get("model_version", {}).get("version") == str(champion)
+        if action == "manage accounts":
+            status, answer = mlflow_api(stack, login, "GET", f"users/get?username={READER[0]}")
+            return status, answer.get("user", {}).get("username") == READER[0]
+        if action == "set @champion":
+            moved = {"name": MODEL, "alias": "champion", "version": str(other)}
+            status, _ = mlflow_api(stack, login, "POST", "registered-models/alias", moved)
+            done = stack.mlflow_sql(champion_sql, (MODEL,)) == [(other,)]
+            back = {**moved, "version": str(champion)}
+            assert mlflow_api(stack, ADMIN, "POST", "registered-models/alias", back)[0] == 200
+            return status, done
+        if action == "delete a run":
+            run_id = scratch_run()
+            status, _ = mlflow_api(stack, login, "POST", "runs/delete", {"run_id": run_id})
+            done = deleted(run_id)
+            if not done:
+                assert (
+                    mlflow_api(stack, PIPELINE, "POST", "runs/delete", {"run_id": run_id})[0] == 200
+                )
+            return status, done
+        assert action == "log to a pipeline run"
+        key = f"probe.{account.replace(' ', '_')}"
+        tag = {"run_id": evaluate_run, "key": key, "value": "yes"}
+        status, _ = mlflow_api(stack, login, "POST", "runs/set-tag", tag)
+        done = tagged(key)
+        if done:
+            mlflow_api(
+                stack, ADMIN, "POST", "runs/delete-tag", {"run_id": evaluate_run, "key": key}
+            )
+        return status, done
+
     measured = {}
-    for account, action in PERMISSIONS:
-        method, path, body = actions[action]()
-        status, answer = mlflow_api(stack, logins[account], method, path, body)
-        assert status in (200, 401, 403), (account, action, status)
-        measured[(account, action)] = "allowed" if status == 200 else "refused"
-        if account in ("nobody", "wrong password"):
-            assert status == 401, (account, action)
-        elif status != 200:
-            assert status == 403, (account, action)
+    try:
+        for account, action in PERMISSIONS:
+            status, done = call(account, action)
+            assert status in (200, 401, 403), (account, action, status)
+            assert done == (status == 200), (account, action, status, done)
+            measured[(account, action)] = "allowed" if done else "refused"
+            if account in ("nobody", "wrong password"):
+                assert status == 401, (account, action)
+            elif not done:
+                assert status == 403, (account, action)
+    finally:
+        deleted_version = {"name": MODEL, "version": str(other)}
+        assert (
+            mlflow_api(stack, ADMIN, "DELETE", "model-versions/delete", deleted_version)[0] == 200
+        )
     print("\naccount x action (MLflow server, basic auth):")
     for (account, action), verdict in measured.items():
         print(f"  {account:15} {action:22} {verdict}")
     assert measured == PERMISSIONS
-    # Nothing the refused calls tried was done: @champion and the run's tags are as they were.
-    assert stack.mlflow_sql(
-        "SELECT version FROM registered_model_aliases WHERE name = %s AND alias = 'champion'",
-        (MODEL,),
-    ) == [(champion,)]
-    assert not stack.mlflow_sql(
-        "SELECT 1 FROM runs WHERE run_uuid = %s AND lifecycle_stage = 'deleted'", (evaluate_run,)
+    # as it was: @champion on its version, one version, the evaluate run live and untagged
+    assert stack.mlflow_sql(champion_sql, (MODEL,)) == [(champion,)]
+    assert stack.mlflow_sql("SELECT version FROM model_versions WHERE name = %s", (MODEL,)) == [
+        (champion,)
+    ]
+    assert not deleted(evaluate_run) and not any(
+        tagged(f"probe.{a}") for a in ("viewer", "pipeline")
     )
 
 
+# Each bucket's owner: the key that must reach it (and checks what the others left there).
+BUCKET_OWNER = {MLFLOW_BUCKET: "mlflow-server", DVC_BUCKET: "pipeline"}
+
+
 def test_each_s3_key_reaches_its_own_bucket_only(stack, pipeline):
+    """Listing and writing are each tried, whatever the other answered; a write counts by
+    whether the object is there afterwards (looked up with the bucket owner's key)."""
     from botocore.exceptions import ClientError
 
     measured = {}
     for user in ("mlflow-server", "pipeline"):
         for bucket in (MLFLOW_BUCKET, DVC_BUCKET):
-            client = stack.s3(user)
-            try:
-                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
-                client.put_object(Bucket=bucket, Key="probe/key-check", Body=b"x")
-                measured[(user, bucket)] = "allowed"
-            except ClientError as error:
-                assert error.response["Error"]["Code"] == "AccessDenied", error
-                measured[(user, bucket)] = "refused"
+            client, key = stack.s3(user), f"probe/{user}-key-check"
+            calls = {
+                "list": (client.list_objects_v2, {"Bucket": bucket, "MaxKeys": 1}),
+                "write": (client.put_object, {"Bucket": bucket, "Key": key, "Body": b"x"}),
+            }
+            verdicts = {}
+            for action, (method, kwargs) in calls.items():
+                try:
+                    method(**kwargs)
+                    verdicts[action] = "allowed"
+                except ClientError as error:
+                    assert error.response["Error"]["Code"] == "AccessDenied", error
+                    verdicts[action] = "refused"
+            owner = stack.s3(BUCKET_OWNER[bucket])
+            listed = owner.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
+            written = [o["Key"] for o in listed] == [key]
+            assert written == (verdicts["write"] == "allowed"), (user, bucket, verdicts)
+            if written:
+                owner.delete_object(Bucket=bucket, Key=key)
+            assert verdicts["list"] == verdicts["write"], (user, bucket, verdicts)
+            measured[(user, bucket)] = verdicts["write"]
     print("\nS3 key x bucket:", measured)
     assert measured == {
         ("mlflow-server", MLFLOW_BUCKET): "allowed",

@@ -1,11 +1,11 @@
 """Fault injection: each fault ends in one clear line (or a retry that succeeds) and loses nothing.
 
 Real processes and components, no mocks: the stage commands run as ``python -m tasks``
-processes, a full disk is a file-size limit on that process (``RLIMIT_FSIZE``: Python
-ignores SIGXFSZ, so a write past the limit fails with ``EFBIG``, as one past a full disk
-fails with ``ENOSPC``), the tracking server is a real ``mlflow server`` (started by
-``mlflow/serve.sh``) that is stopped and started again, and the DVC remote is an S3
-endpoint on a closed loopback port that a ``moto_server`` later opens.
+processes, a full disk is a real small tmpfs (test_full_disk.py; a file-size limit,
+``RLIMIT_FSIZE``, only where mounting is refused), the tracking server is a real
+``mlflow server`` (started by ``mlflow/serve.sh``) that is stopped and started again, and
+the DVC remote is an S3 endpoint on a closed loopback port that a ``moto_server`` later
+opens.
 
 What each test asserts is in the first line of its docstring: the fault, what the user
 sees, what is kept.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,9 +23,8 @@ from pathlib import Path
 import pytest
 
 from tasks.dev.httpserver import closed_port
-from tasks.paths import DatasetPaths
 from tests.conftest import REPO
-from tests.datagen import LAYOUTS, make_archive, tiny_params
+from tests.datagen import LAYOUTS, tiny_params
 from tests.deploy.stack import Process, base_env, http_ok, wait_until
 
 DS = "cats_vs_dogs"
@@ -87,127 +85,7 @@ def snapshot(*roots: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-# ----------------------------------------------------------------------------- 1. download
-
-
-@pytest.mark.network
-def test_disk_full_while_extracting_keeps_the_previous_dataset(
-    archive_server, write_params, tmp_path
-):
-    """Disk full while extracting → `error: file too large while extracting <zip> to
-    data/raw/<ds>; raise the file-size limit (ulimit -f, now 1.0 MB per file), then rerun; the
-    previous tree there is kept` → the earlier extracted dataset and its record, byte for byte."""
-    ws = tmp_path / "ws"
-    paths = DatasetPaths.of(DS, ws)
-    first = archive_server.add(
-        "/faults/v1.zip", make_archive(tmp_path / "v1.zip", DS, COUNTS, 16).read_bytes()
-    )
-    done = stage("download", write_params(tiny_params({DS: first}, COUNTS)), ws)
-    assert done.returncode == 0, done.stderr[-3000:]
-    kept = snapshot(paths.raw, paths.download_record)
-
-    # The upstream archive changed: a new one whose last entry (3 MB of zeros, a few KB
-    # zipped) is past the 1 MB limit, so most of the tree is written before the write fails.
-    big = {f"{LAYOUT_ROOT}/train/cats/huge.bin": bytes(3_000_000)}
-    v2 = make_archive(tmp_path / "v2.zip", DS, COUNTS, 16, seed=5, extra=big).read_bytes()
-    assert len(v2) < 1_000_000
-    second = archive_server.add("/faults/v2.zip", v2)
-    failed = stage("download", write_params(tiny_params({DS: second}, COUNTS)), ws, fsize=1_000_000)
-
-    message = one_line_error(failed)
-    assert message == (
-        f"file too large while extracting {paths.archive} to {paths.raw}; raise the file-size "
-        "limit (ulimit -f, now 1.0 MB per file), then rerun; the previous tree there is kept"
-    )
-    assert snapshot(paths.raw, paths.download_record) == kept
-    assert sorted(p.name for p in paths.raw.parent.iterdir() if p.is_dir()) == [DS]  # no temp
-
-
-@pytest.mark.network
-def test_disk_full_while_downloading_keeps_the_dataset_and_the_retry_resumes(
-    archive_server, write_params, tmp_path
-):
-    """Disk full while downloading → `error: cats_vs_dogs: file too large while downloading
-    <url> to <zip>.part; raise the file-size limit (...), then rerun (the download resumes
-    there)` → the earlier dataset untouched; the retry resumes the partial file and succeeds."""
-    ws = tmp_path / "ws"
-    paths = DatasetPaths.of(DS, ws)
-    first = archive_server.add(
-        "/faults/d1.zip", make_archive(tmp_path / "d1.zip", DS, COUNTS, 16).read_bytes()
-    )
-    done = stage("download", write_params(tiny_params({DS: first}, COUNTS)), ws)
-    assert done.returncode == 0, done.stderr[-3000:]
-    kept = snapshot(paths.raw, paths.download_record)
-
-    noise = {f"{LAYOUT_ROOT}/train/cats/noise.bin": os.urandom(300_000)}  # does not compress
-    v2 = make_archive(tmp_path / "d2.zip", DS, COUNTS, 16, seed=5, extra=noise).read_bytes()
-    url = archive_server.add("/faults/d2.zip", v2)
-    params = write_params(tiny_params({DS: url}, COUNTS))
-    failed = stage("download", params, ws, fsize=100_000)
-
-    part = paths.archive.with_name(paths.archive.name + ".part")
-    assert one_line_error(failed) == (
-        f"{DS}: file too large while downloading {url} to {part}; raise the file-size limit "
-        "(ulimit -f, now 100.0 KB per file), then rerun (the download resumes there)"
-    )
-    assert snapshot(paths.raw, paths.download_record) == kept
-    assert part.read_bytes() == v2[:100_000]
-
-    retried = stage("download", params, ws)
-    assert retried.returncode == 0, retried.stderr[-3000:]
-    assert archive_server.requests_for("/faults/d2.zip")[-1].header("Range") == "bytes=100000-"
-    assert paths.archive.read_bytes() == v2
-    assert (paths.raw / LAYOUT_ROOT / "train" / "cats" / "noise.bin").read_bytes() == noise[
-        f"{LAYOUT_ROOT}/train/cats/noise.bin"
-    ]
-
-
-# ----------------------------------------------------------------------------- 2. train
-
-
-@pytest.mark.slow
-def test_disk_full_while_saving_the_model_keeps_the_previous_model(
-    tmp_path, offline_weights, write_params, monkeypatch
-):
-    """Disk full while saving the model (train) → `error: file too large while saving the
-    model to models/<ds>/frozen.keras; raise the file-size limit (...), then rerun; the previous
-    model there is kept` → frozen.keras, its history and run record byte for byte, no temp."""
-    from tasks.config import parse_config
-    from tasks.steps import train
-    from tests.model.conftest import make_workspace
-
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    monkeypatch.delenv("TASKS_PARENT_RUN_ID", raising=False)
-    paths = make_workspace(tmp_path / "ws", {"train": 4, "validation": 4}, size=32)
-    raw = tiny_params({DS: "http://127.0.0.1:1/x.zip"}, train={"weights": str(offline_weights)})
-    raw["train"] |= {"epochs": 1, "batch_size": 8}
-    params = write_params(raw)
-    train.run(parse_config(raw), paths)  # the earlier good run
-    outputs = [paths.frozen_model, paths.phase_history("train"), paths.run_record("train")]
-    kept = snapshot(*outputs)
-
-    size = paths.frozen_model.stat().st_size
-    limit = size // 2  # below the model, above everything else the stage writes
-    assert (tmp_path / "mlflow.db").stat().st_size < limit
-    failed = stage(
-        "train",
-        params,
-        paths.root,
-        "--set",
-        "train.seed=7",
-        fsize=limit,
-        env=stage_env(MLFLOW_TRACKING_URI=store),
-    )
-
-    message = one_line_error(failed)
-    assert message.startswith(
-        f"file too large while saving the model to {paths.frozen_model}; raise the file-size "
-        "limit (ulimit -f, now "
-    ), message
-    assert message.endswith("per file), then rerun; the previous model there is kept")
-    assert snapshot(*outputs) == kept
-    assert [p.name for p in paths.models.iterdir()] == ["frozen.keras"]  # no temporary left
+# Full disks (download, extraction, manifest, model save, artifact upload): test_full_disk.py
 
 
 # ----------------------------------------------------------------------------- 3. MLflow

@@ -10,15 +10,18 @@ pushed back to it as DVC experiments.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -532,3 +535,67 @@ def test_a_scheduled_run_gets_the_fed_back_drops_from_the_shared_cache(git_proje
     copy = ws / "data" / "feedback" / "cats_vs_dogs" / "week1" / "cats" / "c.jpg"
     assert copy.read_bytes() == b"a cat's bytes"
     assert (ws / "data" / "feedback" / "cats_vs_dogs" / "week1.dvc").is_file()
+
+
+@contextlib.contextmanager
+def git_daemon(repo: Path, push: bool) -> Iterator[str]:
+    """``git daemon`` serving ``repo`` on loopback; it refuses pushes unless ``push``."""
+    from tasks.dev.httpserver import unused_port
+
+    port = unused_port()
+    argv = ["git", "daemon", "--listen=127.0.0.1", f"--port={port}", "--export-all",
+            "--reuseaddr", "--informative-errors", f"--base-path={repo.parent}"]  # fmt: skip
+    proc = subprocess.Popen([*argv, *(["--enable=receive-pack"] if push else []), str(repo)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "git daemon did not start"
+                time.sleep(0.1)
+        yield f"git://127.0.0.1:{port}/{repo.name}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_refused_git_push_of_the_experiment_fails_record_in_one_line_and_the_retry_pushes(
+    git_project,
+):
+    """The project's git server refuses the push (``git daemon`` without receive-pack, as a
+    read-only remote answers) → record fails in one line naming the refusal; the outputs and
+    the experiment saved in the workspace are kept → the retry, pushes allowed, pushes it."""
+    from tasks.orchestration.records import update_workspace_record
+
+    project = git_project
+    prepared = prepare_workspace(project, "cats_vs_dogs", None, run_id="refused")
+    for stage in ("first", "second"):
+        run_stage(project, "cats_vs_dogs", stage)
+    ws = project.workspace("cats_vs_dogs")
+    model = (ws / "out/cats_vs_dogs/model.bin").read_bytes()
+
+    with git_daemon(project.root, push=False) as url:
+        update_workspace_record(ws, git_remote=url)
+        with pytest.raises(StageFailed) as refused:
+            record_experiment(project, "cats_vs_dogs")
+    message = str(refused.value)
+    print(message)
+    assert "\n" not in message and refused.value.retryable
+    assert message == (
+        f"record@cats_vs_dogs: the git remote {url} refused experiment {prepared.experiment} "
+        f"(unexpected error - service not enabled: /{project.root.name}); it stays saved in "
+        f"{ws}: let the pipeline account push refs/exps there, then retry the task"
+    )
+    assert sh(project.root, "git", "for-each-ref", "refs/exps") == ""  # nothing arrived
+    assert sh(ws, "git", "for-each-ref", "refs/exps")  # saved in the workspace, kept
+    assert (ws / "out/cats_vs_dogs/model.bin").read_bytes() == model
+
+    with git_daemon(project.root, push=True) as url:
+        update_workspace_record(ws, git_remote=url)
+        record = record_experiment(project, "cats_vs_dogs")  # the retry
+    pushed = sh(project.root, "git", "for-each-ref", "--format=%(objectname)", "refs/exps")
+    assert pushed.split() == [record.rev]
+    finish_pipeline(project, "cats_vs_dogs", prepared.xcom(), None)

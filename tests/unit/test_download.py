@@ -359,6 +359,67 @@ def test_mirrors_are_tried_in_order_after_url(server, zips, ws, tmp_path, caplog
     assert dead in failed[1] and "connection refused" in failed[1]
 
 
+class SilentServer:
+    """A loopback server that accepts every connection and then sends nothing (a stalled
+    upstream: the client's read timeout has to fire). ``accepted``: connections so far."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/cats.zip"
+        self.held: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:  # closed
+                return
+
+    @property
+    def accepted(self) -> int:
+        return len(self.held)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_stalled_source_times_out_is_retried_then_the_next_mirror_serves(
+    server, zips, ws, caplog
+):
+    """A server that accepts and sends nothing → each try ends at the read timeout, the
+    retries are used up, the next mirror serves the archive; the tree is as from a clean run."""
+    good = server.add("/good.zip", zips[DS])
+    stalled = SilentServer()
+    try:
+        cfg = parse_config(
+            {**tiny_params({DS: stalled.url}, COUNTS),
+             "download": {"timeout_seconds": 0.5, "retries": 2, "backoff_seconds": 0}},
+        )  # fmt: skip
+        cfg.datasets[DS].mirrors.append(good)
+        with caplog.at_level(logging.WARNING, logger="tasks.steps.download"):
+            started = time.monotonic()
+            result = download.run(cfg, DatasetPaths.of(DS, ws))
+            took = time.monotonic() - started
+    finally:
+        stalled.close()
+    assert result.source == good and result.sha256 == sha(zips[DS])
+    assert stalled.accepted == 2  # both tries reached it; neither got an answer
+    assert [r.status for r in server.requests_for("/good.zip")] == [200]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert stalled.url in warned and "timed out" in warned
+    print(f"stalled source given up after {took:.1f} s")
+    with zipfile.ZipFile(io.BytesIO(zips[DS])) as archive:
+        inside = {n: archive.read(n) for n in archive.namelist() if not n.endswith("/")}
+    root = LAYOUTS[DS]["root"]
+    got = files_under(tree(DatasetPaths.of(DS, ws)))
+    assert {f"{root}/{name}": data for name, data in got.items()} == inside
+
+
 def test_offline_with_nothing_on_disk_says_where_to_put_the_archive(server, zips, ws):
     url = server.add("/a.zip", zips[DS])
     paths = DatasetPaths.of(DS, ws)
