@@ -38,7 +38,7 @@ run: setup
 # processes the tests start included): `make test` fails under COVERAGE_FLOOR percent; the
 # report is reports/coverage/index.html.
 TEST_WORKERS ?= 2
-COVERAGE_FLOOR ?= 0
+COVERAGE_FLOOR ?= 85
 test: setup stack-deps
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --cov --cov-report=term \
 		--cov-report=html --cov-fail-under=$(COVERAGE_FLOOR) $(PYTEST_ARGS)

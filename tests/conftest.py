@@ -81,8 +81,9 @@ SESSION_MARK = "TESTS_SESSION_ID"
 SESSION_FOLDERS: set[Path] = set()
 _NETWORK_LOG = ".network.log"
 _OWN_TMP = pytest.StashKey[Path]()
-# Repo-root entries tools make while the suite runs (coverage's data files, pytest's cache).
-_ROOT_TOOL_FILES = (".coverage", ".pytest_cache")
+# Repo-root entries tools make while the suite runs (coverage's data files, the caches of
+# pytest and import-linter; each is git-ignored).
+_ROOT_TOOL_FILES = (".coverage", ".pytest_cache", ".import_linter_cache")
 
 
 def pytest_configure(config):
@@ -96,6 +97,7 @@ def pytest_configure(config):
 
     root = os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
     own = Path(tempfile.mkdtemp(prefix="tests-tmp-", dir=os.environ.get("TMPDIR") or root))
+    own.chmod(0o1777)  # as /tmp: the servers run as other users (PostgreSQL) write there too
     os.environ["TMPDIR"] = str(own)
     tempfile.tempdir = None
     config.stash[_OWN_TMP] = own
@@ -133,10 +135,10 @@ def _session_processes(token: str) -> dict[int, str]:
     return found
 
 
-# What libraries keep in TMPDIR until their process exits: TensorFlow's autograph sources
-# and their bytecode (removed at exit), a session stamp its native code writes while
-# converting a model.
-_LIBRARY_TEMP = ("__autograph_generated_file", "__pycache__", ".ses")
+# What libraries keep in TMPDIR: TensorFlow's autograph sources and their bytecode (removed
+# at exit), a session stamp its native code writes while converting a model, and the lock
+# file MLflow takes to create a database's tables (kept on purpose, one per database).
+_LIBRARY_TEMP = ("__autograph_generated_file", "__pycache__", ".ses", "db_init_lock-")
 
 
 def _temp_left(own: Path) -> list[Path]:

@@ -1,7 +1,10 @@
 """What every test must leave as it found it, checked after each one (tests/conftest.py).
 
 - no MLflow run left ``RUNNING`` in any store under the session's temp root (SQLite
-  backends and file stores, found by walking it, each re-read only when it changed);
+  backends and file stores, found by walking it, each re-read only when it changed). A
+  pipeline execution whose stages all finished is ended instead of reported: a test that
+  runs stages alone leaves it open by design (register or the DAG's finish would end it);
+  a RUNNING stage run, or an execution with a failed or killed stage, is reported;
 - no new entry in the project folder (a stray ``mlruns/`` made by a default tracking URI);
 - no connection beyond loopback (tests/netguard).
 """
@@ -42,15 +45,38 @@ def find_stores(root: Path) -> list[Path]:
     return found
 
 
+# RUNNING runs, each with whether it is an open pipeline execution: a parent run whose
+# stages all FINISHED, which a test that runs stages alone leaves open by design (the last
+# stage, register, or the DAG's finish task would end it).
+_RUNNING_SQL = """
+SELECT r.run_uuid, r.name,
+       EXISTS (SELECT 1 FROM tags p WHERE p.run_uuid = r.run_uuid
+               AND p.key = 'pipeline.parent' AND p.value = 'true')
+       AND NOT EXISTS (SELECT 1 FROM tags c JOIN runs cr ON cr.run_uuid = c.run_uuid
+                       WHERE c.key = 'mlflow.parentRunId' AND c.value = r.run_uuid
+                       AND cr.status != 'FINISHED')
+FROM runs r WHERE r.status = 'RUNNING'
+"""
+
+
 def _sqlite_running(path: Path) -> list[str]:
+    """The RUNNING runs of a SQLite store that are not open executions; those are ended
+    (KILLED, as a new execution would end them) so that none stays RUNNING."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
             if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
                 return []
-            rows = db.execute("SELECT run_uuid, name FROM runs WHERE status = 'RUNNING'")
-            return [f"{name or '-'} ({uuid})" for uuid, name in rows.fetchall()]
+            rows = db.execute(_RUNNING_SQL).fetchall()
     except sqlite3.DatabaseError:  # not SQLite, or removed meanwhile
         return []
+    open_executions = [uuid for uuid, _, is_open in rows if is_open]
+    if open_executions:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{path}")
+        for uuid in open_executions:
+            client.set_terminated(uuid, "KILLED")
+    return [f"{name or '-'} ({uuid})" for uuid, name, is_open in rows if not is_open]
 
 
 def _file_store_running(path: Path) -> list[str]:

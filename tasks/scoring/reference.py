@@ -75,13 +75,17 @@ def load_reference(run_id: str, version: str, name: str) -> Reference:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{FOLDER}/{FILE}")
-    except (MlflowException, OSError):
-        raise StageError(
-            f"{name} v{version} has no drift reference ({FOLDER}/{FILE} in run {run_id}): it "
-            "was registered before scoring existed; register a new version (run the pipeline) "
-            "to score drops with drift tests"
-        ) from None
-    with np.load(local) as arrays:
-        return Reference.from_arrays(arrays)
+    # a folder of ours: without one MLflow downloads into a temp folder it never removes
+    with tempfile.TemporaryDirectory(prefix="tasks-reference-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{FOLDER}/{FILE}", dst_path=tmp
+            )
+        except (MlflowException, OSError):
+            raise StageError(
+                f"{name} v{version} has no drift reference ({FOLDER}/{FILE} in run {run_id}): "
+                "it was registered before scoring existed; register a new version (run the "
+                "pipeline) to score drops with drift tests"
+            ) from None
+        with np.load(local) as arrays:
+            return Reference.from_arrays(arrays)

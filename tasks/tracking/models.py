@@ -14,6 +14,7 @@ probability per class, in the order of its metadata's ``classes``; it loads with
 from __future__ import annotations
 
 import importlib.metadata
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,10 +147,12 @@ def load_logged_model(uri: str) -> tuple[keras.Model, dict[str, Any]]:
 
     import tasks.ml.model  # noqa: F401 - registers the custom layers the model may use
 
+    # a folder of ours: without one MLflow downloads into a temp folder it never removes
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        metadata = Model.load(str(local / "MLmodel")).metadata or {}
-        model = mlflow.tensorflow.load_model(str(local))
+        with tempfile.TemporaryDirectory(prefix="tasks-model-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            metadata = Model.load(str(local / "MLmodel")).metadata or {}
+            model = mlflow.tensorflow.load_model(str(local))
     except (MlflowException, OSError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise StageError(

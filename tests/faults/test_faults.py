@@ -13,9 +13,12 @@ sees, what is kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +167,84 @@ def test_tracking_server_down_fails_in_one_line_and_the_retry_registers(
         assert registry(url)[0]["champion"] == champion
         assert registry(url)[1] == ["1", "2"]
     finally:
+        server.stop()
+
+
+def store_metrics(store: Path) -> int:
+    """How many metric values the server's SQLite store holds (0 before it has one)."""
+    import sqlite3
+
+    dbs = list(store.rglob("*.db"))
+    if not dbs:
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{dbs[0]}?mode=ro", uri=True)) as db:
+        try:
+            return db.execute("SELECT count(*) FROM metrics").fetchone()[0]
+        except sqlite3.OperationalError:  # tables not made yet
+            return 0
+
+
+@pytest.mark.slow
+def test_tracking_server_killed_during_a_fit_fails_in_one_line_and_the_retry_trains(
+    tmp_path, offline_weights, write_params
+):
+    """The MLflow server SIGKILLed while train logs its epochs → `error: MLflow tracking
+    server <url> unreachable (connection refused); start it, ... then rerun `python -m tasks
+    train <ds>`` → no model, no temporary written → after a restart on the same store the
+    retry trains, and the run the kill left RUNNING ends KILLED (none stays RUNNING)."""
+    from tests.invariants import end_open_executions
+    from tests.model.conftest import make_workspace
+
+    paths = make_workspace(tmp_path / "ws", {"train": 4, "validation": 4}, size=32)
+    raw = tiny_params({DS: "http://127.0.0.1:1/x.zip"}, train={"weights": str(offline_weights)})
+    raw["train"] |= {"epochs": 40, "batch_size": 8, "early_stopping_patience": 100}
+    params = write_params(raw)
+    store = tmp_path / "mlflow"
+    server, url = mlflow_server(store)
+    env = stage_env(
+        MLFLOW_TRACKING_URI=url,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+    )
+    argv = [sys.executable, "-m", "tasks", "train", DS, "--params", str(params)]
+    fit = subprocess.Popen(
+        [*argv, "--root", str(paths.root)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: store_metrics(store) > 0 or fit.poll() is not None, 300, "an epoch")
+        assert fit.poll() is None, fit.stderr.read()[-3000:]
+        os.killpg(server.popen.pid, signal.SIGKILL)  # mid-fit: epochs are being logged
+        server.popen.wait(10)
+        _, err = fit.communicate(timeout=600)
+        failed = subprocess.CompletedProcess(fit.args, fit.returncode, "", err)
+        assert one_line_error(failed) == (
+            f"MLflow tracking server {url} unreachable (connection refused); start it, or "
+            "point MLFLOW_TRACKING_URI (or tracking.uri) at a running one, then rerun "
+            f"`python -m tasks train {DS}`"
+        )
+        assert not paths.models.exists() or list(paths.models.iterdir()) == []
+
+        server, _ = mlflow_server(store, port=int(url.rsplit(":", 1)[1]))  # back, same store
+        raw["train"]["epochs"] = 1
+        retried = stage("train", write_params(raw), paths.root, env=env)
+        assert retried.returncode == 0, retried.stderr[-3000:]
+        assert paths.frozen_model.is_file()
+        from mlflow import MlflowClient
+
+        client = MlflowClient(url)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        statuses = sorted((r.data.tags.get("phase", "execution"), r.info.status) for r in runs)
+        assert statuses == [
+            ("execution", "KILLED"),  # the killed attempt's, ended by the retry
+            ("execution", "RUNNING"),  # the retry's: register would end it
+            ("train", "FINISHED"),
+            ("train", "KILLED"),  # the killed attempt's, ended by the retry
+        ], statuses
+        assert len(end_open_executions(url)) == 1
+    finally:
+        if fit.poll() is None:
+            fit.kill()
+            fit.wait()
         server.stop()
 
 

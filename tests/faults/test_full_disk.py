@@ -278,8 +278,9 @@ def test_a_full_artifact_store_while_logging_fails_in_one_line_and_the_retry_log
     `error: no space left on the device while logging artifacts to the MLflow artifact store
     <run's artifact folder>; free space on the file system of ... (N free now), then rerun
     `python -m tasks train <ds>`` → the runs end FAILED, the run record still names the last
-    good run → the retry logs. (The new model and history are already in place by then:
-    train commits its outputs before it logs them; see the note in docs/testing.md.)"""
+    good run → the retry logs. (The new model and history are already in place by then, whole:
+    train commits its outputs before it logs them, and dvc.lock, not updated by the failed
+    stage, makes `dvc repro` run train again.)"""
     paths, disk = trained["paths"], trained["artifacts"]
     record = snapshot(paths.run_record("train"))
     runs = train_runs(trained["store"])
