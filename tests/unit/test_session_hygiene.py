@@ -111,3 +111,49 @@ def test_a_test_that_leaves_a_run_running_or_reaches_beyond_loopback_fails_namin
     assert "MLflow run left RUNNING: " in run.stdout and "forgotten (" in run.stdout
     assert "connection beyond loopback: pid " in run.stdout
     assert "socket.connect ('192.0.2.1', 9)" in run.stdout
+
+
+def test_an_open_pipeline_execution_is_ended_but_a_running_stage_run_is_reported(tmp_path):
+    """A parent run whose stages all finished is what a test running stages alone leaves by
+    design: the check ends it (KILLED). A stage run still RUNNING is a zombie: the check
+    reports it and its execution, and ends neither."""
+    run = _session(
+        tmp_path,
+        """
+        import pathlib
+
+        import mlflow
+
+        def _store(tmp_path, name):
+            client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+            experiment = client.create_experiment(name)
+            parent = client.create_run(experiment, tags={"pipeline.parent": "true"})
+            child = client.create_run(
+                experiment, tags={"mlflow.parentRunId": parent.info.run_id}, run_name="stage"
+            )
+            pathlib.Path(f"{name}.ids").write_text(  # in the outer test's folder (the cwd)
+                f"{tmp_path / 'mlflow.db'} {parent.info.run_id} {child.info.run_id}"
+            )
+            return client, child.info.run_id
+
+        def test_open_execution(tmp_path):
+            client, child = _store(tmp_path, "open")
+            client.set_terminated(child)
+
+        def test_zombie_stage(tmp_path):
+            _store(tmp_path, "zombie")
+        """,
+    )
+    import sqlite3
+
+    assert "2 passed" in run.stdout and "1 error" in run.stdout, run.stdout[-2000:]
+    statuses = {}
+    for name in ("open", "zombie"):
+        found = (tmp_path / f"{name}.ids").read_text().split()
+        with sqlite3.connect(found[0]) as db:
+            rows = dict(db.execute("SELECT run_uuid, status FROM runs").fetchall())
+        statuses[name] = (rows[found[1]], rows[found[2]])
+    assert statuses == {"open": ("KILLED", "FINISHED"), "zombie": ("RUNNING", "RUNNING")}
+    assert f"mlflow.db: stage ({found[2]})" in run.stdout  # the zombie's stage
+    assert f"({found[1]})" in run.stdout  # and its execution, both reported
+    assert run.stdout.count("MLflow run left RUNNING") == 2  # the open execution is not
