@@ -93,6 +93,10 @@ case "${MLFLOW_AUTH:-none}" in
                 "$auth_db" "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" > "$auth_dir/basic_auth.ini"
         )
         export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
+        # exec below replaces this shell by the server (same PID): a watcher in a session of
+        # its own removes the private folder once that PID is gone, however the server ended
+        setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; rm -rf "$2"' \
+            _ "$$" "$auth_dir" </dev/null >/dev/null 2>&1 &
         cmd+=(--app-name basic-auth)
         ;;
     *) die "MLFLOW_AUTH='${MLFLOW_AUTH}' is not known; use basic (accounts and permissions) or none" ;;

@@ -136,9 +136,10 @@ def _session_processes(token: str) -> dict[int, str]:
 
 
 # What libraries keep in TMPDIR: TensorFlow's autograph sources and their bytecode (removed
-# at exit), a session stamp its native code writes while converting a model, and the lock
-# file MLflow takes to create a database's tables (kept on purpose, one per database).
-_LIBRARY_TEMP = ("__autograph_generated_file", "__pycache__", ".ses", "db_init_lock-")
+# at exit), a session stamp its native code writes while converting a model, the lock file
+# MLflow takes to create a database's tables (kept on purpose, one per database), and
+# multiprocessing's socket folder (removed at exit).
+_LIBRARY_TEMP = ("__autograph_generated_file", "__pycache__", ".ses", "db_init_lock-", "pymp-")
 
 
 def _temp_left(own: Path) -> list[Path]:

@@ -526,15 +526,10 @@ def test_mlflow_lets_each_account_do_what_it_may_and_nothing_more(stack, pipelin
     )
     ((champion,),) = stack.mlflow_sql(champion_sql, (MODEL,))
     evaluate_run = phase_run_id(stack, "evaluate")
-    # a second version, for @champion to move to where a call may move it (removed after)
-    ((source, source_run),) = stack.mlflow_sql(
-        "SELECT source, run_id FROM model_versions WHERE name = %s AND version = %s",
-        (MODEL, champion),
-    )
-    status, body = mlflow_api(
-        stack, ADMIN, "POST", "model-versions/create",
-        {"name": MODEL, "source": source, "run_id": source_run},
-    )  # fmt: skip
+    # a second version (a copy of the champion), for @champion to move to where a call may
+    # move it; removed after
+    copy = {"name": MODEL, "source": f"models:/{MODEL}/{champion}"}
+    status, body = mlflow_api(stack, ADMIN, "POST", "model-versions/create", copy)
     assert status == 200, body
     other = int(body["model_version"]["version"])
 

@@ -178,7 +178,7 @@ def test_each_exported_file_gives_the_champions_probabilities(champion):
 
 
 @pytest.mark.slow
-def test_the_exports_are_logged_on_the_registered_versions_run(registry):
+def test_the_exports_are_logged_on_the_registered_versions_run(registry, tmp_path):
     from mlflow import MlflowClient
 
     paths, _, _ = registry
@@ -194,7 +194,9 @@ def test_the_exports_are_logged_on_the_registered_versions_run(registry):
 
     import mlflow
 
-    copy = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="export")
+    copy = mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path="export", dst_path=str(tmp_path / "logged")
+    )
     logged_report = json.loads((Path(copy) / "export.json").read_text())
     report = json.loads((paths.models / "export" / "export.json").read_text())
     assert logged_report == report  # every format there came from this version

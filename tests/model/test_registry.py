@@ -52,7 +52,7 @@ def aliases():
 
 
 @pytest.mark.slow
-def test_first_model_passing_the_floor_becomes_champion(paths, models, monkeypatch):
+def test_first_model_passing_the_floor_becomes_champion(paths, models, monkeypatch, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
@@ -82,7 +82,9 @@ def test_first_model_passing_the_floor_becomes_champion(paths, models, monkeypat
     inputs, outputs = info.signature.inputs.inputs[0], info.signature.outputs.inputs[0]
     assert (inputs.type, inputs.shape) == (np.dtype("uint8"), (-1, 32, 32, 3))
     assert (outputs.type, outputs.shape) == (np.dtype("float32"), (-1, 2))
-    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion")
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{NAME}@champion", dst_path=str(tmp_path / "champion")
+    )
     requirements = (__import__("pathlib").Path(local) / "requirements.txt").read_text()
     assert f"keras=={__import__('keras').__version__}" in requirements
     assert (__import__("pathlib").Path(local) / "input_example.json").exists()
