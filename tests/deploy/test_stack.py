@@ -346,7 +346,10 @@ def test_mlflow_runs_and_registered_model_live_in_postgres(stack, pipeline):
 
     name = f"{DATASET}-classifier"
     assert stack.mlflow_sql("SELECT name FROM registered_models WHERE name = %s", (name,))
-    versions = stack.mlflow_sql("SELECT version FROM model_versions WHERE name = %s", (name,))
+    versions = stack.mlflow_sql(
+        "SELECT version FROM model_versions WHERE name = %s AND current_stage != %s",
+        (name, "Deleted_Internal"),  # MLflow keeps a deleted version's row
+    )
     assert versions == [(1,)]
     aliases = stack.mlflow_sql(
         "SELECT alias, version FROM registered_model_aliases WHERE name = %s", (name,)
@@ -617,9 +620,8 @@ def test_mlflow_lets_each_account_do_what_it_may_and_nothing_more(stack, pipelin
     assert measured == PERMISSIONS
     # as it was: @champion on its version, one version, the evaluate run live and untagged
     assert stack.mlflow_sql(champion_sql, (MODEL,)) == [(champion,)]
-    assert stack.mlflow_sql("SELECT version FROM model_versions WHERE name = %s", (MODEL,)) == [
-        (champion,)
-    ]
+    live = "SELECT version FROM model_versions WHERE name = %s AND current_stage != %s"
+    assert stack.mlflow_sql(live, (MODEL, "Deleted_Internal")) == [(champion,)]  # soft-deleted
     assert not deleted(evaluate_run) and not any(
         tagged(f"probe.{a}") for a in ("viewer", "pipeline")
     )
