@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import StageError
-from tasks.io import atomic_path, storage_error, write_text
+from tasks.io import atomic_path, kept_on_full_disk, write_text
 from tasks.paths import DatasetPaths
 
 if TYPE_CHECKING:
@@ -139,24 +139,6 @@ def _scratch_temp_dir() -> Iterator[None]:
             yield
         finally:
             tempfile.tempdir = before
-
-
-@contextmanager
-def kept_on_full_disk(target: Path, doing: str, what: str) -> Iterator[None]:
-    """A storage error (full disk, quota, file-size limit) while ``doing`` ``target`` (an
-    atomic write) as one StageError naming it and that the previous ``what`` is kept.
-
-    Libraries that write through their own I/O (pyarrow, h5py) raise it without a file
-    name; this names the file and the file system that is full.
-    """
-    try:
-        yield
-    except OSError as error:
-        full = storage_error(error, f"{doing} {target}", where=target.parent)
-        if full is None:
-            raise
-        kept = f"the previous {what} there is kept" if target.exists() else "nothing was saved"
-        raise StageError(f"{full}; {kept}") from None
 
 
 def relative(paths: DatasetPaths, file: Path) -> str:

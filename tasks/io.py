@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import StageError
+
 log = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -177,6 +179,24 @@ def storage_error(
     if found.errno == errno.EDQUOT:
         fix += " or raise the quota"
     return f"{reason} while {doing}; {fix}, then rerun"
+
+
+@contextmanager
+def kept_on_full_disk(target: Path, doing: str, what: str) -> Iterator[None]:
+    """A storage error (full disk, quota, file-size limit) while ``doing`` ``target`` (an
+    atomic write) as one StageError naming it and that the previous ``what`` is kept.
+
+    Libraries that write through their own I/O (pyarrow, h5py) raise it without a file
+    name; this names the file and the file system that is full.
+    """
+    try:
+        yield
+    except OSError as error:
+        full = storage_error(error, f"{doing} {target}", where=target.parent)
+        if full is None:
+            raise
+        kept = f"the previous {what} there is kept" if target.exists() else "nothing was saved"
+        raise StageError(f"{full}; {kept}") from None
 
 
 def _no_inodes(folder: Path) -> bool:

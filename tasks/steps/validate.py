@@ -39,10 +39,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.artifacts import kept_on_full_disk
 from tasks.config import SPLITS, Config, DatasetConfig, ValidateConfig
 from tasks.errors import StageError
-from tasks.io import atomic_path, write_json
+from tasks.io import atomic_path, kept_on_full_disk, write_json
 from tasks.ml.expectations import (
     SHOW,
     CheckOutcome,
